@@ -1,0 +1,115 @@
+"""Small real labelled image sets built from what Python packages ship (no downloads), for the demo and tests.
+
+- textures: scikit-image's brick, grass and gravel photos cut into random patches, one folder per class
+  (ImageFolder layout). Pretrained features separate them clearly; random features do much worse.
+- photos: scikit-image's bundled photos (chelsea the cat, coffee, astronaut...).
+Also writers that repack a folder of images as WebDataset tars or a Parquet file with image bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+TEXTURES = ("brick", "grass", "gravel")
+PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
+
+
+def _skimage_data():
+    try:
+        from skimage import data
+    except ImportError as e:  # pragma: no cover
+        raise ImportError("sample images need scikit-image: pip install 'pipeline[demo]'") from e
+    return data
+
+
+def _rgb(a: np.ndarray) -> Image.Image:
+    if a.ndim == 2:
+        a = np.stack([a] * 3, axis=-1)
+    if a.dtype != np.uint8:
+        a = (255 * (a - a.min()) / max(float(a.max() - a.min()), 1e-9)).astype(np.uint8)
+    return Image.fromarray(a[..., :3])
+
+
+def make_textures(root: str | os.PathLike, per_class: int = 20, patch: int = 128, seed: int = 0,
+                  quality: int = 90) -> list[Path]:
+    """Write ``root/<class>/<nnn>.jpg`` random patches of each texture; returns the files written."""
+    data = _skimage_data()
+    rng = np.random.default_rng(seed)
+    out = []
+    for cls in TEXTURES:
+        img = np.asarray(_rgb(getattr(data, cls)()))
+        h, w = img.shape[:2]
+        d = Path(root) / cls
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            y = int(rng.integers(0, h - patch + 1))
+            x = int(rng.integers(0, w - patch + 1))
+            p = d / f"{i:03d}.jpg"
+            Image.fromarray(img[y:y + patch, x:x + patch]).save(p, quality=quality)
+            out.append(p)
+    return out
+
+
+def photo(name: str) -> Image.Image:
+    """One of scikit-image's bundled photos as an RGB PIL image."""
+    return _rgb(getattr(_skimage_data(), name)())
+
+
+def make_photos(root: str | os.PathLike, names: tuple[str, ...] = PHOTOS) -> list[Path]:
+    """Write ``root/<name>.jpg`` for each bundled photo."""
+    Path(root).mkdir(parents=True, exist_ok=True)
+    out = []
+    for n in names:
+        p = Path(root) / f"{n}.jpg"
+        photo(n).save(p, quality=92)
+        out.append(p)
+    return out
+
+
+def _image_files(root: Path) -> list[Path]:
+    exts = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts)
+
+
+def pack_webdataset(root: str | os.PathLike, out_dir: str | os.PathLike, per_shard: int = 32) -> list[Path]:
+    """Repack an ImageFolder tree as WebDataset shards: ``<key>.jpg`` + ``<key>.cls`` (the folder name)."""
+    root, out_dir = Path(root), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = _image_files(root)
+    shards = []
+    for s in range(0, len(files), per_shard):
+        path = out_dir / f"shard-{s // per_shard:05d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for f in files[s:s + per_shard]:
+                rel = f.relative_to(root)
+                key = str(rel.with_suffix("")).replace(os.sep, "_")
+                for ext, payload in ((f.suffix.lower().lstrip("."), f.read_bytes()),
+                                     ("cls", rel.parent.name.encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+        shards.append(path)
+    return shards
+
+
+def pack_parquet(root: str | os.PathLike, out_file: str | os.PathLike, rows_per_group: int = 64) -> Path:
+    """Repack an ImageFolder tree as one Parquet file: ``key, image (bytes), label``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = Path(root)
+    files = _image_files(root)
+    table = pa.table({
+        "key": [str(f.relative_to(root)).replace(os.sep, "/") for f in files],
+        "image": [f.read_bytes() for f in files],
+        "label": [f.parent.name if f.parent != root else None for f in files],
+    })
+    Path(out_file).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, out_file, row_group_size=rows_per_group)
+    return Path(out_file)

@@ -1,0 +1,114 @@
+"""Parquet output: ``OUTPUT/embeddings/`` and ``OUTPUT/errors/``, plain Arrow types, schema metadata.
+
+Ray-free: ``ParquetSink.write(table)`` takes Embedder output rows and writes one file per (input shard, first
+row) with a deterministic name, so a retried write task overwrites instead of duplicating. Each file is
+written whole (temporary name + rename locally; one PUT on object storage).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import storage
+
+EMBEDDINGS_DIR = "embeddings"
+ERRORS_DIR = "errors"
+RUNS_DIR = "_runs"
+METADATA_KEY = b"pipeline"
+
+
+def embeddings_schema(dim: int, dtype: str, spec: dict[str, Any]) -> pa.Schema:
+    value = pa.float16() if dtype == "float16" else pa.float32()
+    schema = pa.schema([
+        pa.field("id", pa.string(), nullable=False),
+        ("source", pa.string()),
+        ("label", pa.string()),
+        pa.field("embedding", pa.list_(value, dim), nullable=False),
+    ])
+    return schema.with_metadata({METADATA_KEY: json.dumps(spec, sort_keys=True).encode()})
+
+
+ERRORS_SCHEMA = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    ("source", pa.string()),
+    ("error", pa.string()),
+    ("message", pa.string()),
+])
+
+
+def read_spec(schema: pa.Schema) -> dict[str, Any]:
+    """The embedding spec stored in a Parquet schema's metadata."""
+    meta = schema.metadata or {}
+    if METADATA_KEY not in meta:
+        raise ValueError("this Parquet file has no 'pipeline' metadata: it was not written by `pipeline extract`")
+    return json.loads(meta[METADATA_KEY])
+
+
+def _to_bytes(table: pa.Table) -> bytes:
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue().to_pybytes()
+
+
+class ParquetSink:
+    """Writes Embedder output rows under an output URI."""
+
+    def __init__(self, output_uri: str, spec: dict[str, Any], dtype: str = "float32") -> None:
+        self.output_uri = output_uri
+        self.spec = spec
+        self.dtype = dtype
+        self.schema = embeddings_schema(int(spec["dim"]), dtype, spec)
+
+    def _name(self, shard: str, first_row: int) -> str:
+        return f"{shard}-{first_row:09d}.parquet"
+
+    def write(self, table: pa.Table) -> dict[str, Any]:
+        """Write one batch of rows; returns counts and the files written."""
+        stats: dict[str, Any] = {"embedded": 0, "failed": 0, "files": [], "error_kinds": {}}
+        if table.num_rows == 0:
+            return stats
+        table = table.sort_by([("shard", "ascending"), ("row", "ascending")])
+        kinds: Counter[str] = Counter()
+        for shard in pc.unique(table.column("shard")).to_pylist():
+            part = table.filter(pc.equal(table.column("shard"), shard))
+            first = int(pc.min(part.column("row")).as_py())
+            failed_mask = pc.is_valid(part.column("error_kind"))
+            good = part.filter(pc.invert(failed_mask))
+            bad = part.filter(failed_mask)
+            name = self._name(shard, first)
+            if good.num_rows:
+                out = pa.Table.from_arrays(
+                    [good.column("id"), good.column("source"), good.column("label"),
+                     good.column("embedding").cast(self.schema.field("embedding").type)],
+                    schema=self.schema,
+                )
+                uri = storage.join(self.output_uri, EMBEDDINGS_DIR, name)
+                storage.write_bytes(uri, _to_bytes(out))
+                stats["files"].append(uri)
+            if bad.num_rows:
+                errs = pa.Table.from_arrays(
+                    [bad.column("id"), bad.column("source"), bad.column("error_kind"),
+                     bad.column("error_message")],
+                    schema=ERRORS_SCHEMA,
+                )
+                uri = storage.join(self.output_uri, ERRORS_DIR, name)
+                storage.write_bytes(uri, _to_bytes(errs))
+                stats["files"].append(uri)
+                kinds.update(bad.column("error_kind").to_pylist())
+            stats["embedded"] += good.num_rows
+            stats["failed"] += bad.num_rows
+        stats["error_kinds"] = dict(kinds)
+        return stats
+
+
+def write_run_record(output_uri: str, run_id: str, record: dict[str, Any]) -> str:
+    """Write ``OUTPUT/_runs/<run_id>.json``; returns its URI."""
+    uri = storage.join(output_uri, RUNS_DIR, f"{run_id}.json")
+    storage.write_bytes(uri, json.dumps(record, indent=2, sort_keys=False, default=str).encode())
+    return uri

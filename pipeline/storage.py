@@ -1,0 +1,222 @@
+"""One storage layer: every read and write of the project goes through here.
+
+URIs: local paths, ``file://``, ``s3://`` (s3fs; endpoint and credentials from the standard AWS environment
+variables), and any other fsspec protocol that is installed (``gs://`` with gcsfs, ``memory://``...).
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+
+
+class StorageError(ValueError):
+    """A URI that cannot be reached, read or written; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """One file found under a prefix."""
+
+    uri: str  # full URI, usable with read_bytes()
+    rel: str  # path relative to the listed root, '/'-separated
+    size: int
+    version: str  # etag or mtime: changes when the object changes
+
+
+def _s3_options() -> dict[str, Any]:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    opts: dict[str, Any] = {"use_listings_cache": False}
+    client_kwargs: dict[str, Any] = {}
+    if endpoint:
+        client_kwargs["endpoint_url"] = endpoint
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if region:
+        client_kwargs["region_name"] = region
+    if client_kwargs:
+        opts["client_kwargs"] = client_kwargs
+    return opts
+
+
+def protocol_of(uri: str) -> str:
+    """'s3', 'file', 'gs', ... for a URI; a plain path is 'file'."""
+    if "://" not in uri:
+        return "file"
+    return uri.split("://", 1)[0].lower()
+
+
+def get_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Filesystem and path inside it for a URI."""
+    proto = protocol_of(uri)
+    if proto == "file":
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(path))
+    if proto in ("s3", "s3a"):
+        try:
+            import s3fs
+        except ImportError as e:  # pragma: no cover - s3fs is a dependency
+            raise StorageError("s3:// needs s3fs: pip install s3fs") from e
+        fs = s3fs.S3FileSystem(**_s3_options())
+        return fs, uri.split("://", 1)[1].rstrip("/")
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+    except (ImportError, ValueError) as e:
+        raise StorageError(
+            f"cannot open '{uri}': unknown or uninstalled storage protocol '{proto}'. Use a local path, "
+            f"file://, s3://, or install the fsspec backend for '{proto}' ({e})"
+        ) from e
+    return fs, path.rstrip("/")
+
+
+def _to_uri(fs: fsspec.AbstractFileSystem, path: str, like: str) -> str:
+    proto = protocol_of(like)
+    if proto == "file":
+        return path
+    return f"{like.split('://', 1)[0]}://{path}"
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI (or local path)."""
+    if protocol_of(uri) == "file" and "://" not in uri:
+        return os.path.join(uri, *parts)
+    return posixpath.join(uri.rstrip("/"), *parts)
+
+
+def explain(uri: str, err: BaseException) -> StorageError:
+    """Turn a filesystem/botocore error into a StorageError that names the fix."""
+    name = type(err).__name__
+    text = str(err)
+    if "NoCredentials" in name or "Unable to locate credentials" in text:
+        return StorageError(
+            f"no AWS credentials for '{uri}': set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, "
+            "or run where an instance profile applies); set AWS_ENDPOINT_URL for a non-AWS S3 server"
+        )
+    if isinstance(err, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
+        return StorageError(f"access denied to '{uri}': check the credentials' permissions for it ({name})")
+    if isinstance(err, FileNotFoundError) or "NoSuchBucket" in text:
+        return StorageError(f"'{uri}' does not exist: check the path or bucket name")
+    if "Could not connect" in text or "ConnectionRefused" in name or "EndpointConnectionError" in name:
+        return StorageError(
+            f"cannot reach the storage for '{uri}' ({text.splitlines()[0] if text else name}): check "
+            "AWS_ENDPOINT_URL and the network"
+        )
+    return StorageError(f"cannot access '{uri}': {name}: {text.splitlines()[0] if text else ''}")
+
+
+def exists(uri: str) -> bool:
+    fs, path = get_fs(uri)
+    try:
+        return bool(fs.exists(path))
+    except Exception as e:  # noqa: BLE001 - translated into a StorageError with the fix
+        raise explain(uri, e) from e
+
+
+def isdir(uri: str) -> bool:
+    fs, path = get_fs(uri)
+    try:
+        return bool(fs.isdir(path))
+    except Exception as e:  # noqa: BLE001
+        raise explain(uri, e) from e
+
+
+def _version(info: dict[str, Any]) -> str:
+    for key in ("ETag", "etag", "mtime", "LastModified", "created"):
+        if info.get(key) is not None:
+            return str(info[key]).strip('"')
+    return ""
+
+
+def list_files(uri: str) -> list[FileInfo]:
+    """Every file under a prefix (recursively), sorted by relative path; a file URI lists itself.
+
+    Hidden files and folders (a name starting with '.' or '_') are skipped, as Parquet readers do.
+    """
+    fs, root = get_fs(uri)
+    try:
+        if fs.isfile(root):
+            info = fs.info(root)
+            return [FileInfo(uri, posixpath.basename(root), int(info.get("size") or 0), _version(info))]
+        found = fs.find(root, detail=True, withdirs=False)
+    except Exception as e:  # noqa: BLE001
+        raise explain(uri, e) from e
+    out = []
+    prefix = root.rstrip("/") + "/"
+    for path, info in found.items():
+        if info.get("type") == "directory" or not path.startswith(prefix):
+            continue
+        rel = path[len(prefix):].replace(os.sep, "/")
+        if any(part.startswith((".", "_")) for part in rel.split("/")):
+            continue
+        out.append(FileInfo(_to_uri(fs, path, uri), rel, int(info.get("size") or 0), _version(info)))
+    out.sort(key=lambda f: f.rel)
+    return out
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = get_fs(uri)
+    try:
+        return fs.cat_file(path)
+    except Exception as e:  # noqa: BLE001
+        raise explain(uri, e) from e
+
+
+def open_input(uri: str, mode: str = "rb"):
+    """A readable file object (streaming for object storage)."""
+    fs, path = get_fs(uri)
+    try:
+        return fs.open(path, mode)
+    except Exception as e:  # noqa: BLE001
+        raise explain(uri, e) from e
+
+
+def makedirs(uri: str) -> None:
+    fs, path = get_fs(uri)
+    if protocol_of(uri) == "file":
+        os.makedirs(path, exist_ok=True)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole object atomically: readers see the old object or the complete new one.
+
+    Local files are written under a hidden temporary name and renamed; an object-store PUT is already
+    all-or-nothing.
+    """
+    fs, path = get_fs(uri)
+    try:
+        if protocol_of(uri) == "file":
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        else:
+            fs.pipe_file(path, data)
+    except Exception as e:  # noqa: BLE001
+        raise explain(uri, e) from e
+
+
+def check_writable(uri: str) -> None:
+    """Fail early, with the fix, when an output URI cannot be written."""
+    probe = join(uri, f"_probe-{uuid.uuid4().hex}")
+    write_bytes(probe, b"")
+    fs, path = get_fs(probe)
+    try:
+        fs.rm_file(path)
+    except Exception as e:  # noqa: BLE001
+        raise explain(uri, e) from e
+
+
+def remove_tree(uri: str) -> None:
+    """Delete a directory/prefix and everything under it."""
+    fs, path = get_fs(uri)
+    try:
+        fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        return
+    except Exception as e:  # noqa: BLE001
+        raise explain(uri, e) from e

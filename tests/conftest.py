@@ -1,0 +1,63 @@
+"""Shared fixtures: one loopback S3 server and one small local Ray per test session, small real datasets."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Never let botocore look for instance credentials on the network.
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 for the whole session; its env is applied before Ray starts."""
+    from pipeline.s3local import LocalS3
+
+    server = LocalS3().start()
+    saved = {k: os.environ.get(k) for k in server.env}
+    server.apply_env()
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server):
+    """One local Ray for the session (small CPU and object-store limits); workers inherit the S3 env."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, object_store_memory=300 * 1024 * 1024, include_dashboard=False,
+                 log_to_driver=False)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def textures_dir(tmp_path_factory):
+    """brick/grass/gravel patches in class folders (ImageFolder layout), 8 per class."""
+    from pipeline.samples import make_textures
+
+    root = tmp_path_factory.mktemp("textures")
+    make_textures(root, per_class=8, patch=112, seed=1)
+    return root
+
+
+@pytest.fixture
+def bucket(s3_server, request):
+    """A fresh, empty bucket for one test."""
+    import re
+    import uuid
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:6]
+    return s3_server.make_bucket(name)

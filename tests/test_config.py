@@ -1,0 +1,68 @@
+import pytest
+
+from pipeline.config import ConfigError, ExtractConfig, merge_sources, parse_actors, to_yaml
+
+
+def _flags(**kw):
+    base = {"source.uri": "/data/in", "output.uri": "/data/out", "backbone.model": "tf_efficientnet_lite0"}
+    base.update(kw)
+    return base
+
+
+def test_flags_build_a_config_with_defaults():
+    cfg = merge_sources(ExtractConfig, flags=_flags())
+    assert cfg.backbone.layer == "final"
+    assert cfg.backbone.weights == "packaged"
+    assert cfg.runtime.actor_range() == (1, 1)
+
+
+def test_file_then_flags_then_set(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("source: {uri: /a}\noutput: {uri: /b}\nbackbone: {model: m, layer: blocks.2}\n"
+                 "runtime: {batch_size: 8}\n")
+    cfg = merge_sources(ExtractConfig, str(f), {"runtime.batch_size": 16, "backbone.layer": None},
+                        ["runtime.actors=1,4", "backbone.normalize=true"])
+    assert cfg.source.uri == "/a"
+    assert cfg.backbone.layer == "blocks.2"  # a None flag does not override the file
+    assert cfg.runtime.batch_size == 16
+    assert cfg.runtime.actor_range() == (1, 4)
+    assert cfg.backbone.normalize is True
+
+
+def test_unknown_key_is_an_error_that_names_it(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'backbone.layr'"):
+        merge_sources(ExtractConfig, flags=_flags(), overrides=["backbone.layr=final"])
+    f = tmp_path / "c.yaml"
+    f.write_text("source: {uri: /a}\noutput: {uri: /b}\nbackbone: {model: m}\nextra: 1\n")
+    with pytest.raises(ConfigError, match="unknown key 'extra'"):
+        merge_sources(ExtractConfig, str(f))
+
+
+def test_bad_values_name_the_fix():
+    with pytest.raises(ConfigError, match="MIN,MAX"):
+        merge_sources(ExtractConfig, flags=_flags(**{"runtime.actors": "4,2"}))
+    with pytest.raises(ConfigError, match=r"missing 'backbone' \(pass --model\)"):
+        merge_sources(ExtractConfig, flags=_flags(**{"backbone.model": None}))
+    with pytest.raises(ConfigError, match="pool"):
+        merge_sources(ExtractConfig, flags=_flags(**{"backbone.pool": "median"}))
+    with pytest.raises(ConfigError, match="must differ"):
+        merge_sources(ExtractConfig, flags=_flags(**{"output.uri": "/data/in/"}))
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        merge_sources(ExtractConfig, flags=_flags(), overrides=["runtime.batch_size"])
+    with pytest.raises(ConfigError, match="not found"):
+        merge_sources(ExtractConfig, "/no/such/file.yaml")
+
+
+def test_parse_actors():
+    assert parse_actors("3") == (3, 3)
+    assert parse_actors("1, 8") == (1, 8)
+    for bad in ("0", "a", "2,1", "1,2,3"):
+        with pytest.raises(ValueError):
+            parse_actors(bad)
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = merge_sources(ExtractConfig, flags=_flags(**{"output.dtype": "float16"}))
+    f = tmp_path / "r.yaml"
+    f.write_text(to_yaml(cfg))
+    assert merge_sources(ExtractConfig, str(f)) == cfg
