@@ -103,7 +103,8 @@ def check_model_name(name: str) -> None:
     if not timm.is_model(name):
         raise BackboneError(
             f"unknown timm model '{name}'. Did you mean: {_suggest(name, timm.list_models())}? "
-            "List them with `python -c \"import timm; print(timm.list_models('*name*'))\"`; torchvision models "
+            "List them with `python -c \"import timm; print(timm.list_models('*name*'))\"`; "
+            "torchvision models "
             "take the 'tv:' prefix (tv:resnet50)"
         )
 
@@ -172,7 +173,8 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], name: str, sou
     unexpected = [k for k in unexpected if not any(k.startswith(p.rsplit(".", 1)[0]) for p in head)]
     if missing or unexpected:
         raise BackboneError(
-            f"weights '{source}' do not fit model '{name}': {len(missing)} missing keys (e.g. {missing[:3]}), "
+            f"weights '{source}' do not fit model '{name}': {len(missing)} missing keys "
+            f"(e.g. {missing[:3]}), "
             f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]}). Pass the model name the checkpoint "
             "was trained with (--model)"
         )

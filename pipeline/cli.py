@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Optional
 
 import typer
 
@@ -46,21 +45,21 @@ def _run(fn):
 
 @app.command()
 def extract(
-    source: Optional[str] = typer.Option(None, help="images: local path, file://, s3://... prefix or shard"),
-    output: Optional[str] = typer.Option(None, help="output directory (local or s3://...)"),
-    model: Optional[str] = typer.Option(None, help="timm model name, or tv:<torchvision name>"),
-    weights: Optional[str] = typer.Option(None, help="none | hub | packaged | PATH_OR_URI (.safetensors/.pth)"),
-    layer: Optional[str] = typer.Option(None, help="final | logits | a name from `pipeline layers`"),
-    pool: Optional[str] = typer.Option(None, help="avg | max | gem | flatten (maps); cls | mean (tokens)"),
-    format: Optional[str] = typer.Option(None, "--format", help="auto | files | webdataset | parquet"),
-    labels: Optional[str] = typer.Option(None, help="none | folder | <column or member name>"),
-    batch_size: Optional[int] = typer.Option(None, help="images per model forward"),
-    actors: Optional[str] = typer.Option(None, help="N, or MIN,MAX for an autoscaling pool"),
-    gpus_per_actor: Optional[float] = typer.Option(None, help="GPUs per Embedder actor (fractions allowed)"),
-    dtype: Optional[str] = typer.Option(None, help="float32 | float16 embedding values"),
-    normalize: Optional[bool] = typer.Option(None, "--normalize/--no-normalize", help="L2-normalize"),
+    source: str | None = typer.Option(None, help="images: local path, file://, s3://... prefix or shard"),
+    output: str | None = typer.Option(None, help="output directory (local or s3://...)"),
+    model: str | None = typer.Option(None, help="timm model name, or tv:<torchvision name>"),
+    weights: str | None = typer.Option(None, help="none | hub | packaged | PATH_OR_URI (.safetensors/.pth)"),
+    layer: str | None = typer.Option(None, help="final | logits | a name from `pipeline layers`"),
+    pool: str | None = typer.Option(None, help="avg | max | gem | flatten (maps); cls | mean (tokens)"),
+    format: str | None = typer.Option(None, "--format", help="auto | files | webdataset | parquet"),
+    labels: str | None = typer.Option(None, help="none | folder | <column or member name>"),
+    batch_size: int | None = typer.Option(None, help="images per model forward"),
+    actors: str | None = typer.Option(None, help="N, or MIN,MAX for an autoscaling pool"),
+    gpus_per_actor: float | None = typer.Option(None, help="GPUs per Embedder actor (fractions allowed)"),
+    dtype: str | None = typer.Option(None, help="float32 | float16 embedding values"),
+    normalize: bool | None = typer.Option(None, "--normalize/--no-normalize", help="L2-normalize"),
     overwrite: bool = typer.Option(False, help="replace existing embeddings/errors at the output"),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config file"),
+    config: str | None = typer.Option(None, "--config", "-c", help="YAML config file"),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the run summary as JSON"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),

@@ -88,7 +88,9 @@ def parse_actors(v: str | int) -> tuple[int, int]:
     if len(nums) == 1:
         nums = nums * 2
     if len(nums) != 2 or nums[0] < 1 or nums[1] < nums[0]:
-        raise ValueError(f"actors must be N or MIN,MAX with 1 <= MIN <= MAX, got '{v}' (e.g. --actors 2 or 1,8)")
+        raise ValueError(
+            f"actors must be N or MIN,MAX with 1 <= MIN <= MAX, got '{v}' (e.g. --actors 2 or 1,8)"
+        )
     return nums[0], nums[1]
 
 

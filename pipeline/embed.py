@@ -39,7 +39,8 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for but no CUDA device is visible: use --set runtime.device=cpu "
+        raise ValueError("device 'cuda' asked for but no CUDA device is visible: use "
+                         "--set runtime.device=cpu "
                          "or give the actors GPUs (--gpus-per-actor 1)")
     return torch.device(device)
 

@@ -10,8 +10,8 @@ import subprocess
 import sys
 import time
 import urllib.request
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 from pipeline import storage
 
@@ -74,7 +74,8 @@ class LocalS3:
 
     def make_bucket(self, name: str) -> str:
         fs, _ = storage.get_fs(f"s3://{name}")
-        fs.mkdir(name)
+        fs.call_s3("create_bucket", Bucket=name)  # no LocationConstraint: us-east-1 refuses one
+        fs.invalidate_cache()
         return f"s3://{name}"
 
     def upload_dir(self, local_dir: str, uri: str) -> int:

@@ -46,7 +46,9 @@ def read_spec(schema: pa.Schema) -> dict[str, Any]:
     """The embedding spec stored in a Parquet schema's metadata."""
     meta = schema.metadata or {}
     if METADATA_KEY not in meta:
-        raise ValueError("this Parquet file has no 'pipeline' metadata: it was not written by `pipeline extract`")
+        raise ValueError(
+            "this Parquet file has no 'pipeline' metadata: it was not written by `pipeline extract`"
+        )
     return json.loads(meta[METADATA_KEY])
 
 

@@ -93,7 +93,8 @@ def explain(uri: str, err: BaseException) -> StorageError:
     text = str(err)
     if "NoCredentials" in name or "Unable to locate credentials" in text:
         return StorageError(
-            f"no AWS credentials for '{uri}': set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, "
+            f"no AWS credentials for '{uri}': set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            "(or AWS_PROFILE, "
             "or run where an instance profile applies); set AWS_ENDPOINT_URL for a non-AWS S3 server"
         )
     if isinstance(err, PermissionError) or "AccessDenied" in text or "Forbidden" in text:

@@ -1,0 +1,88 @@
+"""The public CLI: exit codes, one clear error line before any Ray work, and a real run through `pipeline`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pipeline(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True,
+                          env=env or os.environ.copy(), timeout=timeout, cwd=ROOT)
+
+
+def _assert_one_line_error(r, *needles):
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: ")
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert "Ray" not in r.stderr and "ray" not in r.stdout  # failed before starting Ray
+
+
+def test_layers_lists_names_and_shapes():
+    r = _pipeline("layers", "--model", "tf_efficientnet_lite0")
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: line.split()[1] for line in r.stdout.splitlines()}
+    assert rows["blocks.2"] == "40x28x28" and rows["final"] == "1280" and rows["logits"] == "1000"
+
+
+@pytest.fixture(scope="module")
+def images(textures_dir):
+    return str(textures_dir)
+
+
+def test_unknown_model(images, tmp_path):
+    r = _pipeline("extract", "--source", images, "--output", str(tmp_path), "--model", "tf_efficientnet_lite")
+    _assert_one_line_error(r, "unknown timm model", "tf_efficientnet_lite0")
+
+
+def test_unknown_layer(images, tmp_path):
+    r = _pipeline("extract", "--source", images, "--output", str(tmp_path),
+                  "--model", "tf_efficientnet_lite0", "--layer", "blocks.42")
+    _assert_one_line_error(r, "unknown layer 'blocks.42'", "blocks.2", "pipeline layers")
+
+
+def test_missing_source(tmp_path):
+    r = _pipeline("extract", "--source", str(tmp_path / "nope"), "--output", str(tmp_path / "o"),
+                  "--model", "tf_efficientnet_lite0")
+    _assert_one_line_error(r, "nope")
+
+
+def test_missing_required_flag(tmp_path):
+    r = _pipeline("extract", "--source", str(tmp_path), "--output", str(tmp_path / "o"))
+    _assert_one_line_error(r, "--model")
+
+
+def test_no_credentials(s3_server, bucket, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_ENDPOINT_URL=s3_server.endpoint, AWS_EC2_METADATA_DISABLED="true",
+               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"))
+    r = _pipeline("extract", "--source", f"{bucket}/in/", "--output", str(tmp_path / "o"),
+                  "--model", "tf_efficientnet_lite0", env=env)
+    _assert_one_line_error(r, "no AWS credentials", "AWS_ACCESS_KEY_ID")
+
+
+def test_cli_extract_runs_on_the_session_ray(ray_session, images, tmp_path):
+    """A full `pipeline extract` joining the test session's Ray (RAY_ADDRESS), with --set and --json."""
+    env = os.environ.copy()
+    env["RAY_ADDRESS"] = ray_session.get_runtime_context().gcs_address
+    out = tmp_path / "out"
+    r = _pipeline("extract", "--source", images, "--output", str(out), "--model", "tf_efficientnet_lite0",
+                  "--labels", "folder", "--dtype", "float16", "--set", "runtime.batch_size=12",
+                  "--set", "runtime.progress=false", "--json", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout)
+    assert summary["counts"]["embedded"] == 24 and summary["config"]["runtime"]["batch_size"] == 12
+    t = pads.dataset(out / "embeddings").to_table()
+    emb_type = t.schema.field("embedding").type
+    assert t.num_rows == 24 and emb_type.list_size == 1280 and str(emb_type.value_type) == "halffloat"

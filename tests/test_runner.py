@@ -1,0 +1,202 @@
+"""End to end through Ray: golden checks against plain timm/torchvision forwards, S3 for every source format,
+counts that reconcile, output that analytics tools read without Ray."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import samples, storage
+from pipeline.config import ExtractConfig
+from pipeline.runner import extract
+from pipeline.sink import read_spec
+
+
+def _cfg(source, output, **backbone):
+    return ExtractConfig.model_validate({
+        "source": {"uri": str(source), "labels": "folder", "files_per_shard": 10},
+        "backbone": {"model": "tf_efficientnet_lite0", "weights": "packaged", **backbone},
+        "output": {"uri": str(output)},
+        "runtime": {"batch_size": 8, "progress": False},
+    })
+
+
+def _read(uri: str):
+    fs, path = storage.get_fs(storage.join(uri, "embeddings"))
+    t = pads.dataset(path, filesystem=fs, format="parquet").to_table().sort_by("id")
+    return t, np.stack(t.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def _timm_reference(files: list[Path], layer: str = "final") -> np.ndarray:
+    import timm
+
+    from pipeline.weights import load_packaged
+
+    m = timm.create_model("tf_efficientnet_lite0")
+    m.load_state_dict(load_packaged("tf_efficientnet_lite0")[0])
+    m.eval()
+    t = timm.data.create_transform(**timm.data.resolve_model_data_config(m), is_training=False)
+    x = torch.stack([t(Image.open(f).convert("RGB")) for f in files])
+    with torch.inference_mode():
+        if layer == "final":
+            return m.forward_head(m.forward_features(x), pre_logits=True).numpy()
+        idx = [fi["module"] for fi in m.feature_info].index(layer)
+        return m.forward_intermediates(x, indices=[idx], intermediates_only=True)[0].mean(dim=(2, 3)).numpy()
+
+
+@pytest.fixture(scope="module")
+def dirty_dir(textures_dir, tmp_path_factory):
+    """The texture set plus a truncated JPEG, a zero-byte file and a non-image file."""
+    root = tmp_path_factory.mktemp("dirty")
+    shutil.copytree(textures_dir, root, dirs_exist_ok=True)
+    good = (root / "brick" / "000.jpg").read_bytes()
+    (root / "brick" / "zz_truncated.jpg").write_bytes(good[: len(good) // 3])
+    (root / "grass" / "zz_empty.jpg").write_bytes(b"")
+    (root / "README.txt").write_text("not an image")
+    return root
+
+
+@pytest.fixture(scope="module")
+def local_run(ray_session, dirty_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out-local")
+    summary = extract(_cfg(dirty_dir, out))
+    return dirty_dir, out, summary
+
+
+def test_golden_final_layer_matches_plain_timm(local_run):
+    root, out, _ = local_run
+    table, emb = _read(str(out))
+    files = [root / i for i in table.column("id").to_pylist()]
+    ref = _timm_reference(files)
+    assert emb.shape == (24, 1280)
+    assert _cos(emb, ref).min() >= 0.9999
+
+
+def test_counts_ids_labels_and_errors(local_run):
+    root, out, s = local_run
+    assert s["counts"] == {"inputs": 26, "embedded": 24, "failed": 2, "skipped": 1}
+    assert s["error_kinds"] == {"truncated": 1, "empty": 1}
+    table, _ = _read(str(out))
+    ids = table.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 24
+    assert "brick/000.jpg" in ids
+    assert set(table.column("label").to_pylist()) == {"brick", "grass", "gravel"}
+    assert all(lab == i.split("/")[0] for lab, i in zip(table.column("label").to_pylist(), ids))
+    errors = pads.dataset(out / "errors").to_table().sort_by("id")
+    assert errors.column("id").to_pylist() == ["brick/zz_truncated.jpg", "grass/zz_empty.jpg"]
+    assert errors.column("error").to_pylist() == ["truncated", "empty"]
+
+
+def test_metadata_and_run_record(local_run):
+    _, out, s = local_run
+    spec = read_spec(pads.dataset(out / "embeddings").schema)
+    assert spec["model"] == "tf_efficientnet_lite0" and spec["layer"] == "final" and spec["dim"] == 1280
+    assert spec["weights"]["source"].startswith("packaged:") and len(spec["weights"]["sha256"]) == 64
+    assert spec["preprocessing"]["interpolation"] == "bicubic" and spec["preprocessing"]["crop_pct"] == 0.875
+    assert {"torch", "timm", "ray", "pipeline"} <= set(spec["versions"])
+    runs = list((out / "_runs").glob("*.json"))
+    assert len(runs) == 1
+    rec = json.loads(runs[0].read_text())
+    assert rec["counts"]["embedded"] == 24 and rec["config"]["backbone"]["model"] == "tf_efficientnet_lite0"
+    assert rec["images_per_s"] > 0
+
+
+def test_rerun_into_existing_output_needs_overwrite(local_run):
+    from pipeline.config import ConfigError
+
+    root, out, _ = local_run
+    with pytest.raises(ConfigError, match="--overwrite"):
+        extract(_cfg(root, out))
+
+
+def test_output_is_read_without_ray(local_run):
+    """DuckDB, Polars, pandas and pyarrow read the embeddings in a process where Ray cannot be imported."""
+    _, out, _ = local_run
+    code = f"""
+import sys
+sys.modules["ray"] = None  # any import of ray now fails
+import duckdb, polars as pl, pandas as pd, pyarrow.dataset as ds
+p = {str(out / "embeddings")!r}
+n, d = duckdb.sql(f"SELECT count(*), max(len(embedding)) FROM read_parquet('{{p}}/*.parquet')").fetchall()[0]
+df = pl.read_parquet(p + "/*.parquet")
+pdf = pd.read_parquet(p)
+t = ds.dataset(p).to_table()
+assert n == len(df) == len(pdf) == t.num_rows == 24, (n, len(df), len(pdf), t.num_rows)
+assert d == 1280 and df["embedding"].to_numpy().shape == (24, 1280)
+assert len(pdf["embedding"].iloc[0]) == 1280
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok"
+
+
+def test_golden_intermediate_layer(ray_session, textures_dir, tmp_path):
+    summary = extract(_cfg(textures_dir, tmp_path / "out", layer="blocks.2", pool="avg"))
+    assert summary["counts"]["embedded"] == 24
+    table, emb = _read(str(tmp_path / "out"))
+    ref = _timm_reference([textures_dir / i for i in table.column("id").to_pylist()], layer="blocks.2")
+    assert emb.shape == (24, 40)
+    assert _cos(emb, ref).min() >= 0.9999
+
+
+def test_golden_torchvision_model(ray_session, textures_dir, tmp_path):
+    import torchvision
+
+    from pipeline.weights import load_packaged
+
+    extract(_cfg(textures_dir, tmp_path / "out", model="tv:mobilenet_v2"))
+    table, emb = _read(str(tmp_path / "out"))
+    m = torchvision.models.mobilenet_v2()
+    m.load_state_dict(load_packaged("tv:mobilenet_v2")[0])
+    m.classifier = torch.nn.Identity()
+    m.eval()
+    t = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.transforms()
+    x = torch.stack([t(Image.open(textures_dir / i).convert("RGB")) for i in table.column("id").to_pylist()])
+    with torch.inference_mode():
+        ref = m(x).numpy()
+    assert emb.shape == (24, 1280)
+    assert _cos(emb, ref).min() >= 0.9999
+
+
+@pytest.mark.parametrize("fmt", ["files", "webdataset", "parquet"])
+def test_s3_end_to_end_equals_local(ray_session, s3_server, bucket, textures_dir, tmp_path, fmt):
+    """Shards read from a bucket, Parquet written to a bucket, over HTTP to the loopback S3 server."""
+    if fmt == "files":
+        local = textures_dir
+    elif fmt == "webdataset":
+        local = tmp_path / "wds"
+        samples.pack_webdataset(textures_dir, local, per_shard=10)
+    else:
+        local = tmp_path / "pq"
+        samples.pack_parquet(textures_dir, local / "images.parquet", rows_per_group=10)
+    s3_server.upload_dir(str(local), f"{bucket}/in")
+
+    s3_cfg = _cfg(f"{bucket}/in", f"{bucket}/out")
+    s3_cfg.source.format = fmt
+    s3 = extract(s3_cfg)
+    local_cfg = _cfg(local, tmp_path / "local-out")
+    local_cfg.source.format = fmt
+    loc = extract(local_cfg)
+
+    assert s3["counts"] == loc["counts"] and s3["counts"]["embedded"] == 24
+    t_s3, e_s3 = _read(f"{bucket}/out")
+    t_loc, e_loc = _read(str(tmp_path / "local-out"))
+    assert t_s3.column("id").to_pylist() == t_loc.column("id").to_pylist()
+    assert t_s3.column("label").to_pylist() == t_loc.column("label").to_pylist()
+    assert set(t_s3.column("label").to_pylist()) == {"brick", "grass", "gravel"}
+    np.testing.assert_allclose(e_s3, e_loc, rtol=1e-5, atol=1e-5)
+    assert storage.list_files(f"{bucket}/out/_runs")
