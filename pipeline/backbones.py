@@ -37,37 +37,59 @@ class LayerInfo:
 
 @dataclass
 class Backbone:
-    """A built model with its preprocessing, cut at ``layer`` and pooled with ``pool``."""
+    """A built model with its preprocessing, cut at one or more layers, each pooled to a vector.
+
+    ``layers``/``pools``/``dims`` are parallel; the common single-layer case reads ``layer``/``pool``/``dim``.
+    Several layers come out of one forward pass (the probe sweep uses this).
+    """
 
     model_name: str
     model: nn.Module
-    layer: str
-    pool: str  # effective pooling ("none" when the layer already gives a vector)
+    layers: tuple[str, ...]
+    pools: tuple[str, ...]  # effective pooling per layer ("none" when the layer already gives a vector)
+    dims: tuple[int, ...]
     normalize: bool
     transform: Callable[[Any], torch.Tensor]
     preprocessing: dict[str, Any]
-    dim: int
     weights_source: str
     weights_sha256: str
-    _capture: Callable[[torch.Tensor], torch.Tensor] = field(repr=False, default=None)  # type: ignore[assignment]
+    _capture: Callable[[torch.Tensor], dict[str, torch.Tensor]] = field(repr=False, default=None)  # type: ignore
+
+    @property
+    def layer(self) -> str:
+        return self.layers[0]
+
+    @property
+    def pool(self) -> str:
+        return self.pools[0]
+
+    @property
+    def dim(self) -> int:
+        return self.dims[0]
+
+    def embed_all(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Images (N,3,H,W), already preprocessed -> one (N, dim) float32 tensor per layer."""
+        acts = self._capture(x)
+        prefix = num_prefix_tokens(self.model)
+        outs = []
+        for layer, pool in zip(self.layers, self.pools):
+            out = pool_output(acts[layer], pool, prefix).float()
+            outs.append(nn.functional.normalize(out, dim=1) if self.normalize else out)
+        return outs
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (N,3,H,W), already preprocessed -> embeddings (N, dim), float32."""
-        out = pool_output(self._capture(x), self.pool, num_prefix_tokens(self.model))
-        out = out.float()
-        if self.normalize:
-            out = nn.functional.normalize(out, dim=1)
-        return out
+        """Images (N,3,H,W), already preprocessed -> embeddings (N, dim) of the first layer."""
+        return self.embed_all(x)[0]
 
-    def spec(self) -> dict[str, Any]:
-        """What the embeddings are: stored in Parquet metadata and checked by heads."""
+    def spec(self, i: int = 0) -> dict[str, Any]:
+        """What the embeddings of layer i are: stored in Parquet metadata and checked by heads."""
         return {
             "model": self.model_name,
             "weights": {"source": self.weights_source, "sha256": self.weights_sha256},
-            "layer": self.layer,
-            "pool": self.pool,
+            "layer": self.layers[i],
+            "pool": self.pools[i],
             "normalize": self.normalize,
-            "dim": self.dim,
+            "dim": self.dims[i],
             "preprocessing": self.preprocessing,
         }
 
@@ -275,41 +297,63 @@ def _first_tensor(out: Any) -> torch.Tensor:
     raise BackboneError("the chosen layer returns no tensor; pick another layer from `pipeline layers`")
 
 
-def make_capture(model: nn.Module, name: str, layer: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function images -> raw activation of ``layer`` (no pooling); stops the forward there."""
-    if layer == "logits":
-        return model
-    if layer == "final" and not is_torchvision(name) and hasattr(model, "forward_head"):
-        def final(x: torch.Tensor) -> torch.Tensor:
-            return model.forward_head(model.forward_features(x), pre_logits=True)
-        return final
-    if layer == "final":
+def make_capture(model: nn.Module, name: str, layers: list[str] | tuple[str, ...]
+                 ) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+    """A function images -> {layer: raw activation} (no pooling), all from one forward pass.
+
+    When only intermediate layers are wanted, the forward pass stops once the deepest is reached.
+    ``final`` is timm's ``forward_head(pre_logits=True)``, or for other models the input of the classifier.
+    """
+    modules = dict(model.named_modules())
+    inter = [layer for layer in layers if layer not in ("final", "logits")]
+    for layer in inter:
+        if layer not in modules:
+            raise BackboneError(f"layer '{layer}' is not in model '{name}'")
+    want_final, want_logits = "final" in layers, "logits" in layers
+    timm_head = not is_torchvision(name) and hasattr(model, "forward_head")
+    classifier = None
+    if want_final and not timm_head:
         target = last_linear_name(model)
         if target is None:
             raise BackboneError(f"model '{name}' has no linear classifier; use --layer with a module name")
-        module = dict(model.named_modules())[target]
+        classifier = modules[target]
+    stop_early = not (want_final or want_logits)
 
-        def hook(_m, args):  # forward pre-hook: the classifier's input is the pre-logits feature
-            raise _Stop(args[0])
-        register = module.register_forward_pre_hook
-    else:
-        module = dict(model.named_modules()).get(layer)
-        if module is None:
-            raise BackboneError(f"layer '{layer}' is not in model '{name}'")
+    def capture(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        got: dict[str, torch.Tensor] = {}
+        handles = []
 
-        def hook(_m, _args, out):
-            raise _Stop(_first_tensor(out))
-        register = module.register_forward_hook
+        def keep(layer: str, out: Any) -> None:
+            got.setdefault(layer, _first_tensor(out))
+            if stop_early and len(got) == len(inter):
+                raise _Stop()
 
-    def capture(x: torch.Tensor) -> torch.Tensor:
-        handle = register(hook)
+        for layer in inter:
+            handles.append(modules[layer].register_forward_hook(
+                lambda _m, _a, out, layer=layer: keep(layer, out)))
+        if classifier is not None:
+            handles.append(classifier.register_forward_pre_hook(
+                lambda _m, args: got.setdefault("final", args[0])))
         try:
-            model(x)
-        except _Stop as s:
-            return s.args[0]
+            if timm_head and (want_final or want_logits):
+                feats = model.forward_features(x)
+                if want_final:
+                    got["final"] = model.forward_head(feats, pre_logits=True)
+                if want_logits:
+                    got["logits"] = model.forward_head(feats)
+            else:
+                out = model(x)
+                if want_logits:
+                    got["logits"] = _first_tensor(out)
+        except _Stop:
+            pass
         finally:
-            handle.remove()
-        raise BackboneError(f"layer '{layer}' of '{name}' was not reached in the forward pass")
+            for h in handles:
+                h.remove()
+        missing = [layer for layer in layers if layer not in got]
+        if missing:
+            raise BackboneError(f"layer(s) {missing} of '{name}' were not reached in the forward pass")
+        return got
 
     return capture
 
@@ -371,7 +415,7 @@ def _layer_infos(model: nn.Module, name: str, prep: dict[str, Any], all_modules:
     try:
         with torch.inference_mode():
             logits = model(x)
-            final = make_capture(model, name, "final")(x)
+            final = make_capture(model, name, ["final"])(x)["final"]
     finally:
         for h in handles:
             h.remove()
@@ -392,31 +436,40 @@ def _validate_layer(model: nn.Module, name: str, layer: str) -> None:
         )
 
 
-def build_backbone(cfg: BackboneConfig, device: str | torch.device = "cpu") -> Backbone:
-    """Build the model with its weights, validate layer and pooling with a dummy forward, move to device."""
+def build_backbone(cfg: BackboneConfig, device: str | torch.device = "cpu",
+                   layers: list[str] | None = None) -> Backbone:
+    """Build the model with its weights, validate layers and pooling with a dummy forward, move to device.
+
+    ``layers`` (default ``[cfg.layer]``) are all captured in one forward pass.
+    """
     check_model_name(cfg.model)
+    layers = list(layers or [cfg.layer])
+    if len(set(layers)) != len(layers):
+        raise BackboneError(f"layers repeat: {layers}")
     model, source, sha = create_model(cfg.model, cfg.weights)
-    _validate_layer(model, cfg.model, cfg.layer)
+    for layer in layers:
+        _validate_layer(model, cfg.model, layer)
     transform, prep = preprocessing_for(model, cfg.model, cfg.weights)
-    capture = make_capture(model, cfg.model, cfg.layer)
+    capture = make_capture(model, cfg.model, layers)
     with torch.inference_mode():
-        act = capture(_dummy(prep))
-    if act.ndim == 2:
-        pool = "none"
-    else:
-        pool = cfg.pool
-        pool_output(act[:1], pool, num_prefix_tokens(model))  # raises with the valid choices
-    dim = int(pool_output(act[:1], pool, num_prefix_tokens(model)).shape[1])
+        acts = capture(_dummy(prep))
+    pools, dims = [], []
+    for layer in layers:
+        act = acts[layer]
+        pool = "none" if act.ndim == 2 else cfg.pool
+        pooled = pool_output(act[:1], pool, num_prefix_tokens(model))  # raises with the valid choices
+        pools.append(pool)
+        dims.append(int(pooled.shape[1]))
     model.to(device)
     return Backbone(
         model_name=cfg.model,
         model=model,
-        layer=cfg.layer,
-        pool=pool,
+        layers=tuple(layers),
+        pools=tuple(pools),
+        dims=tuple(dims),
         normalize=cfg.normalize,
         transform=transform,
         preprocessing=prep,
-        dim=dim,
         weights_source=source,
         weights_sha256=sha,
         _capture=capture,

@@ -86,6 +86,43 @@ def extract(
 
 
 @app.command()
+def classify(
+    source: str | None = typer.Option(None, help="images: local path, file://, s3://... prefix or shard"),
+    output: str | None = typer.Option(None, help="output directory (local or s3://...)"),
+    model: str | None = typer.Option(None, help="timm model name, or tv:<torchvision name>"),
+    weights: str | None = typer.Option(None, help="none | hub | packaged | PATH_OR_URI"),
+    top_k: int | None = typer.Option(None, help="classes kept per image (default 5)"),
+    format: str | None = typer.Option(None, "--format", help="auto | files | webdataset | parquet"),
+    batch_size: int | None = typer.Option(None, help="images per model forward"),
+    actors: str | None = typer.Option(None, help="N, or MIN,MAX for an autoscaling pool"),
+    gpus_per_actor: float | None = typer.Option(None, help="GPUs per actor (fractions allowed)"),
+    overwrite: bool = typer.Option(False, help="replace existing predictions at the output"),
+    config: str | None = typer.Option(None, "--config", "-c", help="YAML config file"),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print the run summary as JSON"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+) -> None:
+    """Use the pretrained model as is: top-k ImageNet classes per image -> OUTPUT/predictions/ Parquet."""
+    from pipeline.config import ClassifyConfig, merge_sources
+
+    flags = {
+        "source.uri": source, "output.uri": output, "backbone.model": model, "backbone.weights": weights,
+        "top_k": top_k, "source.format": format, "runtime.batch_size": batch_size,
+        "runtime.actors": actors, "runtime.gpus_per_actor": gpus_per_actor,
+    }
+
+    def go():
+        from pipeline.runner import classify as run_classify
+        from pipeline.runner import format_summary
+
+        cfg = merge_sources(ClassifyConfig, config, flags, set_)
+        summary = run_classify(cfg, overwrite=overwrite)
+        typer.echo(json.dumps(summary, indent=2, default=str) if as_json else format_summary(summary))
+
+    _run(go)
+
+
+@app.command()
 def layers(
     model: str = typer.Option(..., help="timm model name, or tv:<torchvision name>"),
     all_modules: bool = typer.Option(False, "--all", help="every module, not only the stage boundaries"),

@@ -109,6 +109,43 @@ class ExtractConfig(_Strict):
         return self
 
 
+class ClassifyConfig(_Strict):
+    """`pipeline classify`: the pretrained classifier as is, top-k ImageNet classes per image."""
+
+    source: SourceConfig
+    backbone: BackboneConfig
+    output: OutputConfig
+    runtime: RuntimeConfig = RuntimeConfig()
+    top_k: int = Field(5, ge=1)
+
+
+class ProbeConfig(_Strict):
+    """`pipeline probe`: which backbone and layer give the best head on a labelled sample."""
+
+    source: SourceConfig
+    output: OutputConfig
+    runtime: RuntimeConfig = RuntimeConfig()
+    models: list[str] = Field(min_length=1, description="backbones to compare")
+    weights: str = "packaged"
+    layers: list[str] = Field(["final"], min_length=1, description="layer names, or ['all'] for every stage")
+    pool: Literal["avg", "max", "gem", "flatten", "cls", "mean"] = "avg"
+    sample: int | None = Field(None, ge=2, description="use at most this many images")
+    head: Literal["linear", "mlp"] = "linear"
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    epochs: int = Field(200, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> ProbeConfig:
+        if self.source.labels == "none":
+            raise ValueError("probe needs labels: pass --labels folder (or a column/member name)")
+        return self
+
+    @field_validator("models", "layers", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
+
+
 # --------------------------------------------------------------------------------------------------
 # Building configs from files, flags and --set overrides
 

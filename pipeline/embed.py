@@ -20,19 +20,26 @@ from pipeline.decode import DecodeError, decode_image
 PASS_THROUGH = ("id", "source", "label", "shard", "row")
 
 
-def output_schema(dim: int, dtype: str = "float32") -> pa.Schema:
+def embedding_column(i: int, n_layers: int) -> str:
+    """Column of layer i: ``embedding`` for a single layer, ``embedding_<i>`` when several are captured."""
+    return "embedding" if n_layers == 1 else f"embedding_{i}"
+
+
+def output_schema(dims: int | list[int], dtype: str = "float32") -> pa.Schema:
     """Rows leaving the Embedder: the embeddings contract plus error columns and shard bookkeeping."""
+    dims = [dims] if isinstance(dims, int) else list(dims)
     value = pa.float16() if dtype == "float16" else pa.float32()
     return pa.schema([
         ("id", pa.string()),
         ("source", pa.string()),
         ("label", pa.string()),
-        ("embedding", pa.list_(value, dim)),
-        ("error_kind", pa.string()),
-        ("error_message", pa.string()),
-        ("shard", pa.string()),
-        ("row", pa.int64()),
+        *[(embedding_column(i, len(dims)), pa.list_(value, d)) for i, d in enumerate(dims)],
+        *BOOKKEEPING,
     ])
+
+
+BOOKKEEPING = [("error_kind", pa.string()), ("error_message", pa.string()), ("shard", pa.string()),
+               ("row", pa.int64())]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -55,10 +62,11 @@ def _column(batch: dict[str, Any] | pa.Table, name: str, n: int) -> list[Any]:
 
 
 class Embedder:
-    """Decode, preprocess, forward to the cut layer, pool.
+    """Decode, preprocess, forward to the cut layer(s), pool.
 
     Args:
         backbone: a BackboneConfig (or its dict).
+        layers: capture several layers in one pass (columns embedding_0..); default: backbone.layer.
         device: auto | cpu | cuda.
         autocast: none | bf16 | fp16 (applies on CUDA).
         dtype: float32 | float16 output values.
@@ -70,6 +78,7 @@ class Embedder:
         self,
         backbone: BackboneConfig | dict[str, Any],
         *,
+        layers: list[str] | None = None,
         device: str = "auto",
         autocast: str = "none",
         dtype: str = "float32",
@@ -79,12 +88,12 @@ class Embedder:
     ) -> None:
         cfg = backbone if isinstance(backbone, BackboneConfig) else BackboneConfig(**backbone)
         self.device = resolve_device(device)
-        self.backbone: Backbone = build_backbone(cfg, self.device)
+        self.backbone: Backbone = build_backbone(cfg, self.device, layers)
         self.autocast = autocast
         self.dtype = dtype
         self.max_pixels = max_pixels
         self.max_bytes = max_bytes
-        self.schema = output_schema(self.backbone.dim, dtype)
+        self.schema = output_schema(list(self.backbone.dims), dtype)
         # Ray sets OMP_NUM_THREADS (and so torch's thread count) to the actor's CPUs.
         self.threads = max(1, int(threads or torch.get_num_threads()))
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
@@ -99,16 +108,17 @@ class Embedder:
         except Exception as e:  # noqa: BLE001 - a bad image is data, not a crash
             return DecodeError("preprocess_failed", f"{type(e).__name__}: {e}")
 
-    def _forward(self, x: torch.Tensor) -> np.ndarray:
+    def _forward(self, x: torch.Tensor) -> list[np.ndarray]:
         x = x.to(self.device, non_blocking=True)
         use_amp = self.autocast != "none" and self.device.type == "cuda"
         amp_dtype = torch.bfloat16 if self.autocast == "bf16" else torch.float16
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=amp_dtype, enabled=use_amp):
-            out = self.backbone.embed(x)
-        return out.float().cpu().numpy()
+            outs = self.backbone.embed_all(x)
+        return [o.float().cpu().numpy() for o in outs]
 
     # -- a batch ----------------------------------------------------------------------------------
-    def __call__(self, batch: dict[str, Any] | pa.Table) -> pa.Table:
+    def _rows(self, batch: dict[str, Any] | pa.Table):
+        """Decode and forward a batch: (columns, error kinds, messages, per-layer values, valid mask)."""
         n = batch.num_rows if isinstance(batch, pa.Table) else len(next(iter(batch.values())))
         cols = {k: _column(batch, k, n) for k in (*PASS_THROUGH, "bytes", "error_kind", "error_message")}
         kinds: list[str | None] = list(cols["error_kind"])
@@ -127,33 +137,85 @@ class Embedder:
                 good.append(i)
                 tensors.append(p)
 
-        dim = self.backbone.dim
-        values = np.zeros((n, dim), dtype=np.float32)
+        values = [np.zeros((n, d), dtype=np.float32) for d in self.backbone.dims]
         if tensors:
             try:
-                values[good] = self._forward(torch.stack(tensors))
+                for v, out in zip(values, self._forward(torch.stack(tensors))):
+                    v[good] = out
             except Exception as e:  # noqa: BLE001 - keep the rows, mark them failed
                 for i in good:
                     kinds[i], messages[i] = "model_failed", f"{type(e).__name__}: {e}"
                 good = []
         valid = np.zeros(n, dtype=bool)
         valid[good] = True
+        return cols, kinds, messages, values, valid
 
-        np_dtype = np.float16 if self.dtype == "float16" else np.float32
-        flat = pa.array(values.astype(np_dtype).reshape(-1))
-        emb = pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(~valid))
-        for i in good:
-            kinds[i] = messages[i] = None
+    def _table(self, cols, kinds, messages, payload: list[pa.Array], schema: pa.Schema) -> pa.Table:
         return pa.Table.from_arrays(
             [
                 pa.array(cols["id"], pa.string()),
                 pa.array(cols["source"], pa.string()),
                 pa.array(cols["label"], pa.string()),
-                emb,
+                *payload,
                 pa.array(kinds, pa.string()),
                 pa.array(messages, pa.string()),
                 pa.array(cols["shard"], pa.string()),
                 pa.array(cols["row"], pa.int64()),
             ],
-            schema=self.schema,
+            schema=schema,
         )
+
+    def __call__(self, batch: dict[str, Any] | pa.Table) -> pa.Table:
+        cols, kinds, messages, values, valid = self._rows(batch)
+        np_dtype = np.float16 if self.dtype == "float16" else np.float32
+        mask = pa.array(~valid)
+        payload = [
+            pa.FixedSizeListArray.from_arrays(pa.array(v.astype(np_dtype).reshape(-1)), v.shape[1], mask=mask)
+            for v in values
+        ]
+        return self._table(cols, kinds, messages, payload, self.schema)
+
+
+def imagenet_class_names(model_name: str, n: int) -> list[str]:
+    """Class names for a 1000-class ImageNet model (offline: timm's ImageNetInfo / torchvision's meta)."""
+    if n != 1000:
+        return [str(i) for i in range(n)]
+    if model_name.startswith("tv:"):
+        import torchvision
+
+        return list(torchvision.models.get_model_weights(model_name[3:]).DEFAULT.meta["categories"])
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return [info.index_to_description(i) for i in range(n)]
+
+
+CLASSIFY_COLUMNS = [("labels", pa.list_(pa.string())), ("scores", pa.list_(pa.float32())),
+                    ("classes", pa.list_(pa.int32()))]
+
+
+class Classifier(Embedder):
+    """The pretrained model used as is: softmax over its logits, the top-k classes with names."""
+
+    def __init__(self, backbone: BackboneConfig | dict[str, Any], *, top_k: int = 5, **kwargs: Any) -> None:
+        cfg = backbone if isinstance(backbone, BackboneConfig) else BackboneConfig(**backbone)
+        cfg = cfg.model_copy(update={"layer": "logits", "normalize": False})
+        super().__init__(cfg, **kwargs)
+        self.names = imagenet_class_names(cfg.model, self.backbone.dim)
+        self.top_k = min(top_k, self.backbone.dim)
+        self.schema = pa.schema([("id", pa.string()), ("source", pa.string()), ("label", pa.string()),
+                                 *CLASSIFY_COLUMNS, *BOOKKEEPING])
+
+    def __call__(self, batch: dict[str, Any] | pa.Table) -> pa.Table:
+        cols, kinds, messages, values, valid = self._rows(batch)
+        logits = torch.from_numpy(values[0])
+        probs, idx = logits.softmax(dim=1).topk(self.top_k, dim=1)
+        labels, scores, classes = [], [], []
+        for i in range(len(valid)):
+            ok = bool(valid[i])
+            classes.append(idx[i].tolist() if ok else None)
+            scores.append(probs[i].tolist() if ok else None)
+            labels.append([self.names[c] for c in idx[i].tolist()] if ok else None)
+        payload = [pa.array(labels, CLASSIFY_COLUMNS[0][1]), pa.array(scores, CLASSIFY_COLUMNS[1][1]),
+                   pa.array(classes, CLASSIFY_COLUMNS[2][1])]
+        return self._table(cols, kinds, messages, payload, self.schema)

@@ -16,8 +16,8 @@ from typing import Any
 
 from pipeline import __version__, storage
 from pipeline.backbones import build_backbone
-from pipeline.config import ConfigError, ExtractConfig
-from pipeline.sink import EMBEDDINGS_DIR, ERRORS_DIR, ParquetSink, write_run_record
+from pipeline.config import ClassifyConfig, ConfigError, ExtractConfig, RuntimeConfig
+from pipeline.sink import EMBEDDING_COLUMNS, EMBEDDINGS_DIR, ERRORS_DIR, Output, ParquetSink, write_run_record
 from pipeline.sources import Shard, check_source, list_shards, read_shard
 
 
@@ -43,11 +43,12 @@ def _new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
-def prepare_output(output_uri: str, overwrite: bool) -> None:
-    """Refuse to mix a new run into existing embeddings unless overwrite (which clears them first)."""
+def prepare_output(output_uri: str, overwrite: bool, subdirs: list[str]) -> None:
+    """Refuse to mix a new run into existing output unless overwrite (which clears it first)."""
     storage.check_writable(output_uri)
     existing = []
-    for sub in (EMBEDDINGS_DIR, ERRORS_DIR):
+    subdirs = [*subdirs, ERRORS_DIR]
+    for sub in subdirs:
         uri = storage.join(output_uri, sub)
         if storage.exists(uri):
             existing += storage.list_files(uri)
@@ -55,10 +56,10 @@ def prepare_output(output_uri: str, overwrite: bool) -> None:
         return
     if not overwrite:
         raise ConfigError(
-            f"output '{output_uri}' already holds {len(existing)} embedding/error files: pass --overwrite to "
-            "replace them, or choose a new --output"
+            f"output '{output_uri}' already holds {len(existing)} files under {', '.join(subdirs)}: pass "
+            "--overwrite to replace them, or choose a new --output"
         )
-    for sub in (EMBEDDINGS_DIR, ERRORS_DIR):
+    for sub in subdirs:
         uri = storage.join(output_uri, sub)
         if storage.exists(uri):
             storage.remove_tree(uri)
@@ -68,16 +69,16 @@ def prepare_output(output_uri: str, overwrite: bool) -> None:
 # Ray wiring
 
 
-def _init_ray(cfg: ExtractConfig) -> None:
+def _init_ray(runtime: RuntimeConfig) -> None:
     import ray
 
     if ray.is_initialized():
         return
-    address = cfg.runtime.address or os.environ.get("RAY_ADDRESS")
+    address = runtime.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.runtime.num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=runtime.num_cpus, include_dashboard=False, log_to_driver=True)
 
 
 def _datasource(shards: list[Shard], source_cfg):
@@ -151,49 +152,52 @@ def _datasink(sink: ParquetSink):
     return EmbeddingDatasink()
 
 
-def extract(cfg: ExtractConfig, *, overwrite: bool = False) -> dict[str, Any]:
-    """Run an extraction; returns the run summary (also written to OUTPUT/_runs/<run_id>.json)."""
-    t_start = time.perf_counter()
-    run_id = _new_run_id()
-    started = datetime.now(timezone.utc).isoformat()
-
-    # 1. Validate everything on the driver, before Ray does any work.
-    shards, skipped = list_shards(cfg.source)
-    check_source(cfg.source, shards)
-    backbone = build_backbone(cfg.backbone, "cpu")
-    spec = {**backbone.spec(), "dtype": cfg.output.dtype, "versions": versions()}
-    prepare_output(cfg.output.uri, overwrite)
-    del backbone
-    t_validated = time.perf_counter()
-
-    # 2. Ray: read tasks -> actor pool -> sink.
+def _run_stage(
+    *,
+    kind: str,
+    source_cfg,
+    runtime,
+    output_uri: str,
+    stage,
+    stage_kwargs: dict[str, Any],
+    outputs: list[Output],
+    shards: list[Shard],
+    skipped: int,
+    t_start: float,
+    extra: dict[str, Any],
+    config: dict[str, Any],
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Ray: shard read tasks -> actor pool running ``stage`` -> Parquet sink; returns the run summary."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-    _init_ray(cfg)
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = cfg.runtime.progress
-    lo, hi = cfg.runtime.actor_range()
-    rt = cfg.runtime
-    ds = ray.data.read_datasource(_datasource(shards, cfg.source), num_cpus=0.25)
+    run_id = _new_run_id()
+    started = datetime.now(timezone.utc).isoformat()
+    t_validated = time.perf_counter()
+    _init_ray(runtime)
+    DataContext.get_current().enable_progress_bars = runtime.progress
+    lo, hi = runtime.actor_range()
+    ds = ray.data.read_datasource(_datasource(shards, source_cfg), num_cpus=0.25)
+    if limit is not None:
+        ds = ds.limit(limit)
     ds = ds.map_batches(
-        _embedder_class(),
+        stage,
         fn_constructor_kwargs={
-            "backbone": cfg.backbone.model_dump(),
-            "device": rt.device,
-            "autocast": rt.autocast,
-            "dtype": cfg.output.dtype,
-            "max_pixels": rt.max_pixels,
-            "max_bytes": cfg.source.max_bytes,
+            "device": runtime.device,
+            "autocast": runtime.autocast,
+            "max_pixels": runtime.max_pixels,
+            "max_bytes": source_cfg.max_bytes,
+            **stage_kwargs,
         },
         compute=ActorPoolStrategy(min_size=lo, max_size=hi),
-        batch_size=rt.batch_size,
+        batch_size=runtime.batch_size,
         batch_format="pyarrow",
-        num_cpus=rt.cpus_per_actor,
-        num_gpus=rt.gpus_per_actor or None,
+        num_cpus=runtime.cpus_per_actor,
+        num_gpus=runtime.gpus_per_actor or None,
         udf_modifying_row_count=False,
     )
-    datasink = _datasink(ParquetSink(cfg.output.uri, spec, cfg.output.dtype))
+    datasink = _datasink(ParquetSink(output_uri, outputs=outputs))
     t_run = time.perf_counter()
     ds.write_datasink(datasink)
     t_done = time.perf_counter()
@@ -203,9 +207,10 @@ def extract(cfg: ExtractConfig, *, overwrite: bool = False) -> dict[str, Any]:
     run_s = t_done - t_run
     summary = {
         "run_id": run_id,
+        "kind": kind,
         "started_at": started,
-        "source": cfg.source.uri,
-        "output": cfg.output.uri,
+        "source": source_cfg.uri,
+        "output": output_uri,
         "counts": {"inputs": inputs, "embedded": res["embedded"], "failed": res["failed"],
                    "skipped": skipped},
         "error_kinds": res["error_kinds"],
@@ -218,30 +223,80 @@ def extract(cfg: ExtractConfig, *, overwrite: bool = False) -> dict[str, Any]:
             "total_s": round(t_done - t_start, 3),
         },
         "images_per_s": round(inputs / run_s, 2) if run_s > 0 else None,
-        "actors": {"min": lo, "max": hi, "cpus_per_actor": rt.cpus_per_actor,
-                   "gpus_per_actor": rt.gpus_per_actor},
-        "spec": spec,
-        "config": json.loads(cfg.model_dump_json()),
+        "actors": {"min": lo, "max": hi, "cpus_per_actor": runtime.cpus_per_actor,
+                   "gpus_per_actor": runtime.gpus_per_actor},
+        **extra,
+        "config": config,
     }
-    summary["run_record"] = write_run_record(cfg.output.uri, run_id, summary)
+    summary["run_record"] = write_run_record(output_uri, run_id, summary)
     return summary
 
 
-def _embedder_class():
-    from pipeline.embed import Embedder
+def _spec(backbone, i: int, dtype: str) -> dict[str, Any]:
+    return {**backbone.spec(i), "dtype": dtype, "versions": versions()}
 
-    return Embedder
+
+def extract(cfg: ExtractConfig, *, overwrite: bool = False) -> dict[str, Any]:
+    """Run an extraction; returns the run summary (also written to OUTPUT/_runs/<run_id>.json)."""
+    t_start = time.perf_counter()
+    # Validate everything on the driver, before Ray does any work.
+    shards, skipped = list_shards(cfg.source)
+    check_source(cfg.source, shards)
+    spec = _spec(build_backbone(cfg.backbone, "cpu"), 0, cfg.output.dtype)
+    outputs = [Output(EMBEDDINGS_DIR, EMBEDDING_COLUMNS, spec)]
+    prepare_output(cfg.output.uri, overwrite, [o.subdir for o in outputs])
+    return _run_stage(
+        kind="extract", source_cfg=cfg.source, runtime=cfg.runtime, output_uri=cfg.output.uri,
+        stage=_stage("Embedder"),
+        stage_kwargs={"backbone": cfg.backbone.model_dump(), "dtype": cfg.output.dtype},
+        outputs=outputs, shards=shards, skipped=skipped, t_start=t_start, extra={"spec": spec},
+        config=json.loads(cfg.model_dump_json()),
+    )
+
+
+PREDICTIONS_DIR = "predictions"
+
+
+def classify(cfg: ClassifyConfig, *, overwrite: bool = False) -> dict[str, Any]:
+    """The pretrained model as a classifier: ``OUTPUT/predictions/`` with top-k ImageNet classes per image."""
+    t_start = time.perf_counter()
+    shards, skipped = list_shards(cfg.source)
+    check_source(cfg.source, shards)
+    backbone_cfg = cfg.backbone.model_copy(update={"layer": "logits", "normalize": False})
+    backbone = build_backbone(backbone_cfg, "cpu")
+    spec = {**_spec(backbone, 0, "float32"), "top_k": cfg.top_k}
+    columns = {"id": "id", "source": "source", "labels": "labels", "scores": "scores", "classes": "classes"}
+    outputs = [Output(PREDICTIONS_DIR, columns, spec)]
+    prepare_output(cfg.output.uri, overwrite, [PREDICTIONS_DIR])
+    return _run_stage(
+        kind="classify", source_cfg=cfg.source, runtime=cfg.runtime, output_uri=cfg.output.uri,
+        stage=_stage("Classifier"),
+        stage_kwargs={"backbone": backbone_cfg.model_dump(), "top_k": cfg.top_k},
+        outputs=outputs, shards=shards, skipped=skipped, t_start=t_start, extra={"spec": spec},
+        config=json.loads(cfg.model_dump_json()),
+    )
+
+
+def _stage(name: str):
+    from pipeline import embed
+
+    return getattr(embed, name)
 
 
 def format_summary(s: dict[str, Any]) -> str:
-    c = s["counts"]
+    c, spec = s["counts"], s["spec"]
+    done = "classified" if s.get("kind") == "classify" else "embedded"
     lines = [
-        f"run {s['run_id']}: {c['inputs']} images -> {c['embedded']} embedded, {c['failed']} failed, "
+        f"run {s['run_id']}: {c['inputs']} images -> {c['embedded']} {done}, {c['failed']} failed, "
         f"{c['skipped']} skipped (not images) in {s['timings']['total_s']:.1f}s "
-        f"({s['images_per_s']} images/s after startup)",
-        f"  embeddings: {storage.join(s['output'], EMBEDDINGS_DIR)} (dim {s['spec']['dim']}, "
-        f"{s['spec']['model']} @ {s['spec']['layer']}, pool {s['spec']['pool']})",
+        f"({s['images_per_s']} images/s over the Ray run, actor start-up included)",
     ]
+    if s.get("kind") == "classify":
+        lines.append(f"  predictions: {storage.join(s['output'], PREDICTIONS_DIR)} "
+                     f"(top-{spec['top_k']} classes of {spec['model']})")
+    else:
+        lines.append(f"  embeddings: {storage.join(s['output'], EMBEDDINGS_DIR)} (dim {spec['dim']}, "
+                     f"{spec['model']} @ {spec['layer']}, pool {spec['pool']})")
     if c["failed"]:
         kinds = ", ".join(f"{k}={v}" for k, v in sorted(s["error_kinds"].items()))
         lines.append(f"  errors:     {storage.join(s['output'], ERRORS_DIR)} ({kinds})")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -21,17 +22,6 @@ EMBEDDINGS_DIR = "embeddings"
 ERRORS_DIR = "errors"
 RUNS_DIR = "_runs"
 METADATA_KEY = b"pipeline"
-
-
-def embeddings_schema(dim: int, dtype: str, spec: dict[str, Any]) -> pa.Schema:
-    value = pa.float16() if dtype == "float16" else pa.float32()
-    schema = pa.schema([
-        pa.field("id", pa.string(), nullable=False),
-        ("source", pa.string()),
-        ("label", pa.string()),
-        pa.field("embedding", pa.list_(value, dim), nullable=False),
-    ])
-    return schema.with_metadata({METADATA_KEY: json.dumps(spec, sort_keys=True).encode()})
 
 
 ERRORS_SCHEMA = pa.schema([
@@ -58,17 +48,44 @@ def _to_bytes(table: pa.Table) -> bytes:
     return buf.getvalue().to_pybytes()
 
 
-class ParquetSink:
-    """Writes Embedder output rows under an output URI."""
+@dataclass(frozen=True)
+class Output:
+    """One Parquet table the sink writes: ``OUTPUT/<subdir>/``, its columns (output name -> row column)
+    and the spec stored in its schema metadata."""
 
-    def __init__(self, output_uri: str, spec: dict[str, Any], dtype: str = "float32") -> None:
+    subdir: str
+    columns: dict[str, str]
+    spec: dict[str, Any]
+
+
+EMBEDDING_COLUMNS = {"id": "id", "source": "source", "label": "label", "embedding": "embedding"}
+
+
+class ParquetSink:
+    """Writes Embedder output rows under an output URI: good rows to each Output, failed rows to errors/.
+
+    The default writes the embeddings contract (``embeddings/``: id, source, label, embedding).
+    """
+
+    def __init__(self, output_uri: str, spec: dict[str, Any] | None = None,
+                 outputs: list[Output] | None = None) -> None:
         self.output_uri = output_uri
-        self.spec = spec
-        self.dtype = dtype
-        self.schema = embeddings_schema(int(spec["dim"]), dtype, spec)
+        if outputs is None:
+            if spec is None:
+                raise TypeError("ParquetSink needs a spec or a list of outputs")
+            outputs = [Output(EMBEDDINGS_DIR, EMBEDDING_COLUMNS, spec)]
+        self.outputs = outputs
 
     def _name(self, shard: str, first_row: int) -> str:
         return f"{shard}-{first_row:09d}.parquet"
+
+    def _table(self, rows: pa.Table, out: Output) -> pa.Table:
+        cols = [rows.column(src) for src in out.columns.values()]
+        fields = []
+        for name, col in zip(out.columns, cols):
+            fields.append(pa.field(name, col.type, nullable=name not in ("id", "embedding")))
+        meta = {METADATA_KEY: json.dumps(out.spec, sort_keys=True).encode()}
+        return pa.Table.from_arrays(cols, schema=pa.schema(fields, metadata=meta))
 
     def write(self, table: pa.Table) -> dict[str, Any]:
         """Write one batch of rows; returns counts and the files written."""
@@ -85,14 +102,10 @@ class ParquetSink:
             bad = part.filter(failed_mask)
             name = self._name(shard, first)
             if good.num_rows:
-                out = pa.Table.from_arrays(
-                    [good.column("id"), good.column("source"), good.column("label"),
-                     good.column("embedding").cast(self.schema.field("embedding").type)],
-                    schema=self.schema,
-                )
-                uri = storage.join(self.output_uri, EMBEDDINGS_DIR, name)
-                storage.write_bytes(uri, _to_bytes(out))
-                stats["files"].append(uri)
+                for out in self.outputs:
+                    uri = storage.join(self.output_uri, out.subdir, name)
+                    storage.write_bytes(uri, _to_bytes(self._table(good, out)))
+                    stats["files"].append(uri)
             if bad.num_rows:
                 errs = pa.Table.from_arrays(
                     [bad.column("id"), bad.column("source"), bad.column("error_kind"),

@@ -86,3 +86,20 @@ def test_cli_extract_runs_on_the_session_ray(ray_session, images, tmp_path):
     t = pads.dataset(out / "embeddings").to_table()
     emb_type = t.schema.field("embedding").type
     assert t.num_rows == 24 and emb_type.list_size == 1280 and str(emb_type.value_type) == "halffloat"
+
+
+def test_ray_job_entry_point(ray_session, images, tmp_path):
+    """jobs/extract.py: the `ray job submit` entry point, with a config file and --set overrides."""
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(f"source: {{uri: {images}, labels: folder}}\nbackbone: {{model: tf_efficientnet_lite0}}\n"
+                   f"output: {{uri: {tmp_path / 'out'}}}\nruntime: {{progress: false}}\n")
+    env = os.environ.copy()
+    env["RAY_ADDRESS"] = ray_session.get_runtime_context().gcs_address
+    cmd = [sys.executable, "jobs/extract.py", "--config", str(cfg), "--set", "backbone.layer=blocks.4", "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout)
+    assert summary["counts"]["embedded"] == 24 and summary["spec"]["dim"] == 112
+    bad = subprocess.run([sys.executable, "jobs/extract.py", "--config", str(cfg), "--set", "backbone.lyr=x"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert bad.returncode == 2 and "unknown key 'backbone.lyr'" in bad.stderr

@@ -200,3 +200,26 @@ def test_s3_end_to_end_equals_local(ray_session, s3_server, bucket, textures_dir
     assert set(t_s3.column("label").to_pylist()) == {"brick", "grass", "gravel"}
     np.testing.assert_allclose(e_s3, e_loc, rtol=1e-5, atol=1e-5)
     assert storage.list_files(f"{bucket}/out/_runs")
+
+
+def test_classify_through_ray(ray_session, tmp_path):
+    """`classify`: the pretrained model as is, top-k ImageNet classes with names, through the actor pool."""
+    from pipeline.config import ClassifyConfig
+    from pipeline.runner import classify
+
+    photos = tmp_path / "photos"
+    samples.make_photos(photos, ("chelsea", "coffee", "astronaut"))
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
+    cfg = ClassifyConfig.model_validate({
+        "source": {"uri": str(photos)}, "backbone": {"model": "tv:mobilenet_v2"},
+        "output": {"uri": str(tmp_path / "out")}, "runtime": {"progress": False}, "top_k": 5,
+    })
+    s = classify(cfg)
+    assert s["counts"] == {"inputs": 4, "embedded": 3, "failed": 1, "skipped": 0}
+    t = pads.dataset(tmp_path / "out" / "predictions").to_table().sort_by("id")
+    assert t.column_names == ["id", "source", "labels", "scores", "classes"]
+    rows = {r["id"]: r for r in t.to_pylist()}
+    assert 281 <= rows["chelsea.jpg"]["classes"][0] <= 285
+    assert {967, 968} & set(rows["coffee.jpg"]["classes"])
+    assert rows["coffee.jpg"]["labels"][0] == "espresso"  # torchvision's category names
+    assert read_spec(t.schema)["top_k"] == 5

@@ -11,9 +11,9 @@ SPEC = {"model": "m", "weights": {"source": "none", "sha256": "0" * 64}, "layer"
         "dim": 4, "preprocessing": {}, "dtype": "float32"}
 
 
-def _rows(shards_rows, dim=4, bad=()):
+def _rows(shards_rows, dim=4, bad=(), dtype="float32"):
     n = len(shards_rows)
-    vals = np.arange(n * dim, dtype=np.float32).reshape(n, dim)
+    vals = np.arange(n * dim, dtype=dtype).reshape(n, dim)
     valid = np.array([i not in bad for i in range(n)])
     emb = pa.FixedSizeListArray.from_arrays(pa.array(vals.reshape(-1)), dim, mask=pa.array(~valid))
     return pa.Table.from_arrays([
@@ -25,7 +25,7 @@ def _rows(shards_rows, dim=4, bad=()):
         pa.array([None if valid[i] else "image file is truncated" for i in range(n)], pa.string()),
         pa.array([s for s, _ in shards_rows]),
         pa.array([r for _, r in shards_rows], pa.int64()),
-    ], schema=output_schema(dim))
+    ], schema=output_schema(dim, dtype))
 
 
 def test_writes_embeddings_and_errors_per_shard(tmp_path):
@@ -55,8 +55,8 @@ def test_rewrite_of_the_same_rows_overwrites(tmp_path):
 
 
 def test_float16_output(tmp_path):
-    sink = ParquetSink(str(tmp_path), {**SPEC, "dtype": "float16"}, dtype="float16")
-    sink.write(_rows([("s1", 0)]))
+    sink = ParquetSink(str(tmp_path), {**SPEC, "dtype": "float16"})
+    sink.write(_rows([("s1", 0)], dtype="float16"))
     t = pq.read_table(next((tmp_path / "embeddings").iterdir()))
     assert t.schema.field("embedding").type == pa.list_(pa.float16(), 4)
     np.testing.assert_allclose(t.column("embedding").to_pylist()[0], [0, 1, 2, 3])

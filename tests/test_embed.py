@@ -1,0 +1,66 @@
+"""The Embedder and Classifier stages called directly, without Ray."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline import samples
+from pipeline.embed import Classifier, Embedder
+
+
+def _jpeg(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=92)
+    return buf.getvalue()
+
+
+def _batch(datas, kinds=None):
+    n = len(datas)
+    return pa.table({
+        "id": [f"i{k}" for k in range(n)], "source": ["s"] * n, "label": [None] * n,
+        "bytes": pa.array(datas, pa.binary()), "error_kind": pa.array(kinds or [None] * n, pa.string()),
+        "error_message": pa.array([None] * n, pa.string()), "shard": ["sh"] * n, "row": list(range(n)),
+    })
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return {n: _jpeg(samples.photo(n)) for n in ("chelsea", "coffee")}
+
+
+def test_good_and_bad_rows_in_one_batch(photos):
+    e = Embedder({"model": "tf_efficientnet_lite0", "weights": "packaged"}, threads=2)
+    out = e(_batch([photos["chelsea"], b"", b"not an image", None, photos["coffee"]],
+                   kinds=[None, None, None, "read_error", None]))
+    assert out.num_rows == 5
+    assert out.column("error_kind").to_pylist() == [None, "empty", "not_an_image", "read_error", None]
+    emb = out.column("embedding")
+    assert emb.null_count == 3 and emb.type.list_size == 1280
+    a, b = np.asarray(emb[0].as_py()), np.asarray(emb[4].as_py())
+    assert np.isfinite(a).all() and not np.allclose(a, b)
+
+
+def test_one_pass_multi_layer_equals_separate_runs(photos):
+    cfg = {"model": "tf_efficientnet_lite0", "weights": "packaged", "pool": "avg"}
+    multi = Embedder(cfg, layers=["blocks.2", "blocks.4", "final"])(_batch([photos["chelsea"]]))
+    assert [multi.schema.field(f"embedding_{i}").type.list_size for i in range(3)] == [40, 112, 1280]
+    for i, layer in enumerate(["blocks.2", "blocks.4", "final"]):
+        single = Embedder({**cfg, "layer": layer})(_batch([photos["chelsea"]]))
+        np.testing.assert_allclose(multi.column(f"embedding_{i}")[0].as_py(),
+                                   single.column("embedding")[0].as_py(), rtol=1e-5, atol=1e-6)
+
+
+def test_classifier_names_the_cat_and_the_coffee(photos):
+    c = Classifier({"model": "tf_efficientnet_lite0", "weights": "packaged"}, top_k=5)
+    out = c(_batch([photos["chelsea"], photos["coffee"], b""]))
+    classes = out.column("classes").to_pylist()
+    assert 281 <= classes[0][0] <= 285  # a domestic cat class top-1
+    assert {967, 968} & set(classes[1])  # espresso or cup in the top-5
+    scores = out.column("scores").to_pylist()
+    assert scores[0] == sorted(scores[0], reverse=True) and 0 < sum(scores[0]) <= 1.0001
+    assert "cat" in out.column("labels").to_pylist()[0][0]
+    assert out.column("classes")[2].as_py() is None and out.column("error_kind")[2].as_py() == "empty"
