@@ -20,6 +20,7 @@ from pipeline import storage
 
 EMBEDDINGS_DIR = "embeddings"
 ERRORS_DIR = "errors"
+PREDICTIONS_DIR = "predictions"
 RUNS_DIR = "_runs"
 METADATA_KEY = b"pipeline"
 
