@@ -145,6 +145,122 @@ def layers(
     _run(go)
 
 
+heads_app = typer.Typer(no_args_is_help=True, help="Lightweight heads (linear, MLP) on stored embeddings.")
+app.add_typer(heads_app, name="heads")
+
+
+@heads_app.command("train")
+def heads_train(
+    embeddings: str | None = typer.Option(None, help="an extract OUTPUT (or its embeddings/) URI"),
+    output: str | None = typer.Option(None, help="where head.safetensors, head.json, report.png go"),
+    head: str | None = typer.Option(None, help="linear | mlp"),
+    labels_from: str | None = typer.Option(None, help="Parquet table (id, label) joined on id"),
+    test: str | None = typer.Option(None, help="held-out embeddings to evaluate at the end"),
+    epochs: int | None = typer.Option(None, help="maximum epochs (early stopping on validation loss)"),
+    val_fraction: float | None = typer.Option(None, help="validation share, split by a hash of id"),
+    config: str | None = typer.Option(None, "--config", "-c", help="YAML config file"),
+    set_: list[str] = typer.Option([], "--set", help="override a key, e.g. --set hidden=[256]"),
+    as_json: bool = typer.Option(False, "--json", help="print head.json"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+) -> None:
+    """Train a linear or MLP head on stored embeddings; writes head.safetensors, head.json, report.png."""
+    from pipeline.config import merge_sources
+
+    flags = {"embeddings": embeddings, "output": output, "head": head, "labels_from": labels_from,
+             "test": test, "epochs": epochs, "val_fraction": val_fraction}
+
+    def go():
+        from pipeline.heads import HeadTrainConfig, train_head
+
+        cfg = merge_sources(HeadTrainConfig, config, flags, set_)
+        meta = train_head(cfg)
+        if as_json:
+            typer.echo(json.dumps(meta, indent=2, default=str))
+            return
+        val = meta["metrics"]["validation"] or {}
+        typer.echo(f"{meta['head']['type']} head on {meta['split']['train']} rows, {len(meta['classes'])} "
+                   f"classes: validation accuracy {val.get('accuracy', float('nan')):.4f}, macro-F1 "
+                   f"{val.get('macro_f1', float('nan')):.4f} ({meta['split']['validation']} rows)")
+        typer.echo(f"  artifacts: {', '.join(meta['output'].values())}")
+
+    _run(go)
+
+
+@heads_app.command("predict")
+def heads_predict(
+    head: str = typer.Option(..., help="the folder `heads train` wrote (or its head.json)"),
+    embeddings: str = typer.Option(..., help="an extract OUTPUT (or its embeddings/) URI"),
+    output: str = typer.Option(..., help="predictions go to OUTPUT/predictions/"),
+    top_k: int = typer.Option(1, help="also write the top-k labels and scores"),
+    actors: str = typer.Option("1", help="N, or MIN,MAX"),
+    as_json: bool = typer.Option(False, "--json"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+) -> None:
+    """Apply a head to embeddings (a Ray Data map): id, label, score per row."""
+
+    def go():
+        from pipeline.config import RuntimeConfig
+        from pipeline.runner import predict
+
+        s = predict(head, embeddings, output, top_k=top_k, runtime=RuntimeConfig(actors=actors))
+        typer.echo(json.dumps(s, indent=2) if as_json else
+                   f"{s['rows']} predictions -> {s['predictions']} in {s['total_s']:.1f}s")
+
+    _run(go)
+
+
+@app.command()
+def probe(
+    source: str | None = typer.Option(None, help="labelled images (local or s3://...)"),
+    output: str | None = typer.Option(None, help="output directory"),
+    model: str | None = typer.Option(None, help="backbone (or use --models a,b)"),
+    models: str | None = typer.Option(None, help="comma-separated backbones to compare"),
+    layers: str | None = typer.Option(None, help="comma-separated layers, or 'all' for every stage"),
+    weights: str | None = typer.Option(None, help="none | hub | packaged | PATH_OR_URI"),
+    labels: str | None = typer.Option(None, help="folder (default) | <column or member name>"),
+    sample: int | None = typer.Option(None, help="use at most N images"),
+    head: str | None = typer.Option(None, help="linear | mlp"),
+    pool: str | None = typer.Option(None, help="pooling for feature maps / tokens"),
+    overwrite: bool = typer.Option(False, help="replace an earlier probe at the output"),
+    config: str | None = typer.Option(None, "--config", "-c", help="YAML config file"),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print probe.json"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+) -> None:
+    """Which cut is best: a head per candidate layer (and backbone), ranked by validation accuracy."""
+    from pipeline.config import ProbeConfig, merge_sources
+
+    flags = {"source.uri": source, "output.uri": output, "models": models or model, "layers": layers,
+             "weights": weights, "source.labels": labels or "folder", "sample": sample, "head": head,
+             "pool": pool}
+
+    def go():
+        from pipeline.runner import probe as run_probe
+
+        cfg = merge_sources(ProbeConfig, config, flags, set_)
+        report = run_probe(cfg, overwrite=overwrite)
+        if as_json:
+            typer.echo(json.dumps(report, indent=2, default=str))
+            return
+        typer.echo(format_probe(report))
+
+    _run(go)
+
+
+def format_probe(report: dict) -> str:
+    """The probe table, best first."""
+    rows = sorted(report["results"], key=lambda r: -(r["accuracy"] or 0))
+    width = max(len(f"{r['model']} @ {r['layer']}") for r in rows)
+    lines = [f"{'cut':<{width}}  {'dim':>5}  {'val acc':>7}  {'macro-F1':>8}  {'ms/img':>6}"]
+    for r in rows:
+        lines.append(f"{r['model'] + ' @ ' + r['layer']:<{width}}  {r['dim']:>5}  {r['accuracy']:>7.3f}  "
+                     f"{r['macro_f1']:>8.3f}  {r['forward_ms_per_image']:>6.1f}")
+    b = report["best"]
+    lines.append(f"best: {b['model']} @ {b['layer']} (validation accuracy {b['accuracy']:.3f}); "
+                 f"report: {report['probe_json']}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     app()
 

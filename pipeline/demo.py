@@ -37,48 +37,69 @@ def read_embeddings(uri: str):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="demo-output")
-    ap.add_argument("--per-class", type=int, default=24)
+    ap.add_argument("--per-class", type=int, default=30)
     ap.add_argument("--model", default="tf_efficientnet_lite0")
     args = ap.parse_args(argv)
 
     from pipeline import samples
-    from pipeline.config import ExtractConfig
-    from pipeline.runner import extract, format_summary
+    from pipeline.cli import format_probe
+    from pipeline.config import ExtractConfig, ProbeConfig
+    from pipeline.heads import HeadTrainConfig, train_head
+    from pipeline.runner import extract, format_summary, probe
     from pipeline.s3local import local_s3
 
     t0 = time.perf_counter()
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
     data = work / "textures"
-    files = samples.make_textures(data, per_class=args.per_class, patch=128, seed=0)
-    print(f"[1/4] built {len(files)} texture patches ({', '.join(samples.TEXTURES)}) under {data}")
+    files = samples.make_textures(data, per_class=args.per_class, patch=96, seed=0)
+    print(f"[1/5] built {len(files)} texture patches ({', '.join(samples.TEXTURES)}; random scale, rotation "
+          f"and contrast) under {data}")
 
     with local_s3() as s3:
         src = s3.make_bucket("demo-images") + "/textures"
-        out = s3.make_bucket("demo-features") + f"/{args.model}"
+        features = s3.make_bucket("demo-features")
         n = s3.upload_dir(str(data), src)
-        print(f"[2/4] loopback S3 at {s3.endpoint}: uploaded {n} files to {src}")
+        print(f"[2/5] loopback S3 at {s3.endpoint}: uploaded {n} files to {src}")
 
-        cfg = ExtractConfig.model_validate({
-            "source": {"uri": src, "labels": "folder"},
-            "backbone": {"model": args.model, "weights": "packaged", "layer": "final"},
-            "output": {"uri": out},
-            "runtime": {"batch_size": 32, "num_cpus": 2},
+        accuracy = {}
+        for weights in ("packaged", "none"):
+            out = f"{features}/{args.model}-{weights}"
+            cfg = ExtractConfig.model_validate({
+                "source": {"uri": src, "labels": "folder"},
+                "backbone": {"model": args.model, "weights": weights, "layer": "final"},
+                "output": {"uri": out},
+                "runtime": {"batch_size": 32, "num_cpus": 2},
+            })
+            print(f"[3/5] pipeline extract --source {src} --output {out} --model {args.model} "
+                  f"--weights {weights} --layer final --labels folder")
+            summary = extract(cfg)
+            print(format_summary(summary))
+            table = read_embeddings(out)
+            emb = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+            labels = table.column("label").to_pylist()
+            nn_agree = nearest_neighbour_agreement(emb, labels)
+            head = train_head(HeadTrainConfig(embeddings=out, output=f"{out}/head"), progress=False)
+            val = head["metrics"]["validation"]
+            accuracy[weights] = (nn_agree, val["accuracy"], val["macro_f1"])
+
+        print("[4/5] standalone feature extractor + linear head (pipeline heads train):")
+        print(f"      {'weights':<22} {'NN agreement':>12} {'val accuracy':>12} {'macro-F1':>9}")
+        for w, (nn_a, acc, f1) in accuracy.items():
+            name = "ImageNet (packaged)" if w == "packaged" else "random init (none)"
+            print(f"      {name:<22} {nn_a:>12.3f} {acc:>12.3f} {f1:>9.3f}")
+
+        probe_cfg = ProbeConfig.model_validate({
+            "source": {"uri": src, "labels": "folder"}, "output": {"uri": f"{features}/probe"},
+            "runtime": {"batch_size": 32, "progress": False}, "models": [args.model], "layers": ["all"],
         })
-        print(f"[3/4] pipeline extract --source {src} --output {out} --model {args.model} "
-              "--weights packaged --layer final --labels folder")
-        summary = extract(cfg)
-        print(format_summary(summary))
-
-        table = read_embeddings(out)
-        emb = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
-        labels = table.column("label").to_pylist()
-        agree = nearest_neighbour_agreement(emb, labels)
-        chance = 1.0 / len(set(labels))
-        print(f"[4/4] read back {table.num_rows} embeddings of dim {emb.shape[1]} from Parquet; "
-              f"nearest-neighbour label agreement {agree:.2f} (chance {chance:.2f})")
+        print(f"[5/5] pipeline probe --source {src} --output {features}/probe --model {args.model} "
+              "--layers all")
+        report = probe(probe_cfg, progress=False)
+        print(format_probe(report))
     print(f"demo finished in {time.perf_counter() - t0:.0f}s")
-    return 0 if agree > chance else 1
+    pretrained, random_init = accuracy["packaged"][1], accuracy["none"][1]
+    return 0 if pretrained > random_init else 1
 
 
 if __name__ == "__main__":

@@ -16,8 +16,16 @@ from typing import Any
 
 from pipeline import __version__, storage
 from pipeline.backbones import build_backbone
-from pipeline.config import ClassifyConfig, ConfigError, ExtractConfig, RuntimeConfig
-from pipeline.sink import EMBEDDING_COLUMNS, EMBEDDINGS_DIR, ERRORS_DIR, Output, ParquetSink, write_run_record
+from pipeline.config import ClassifyConfig, ConfigError, ExtractConfig, ProbeConfig, RuntimeConfig
+from pipeline.sink import (
+    EMBEDDING_COLUMNS,
+    EMBEDDINGS_DIR,
+    ERRORS_DIR,
+    PREDICTIONS_DIR,
+    Output,
+    ParquetSink,
+    write_run_record,
+)
 from pipeline.sources import Shard, check_source, list_shards, read_shard
 
 
@@ -254,9 +262,6 @@ def extract(cfg: ExtractConfig, *, overwrite: bool = False) -> dict[str, Any]:
     )
 
 
-PREDICTIONS_DIR = "predictions"
-
-
 def classify(cfg: ClassifyConfig, *, overwrite: bool = False) -> dict[str, Any]:
     """The pretrained model as a classifier: ``OUTPUT/predictions/`` with top-k ImageNet classes per image."""
     t_start = time.perf_counter()
@@ -302,3 +307,208 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append(f"  errors:     {storage.join(s['output'], ERRORS_DIR)} ({kinds})")
     lines.append(f"  run record: {s['run_record']}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Heads: predict over stored embeddings with Ray; the probe sweep
+
+
+def predict(head_uri: str, embeddings_uri: str, output_uri: str, *, top_k: int = 1,
+            runtime: RuntimeConfig | None = None) -> dict[str, Any]:
+    """Apply a trained head to stored embeddings as a Ray Data map: ``OUTPUT/predictions/*.parquet``
+    (id, label, score[, top_labels, top_scores]). Refuses embeddings whose spec differs from the head's."""
+    from pipeline.heads import EmbeddingReader, HeadPredictor
+
+    runtime = runtime or RuntimeConfig()
+    t_start = time.perf_counter()
+    predictor = HeadPredictor(head_uri, top_k=top_k)  # loads and validates the head on the driver
+    reader = EmbeddingReader(embeddings_uri)
+    predictor.check_spec(reader.spec)
+    del predictor
+
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    _init_ray(runtime)
+    DataContext.get_current().enable_progress_bars = runtime.progress
+    fs, _ = storage.get_fs(reader.uri)
+    paths = [storage.get_fs(f.uri)[1] for f in reader.files]
+    lo, hi = runtime.actor_range()
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["id", "embedding"])
+    ds = ds.map_batches(
+        _predictor_class(), fn_constructor_kwargs={"head_uri": head_uri, "top_k": top_k},
+        compute=ActorPoolStrategy(min_size=lo, max_size=hi), batch_size=max(runtime.batch_size, 1024),
+        batch_format="pyarrow", num_cpus=runtime.cpus_per_actor, udf_modifying_row_count=False,
+    )
+    out_uri = storage.join(output_uri, PREDICTIONS_DIR)
+    out_fs, out_path = storage.get_fs(out_uri)
+    if storage.exists(out_uri):
+        storage.remove_tree(out_uri)
+    ds.write_parquet(out_path, filesystem=out_fs)
+    t_done = time.perf_counter()
+    import pyarrow.dataset as pads
+
+    rows = pads.dataset(out_path, filesystem=out_fs, format="parquet").count_rows()
+    summary = {"kind": "predict", "head": head_uri, "embeddings": reader.uri, "predictions": out_uri,
+               "rows": rows,
+               "total_s": round(t_done - t_start, 3)}
+    summary["run_record"] = write_run_record(output_uri, _new_run_id(), summary)
+    return summary
+
+
+def _predictor_class():
+    from pipeline.heads import HeadPredictor
+
+    return HeadPredictor
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
+
+
+def _forward_cost_ms(backbone, layers: list[str], batch: int = 8, repeats: int = 3) -> dict[str, float]:
+    """Milliseconds per image of a forward pass cut at each layer (CPU, batch of 8): the extraction cost."""
+    import torch
+
+    from pipeline.backbones import input_size, make_capture
+
+    h, w = input_size(backbone.preprocessing)
+    x = torch.randn(batch, 3, h, w)
+    out = {}
+    for layer in layers:
+        capture = make_capture(backbone.model, backbone.model_name, [layer])
+        times = []
+        with torch.inference_mode():
+            capture(x)
+            for _ in range(repeats):
+                t = time.perf_counter()
+                capture(x)
+                times.append(time.perf_counter() - t)
+        out[layer] = round(1000 * sorted(times)[len(times) // 2] / batch, 3)
+    return out
+
+
+def probe(cfg: ProbeConfig, *, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Which backbone and layer are best for these labels: extract each model's candidate layers in one
+    pass over the images, train the same head on each, rank by validation accuracy.
+
+    Writes ``OUTPUT/<model>/<layer>/embeddings/`` and ``.../head/`` per candidate, ``OUTPUT/probe.json`` and
+    ``OUTPUT/probe.png``.
+    """
+    from pipeline.backbones import stage_names
+    from pipeline.config import BackboneConfig
+    from pipeline.embed import embedding_column
+    from pipeline.heads import HeadTrainConfig, train_head
+    from pipeline.sources import sample_shards
+
+    t_start = time.perf_counter()
+    shards, skipped = list_shards(cfg.source)
+    check_source(cfg.source, shards)
+    limit = None
+    if cfg.sample:
+        sampled = sample_shards(shards, cfg.sample, cfg.source.files_per_shard)
+        if sampled is None:
+            limit = cfg.sample
+        else:
+            shards = sampled
+
+    plans = []
+    for model in cfg.models:
+        bcfg = BackboneConfig(model=model, weights=cfg.weights, pool=cfg.pool)
+        if cfg.layers == ["all"]:
+            from pipeline.backbones import create_model
+
+            layers = [*stage_names(create_model(model, "none")[0], model), "final", "logits"]
+        else:
+            layers = list(cfg.layers)
+        backbone = build_backbone(bcfg, "cpu", layers)  # validates every layer and pooling up front
+        outputs = [
+            Output(f"{_slug(model)}/{layer}/{EMBEDDINGS_DIR}",
+                   {**EMBEDDING_COLUMNS, "embedding": embedding_column(i, len(layers))},
+                   _spec(backbone, i, "float32"))
+            for i, layer in enumerate(layers)
+        ]
+        plans.append((model, bcfg, layers, backbone.dims, outputs, _forward_cost_ms(backbone, layers)))
+        del backbone
+    subdirs = [o.subdir for p in plans for o in p[4]]
+    prepare_output(cfg.output.uri, overwrite, subdirs)
+
+    results, runs = [], []
+    for model, bcfg, layers, dims, outputs, cost in plans:
+        model_out = storage.join(cfg.output.uri, _slug(model))
+        s = _run_stage(
+            kind="probe-extract", source_cfg=cfg.source, runtime=cfg.runtime, output_uri=cfg.output.uri,
+            stage=_stage("Embedder"), stage_kwargs={"backbone": bcfg.model_dump(), "layers": layers},
+            outputs=outputs, shards=shards, skipped=skipped, t_start=time.perf_counter(),
+            extra={"model": model, "layers": layers}, config=json.loads(cfg.model_dump_json()), limit=limit,
+        )
+        runs.append(s["run_id"])
+        for layer, dim in zip(layers, dims):
+            layer_dir = storage.join(model_out, layer)
+            head = train_head(HeadTrainConfig(
+                embeddings=layer_dir, output=storage.join(layer_dir, "head"), head=cfg.head,
+                val_fraction=cfg.val_fraction, epochs=cfg.epochs), progress=False)
+            val = head["metrics"]["validation"] or {}
+            results.append({
+                "model": model, "layer": layer, "dim": dim,
+                "accuracy": val.get("accuracy"), "macro_f1": val.get("macro_f1"),
+                "train_accuracy": (head["metrics"]["train"] or {}).get("accuracy"),
+                "forward_ms_per_image": cost[layer],
+                "train_rows": head["split"]["train"], "val_rows": head["split"]["validation"],
+                "head": storage.join(layer_dir, "head"),
+            })
+            if progress:
+                print(f"probe: {model} @ {layer:<10} dim {dim:<5} val accuracy {val.get('accuracy', 0):.3f} "
+                      f"macro-F1 {val.get('macro_f1', 0):.3f}", file=sys.stderr)
+
+    ranked = [r for r in results if r["accuracy"] is not None]
+    if not ranked:
+        raise ConfigError("no layer could be evaluated: the sample has no validation rows; raise --sample")
+    best = max(ranked, key=lambda r: (r["accuracy"], r["macro_f1"] or 0, -r["forward_ms_per_image"]))
+    report = {
+        "best": {k: best[k] for k in ("model", "layer", "dim", "accuracy", "macro_f1")},
+        "results": results,
+        "head": cfg.head,
+        "runs": runs,
+        "total_s": round(time.perf_counter() - t_start, 3),
+        "config": json.loads(cfg.model_dump_json()),
+    }
+    storage.write_bytes(storage.join(cfg.output.uri, "probe.json"), json.dumps(report, indent=2).encode())
+    storage.write_bytes(storage.join(cfg.output.uri, "probe.png"), _probe_png(results, best))
+    report["probe_json"] = storage.join(cfg.output.uri, "probe.json")
+    return report
+
+
+def _probe_png(results: list[dict[str, Any]], best: dict[str, Any]) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['model']}\n{r['layer']} ({r['dim']})" for r in results]
+    acc = [r["accuracy"] or 0 for r in results]
+    f1 = [r["macro_f1"] or 0 for r in results]
+    cost = [r["forward_ms_per_image"] for r in results]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, 1.3 * len(results) + 4), 4.5))
+    xs = range(len(results))
+    ax1.bar([x - 0.2 for x in xs], acc, 0.4, label="validation accuracy")
+    ax1.bar([x + 0.2 for x in xs], f1, 0.4, label="macro-F1")
+    bi = results.index(best)
+    ax1.annotate("best", (bi, acc[bi]), ha="center", va="bottom", fontweight="bold")
+    ax1.set_xticks(list(xs), labels, rotation=45, ha="right", fontsize=8)
+    ax1.set_ylim(0, 1.2)
+    ax1.set_title("head quality per cut")
+    ax1.legend(loc="upper right", ncol=2, fontsize=8)
+    ax2.scatter(cost, acc)
+    for r, c, a in zip(results, cost, acc):
+        ax2.annotate(r["layer"], (c, a), fontsize=8)
+    ax2.set_xlabel("forward cost to the cut (ms/image, CPU)")
+    ax2.set_ylabel("validation accuracy")
+    ax2.set_title("accuracy vs extraction cost")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()

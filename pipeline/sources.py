@@ -163,6 +163,23 @@ def list_shards(cfg: SourceConfig) -> tuple[list[Shard], int]:
 # Parquet schema helpers (driver validation and worker reads share them)
 
 
+def sample_shards(shards: list[Shard], n: int, files_per_shard: int) -> list[Shard] | None:
+    """At most n loose files, chosen by a hash of their path (deterministic, spread over all folders),
+    regrouped into shards; None for shard formats (tar, Parquet), which the caller limits by rows."""
+    if not shards or shards[0].format != "files":
+        return None
+    members = [
+        FileInfo(uri, rel, size, "")
+        for s in shards
+        for uri, rel, size in zip(s.uris, s.rels, s.sizes or (0,) * len(s.uris))
+    ]
+    if len(members) <= n:
+        return shards
+    chosen = sorted(members, key=lambda f: hashlib.sha1(f.rel.encode("utf-8")).hexdigest())[:n]
+    chosen.sort(key=lambda f: f.rel)
+    return [_make_shard("files", chosen[i:i + files_per_shard]) for i in range(0, n, files_per_shard)]
+
+
 def _is_binary(t: pa.DataType) -> bool:
     return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t) or (
         hasattr(pa.types, "is_binary_view") and pa.types.is_binary_view(t)

@@ -95,7 +95,8 @@ def test_ray_job_entry_point(ray_session, images, tmp_path):
                    f"output: {{uri: {tmp_path / 'out'}}}\nruntime: {{progress: false}}\n")
     env = os.environ.copy()
     env["RAY_ADDRESS"] = ray_session.get_runtime_context().gcs_address
-    cmd = [sys.executable, "jobs/extract.py", "--config", str(cfg), "--set", "backbone.layer=blocks.4", "--json"]
+    cmd = [sys.executable, "jobs/extract.py", "--config", str(cfg),
+           "--set", "backbone.layer=blocks.4", "--json"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout)

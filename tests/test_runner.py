@@ -223,3 +223,76 @@ def test_classify_through_ray(ray_session, tmp_path):
     assert {967, 968} & set(rows["coffee.jpg"]["classes"])
     assert rows["coffee.jpg"]["labels"][0] == "espresso"  # torchvision's category names
     assert read_spec(t.schema)["top_k"] == 5
+
+
+# -- transfer learning: heads on stored embeddings, predict, probe ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def texture_features(ray_session, tmp_path_factory):
+    """90 jittered texture patches embedded twice: packaged ImageNet weights and random init."""
+    root = tmp_path_factory.mktemp("tex90")
+    samples.make_textures(root / "images", per_class=30, patch=96, seed=0)
+    outs = {}
+    for w in ("packaged", "none"):
+        cfg = _cfg(root / "images", root / f"emb-{w}")
+        cfg.backbone.weights = w
+        extract(cfg)
+        outs[w] = root / f"emb-{w}"
+    return root, outs
+
+
+def test_pretrained_features_beat_random_ones(texture_features):
+    from pipeline.heads import HeadTrainConfig, train_head
+
+    root, outs = texture_features
+    acc = {}
+    for w, emb in outs.items():
+        cfg = HeadTrainConfig(embeddings=str(emb), output=str(root / f"head-{w}"))
+        meta = train_head(cfg, progress=False)
+        acc[w] = meta["metrics"]["validation"]["accuracy"]
+    assert acc["packaged"] >= 0.95, acc
+    assert acc["packaged"] - acc["none"] >= 0.15, acc
+
+
+def test_heads_predict_through_ray(texture_features, tmp_path):
+    from pipeline.heads import HeadTrainConfig, train_head
+    from pipeline.runner import predict
+
+    root, outs = texture_features
+    head = tmp_path / "head"
+    train_head(HeadTrainConfig(embeddings=str(outs["packaged"]), output=str(head)), progress=False)
+    s = predict(str(head), str(outs["packaged"]), str(tmp_path / "pred"), top_k=2,
+                runtime=_cfg(root, tmp_path).runtime)
+    pred = pads.dataset(tmp_path / "pred" / "predictions").to_table()
+    emb, _ = _read(str(outs["packaged"]))
+    assert s["rows"] == pred.num_rows == emb.num_rows == 90
+    assert sorted(pred.column("id").to_pylist()) == sorted(emb.column("id").to_pylist())
+    truth = dict(zip(emb.column("id").to_pylist(), emb.column("label").to_pylist()))
+    agree = np.mean([truth[i] == lab for i, lab in zip(pred.column("id").to_pylist(),
+                                                       pred.column("label").to_pylist())])
+    assert agree >= 0.95
+    assert all(len(t) == 2 for t in pred.column("top_labels").to_pylist())
+    with pytest.raises(ValueError, match="weights.sha256"):  # a head trained on other features
+        predict(str(head), str(outs["none"]), str(tmp_path / "pred2"))
+
+
+def test_probe_ranks_layers(ray_session, textures_dir, tmp_path):
+    from pipeline.config import ProbeConfig
+    from pipeline.runner import probe
+
+    cfg = ProbeConfig.model_validate({
+        "source": {"uri": str(textures_dir), "labels": "folder"}, "output": {"uri": str(tmp_path)},
+        "runtime": {"progress": False, "batch_size": 8}, "models": "tf_efficientnet_lite0",
+        "layers": "blocks.1,blocks.4,final", "sample": 21,
+    })
+    report = probe(cfg, progress=False)
+    saved = json.loads((tmp_path / "probe.json").read_text())
+    assert [r["layer"] for r in saved["results"]] == ["blocks.1", "blocks.4", "final"]
+    assert [r["dim"] for r in saved["results"]] == [24, 112, 1280]
+    assert all(0 <= r["accuracy"] <= 1 and r["forward_ms_per_image"] > 0 for r in saved["results"])
+    assert all(r["train_rows"] + r["val_rows"] == 21 for r in saved["results"])  # --sample 21 of 24
+    best = max(saved["results"], key=lambda r: (r["accuracy"], r["macro_f1"], -r["forward_ms_per_image"]))
+    assert (saved["best"]["layer"], report["best"]["layer"]) == (best["layer"], best["layer"])
+    assert (tmp_path / "probe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "tf_efficientnet_lite0" / "final" / "head" / "head.json").exists()
