@@ -16,7 +16,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", "-c", required=True, help="YAML config (see jobs/configs/)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key, e.g. --set runtime.actors=1,4 (repeatable)")
-    ap.add_argument("--overwrite", action="store_true", help="replace existing embeddings at the output")
+    ap.add_argument("--overwrite", action="store_true", help="clear the output and redo every shard")
+    ap.add_argument("--incremental", action="store_true",
+                    help="new or changed shards only, under embeddings/run_date=YYYY-MM-DD/")
+    ap.add_argument("--run-date", help="the run_date of an --incremental run (default: today, UTC)")
     ap.add_argument("--json", action="store_true", help="print the run summary as JSON")
     args = ap.parse_args(argv)
 
@@ -25,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = merge_sources(ExtractConfig, args.config, None, args.overrides)
-        summary = extract(cfg, overwrite=args.overwrite)
+        summary = extract(cfg, overwrite=args.overwrite, incremental=args.incremental, run_date=args.run_date)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -58,7 +58,12 @@ def extract(
     gpus_per_actor: float | None = typer.Option(None, help="GPUs per Embedder actor (fractions allowed)"),
     dtype: str | None = typer.Option(None, help="float32 | float16 embedding values"),
     normalize: bool | None = typer.Option(None, "--normalize/--no-normalize", help="L2-normalize"),
-    overwrite: bool = typer.Option(False, help="replace existing embeddings/errors at the output"),
+    overwrite: bool = typer.Option(False, help="clear the output and redo every shard (a rerun otherwise "
+                                   "resumes: shards already done are skipped)"),
+    incremental: bool = typer.Option(False, help="nightly mode: new or changed shards only, written under "
+                                     "embeddings/run_date=YYYY-MM-DD/"),
+    run_date: str | None = typer.Option(None, help="the run_date partition of an --incremental run "
+                                        "(default: today, UTC)"),
     config: str | None = typer.Option(None, "--config", "-c", help="YAML config file"),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the run summary as JSON"),
@@ -79,7 +84,7 @@ def extract(
         from pipeline.runner import format_summary
 
         cfg = merge_sources(ExtractConfig, config, flags, set_)
-        summary = run_extract(cfg, overwrite=overwrite)
+        summary = run_extract(cfg, overwrite=overwrite, incremental=incremental, run_date=run_date)
         typer.echo(json.dumps(summary, indent=2, default=str) if as_json else format_summary(summary))
 
     _run(go)
@@ -96,7 +101,11 @@ def classify(
     batch_size: int | None = typer.Option(None, help="images per model forward"),
     actors: str | None = typer.Option(None, help="N, or MIN,MAX for an autoscaling pool"),
     gpus_per_actor: float | None = typer.Option(None, help="GPUs per actor (fractions allowed)"),
-    overwrite: bool = typer.Option(False, help="replace existing predictions at the output"),
+    overwrite: bool = typer.Option(False, help="clear the output and redo every shard (a rerun otherwise "
+                                   "resumes)"),
+    incremental: bool = typer.Option(False, help="new or changed shards only, under "
+                                     "predictions/run_date=YYYY-MM-DD/"),
+    run_date: str | None = typer.Option(None, help="the run_date of an --incremental run (default: today)"),
     config: str | None = typer.Option(None, "--config", "-c", help="YAML config file"),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the run summary as JSON"),
@@ -116,7 +125,7 @@ def classify(
         from pipeline.runner import format_summary
 
         cfg = merge_sources(ClassifyConfig, config, flags, set_)
-        summary = run_classify(cfg, overwrite=overwrite)
+        summary = run_classify(cfg, overwrite=overwrite, incremental=incremental, run_date=run_date)
         typer.echo(json.dumps(summary, indent=2, default=str) if as_json else format_summary(summary))
 
     _run(go)

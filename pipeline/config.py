@@ -52,6 +52,7 @@ class BackboneConfig(_Strict):
 class OutputConfig(_Strict):
     uri: str = Field(description="output directory (local path or object-storage URI)")
     dtype: Literal["float32", "float16"] = "float32"
+    rows_per_file: int = Field(1024, ge=1, description="rows gathered before a Parquet file is written")
 
 
 class RuntimeConfig(_Strict):
@@ -107,6 +108,15 @@ class ExtractConfig(_Strict):
         if self.source.uri.rstrip("/") == self.output.uri.rstrip("/"):
             raise ValueError("output.uri must differ from source.uri: write the embeddings somewhere else")
         return self
+
+
+class NightlyConfig(ExtractConfig):
+    """`jobs/nightly.py`: an incremental extract, then the current head over the night's new rows."""
+
+    head: str | None = Field(None, description="a `heads train` output folder; omit to only extract")
+    predictions: str | None = Field(None, description="predictions go to <this>/predictions/run_date=.../ "
+                                    "(default: output.uri)")
+    top_k: int = Field(1, ge=1)
 
 
 class ClassifyConfig(_Strict):

@@ -17,6 +17,7 @@ from typing import Any
 from pipeline import __version__, storage
 from pipeline.backbones import build_backbone
 from pipeline.config import ClassifyConfig, ConfigError, ExtractConfig, ProbeConfig, RuntimeConfig
+from pipeline.ledger import Ledger
 from pipeline.sink import (
     EMBEDDING_COLUMNS,
     EMBEDDINGS_DIR,
@@ -73,6 +74,81 @@ def prepare_output(output_uri: str, overwrite: bool, subdirs: list[str]) -> None
             storage.remove_tree(uri)
 
 
+def _comparable(spec: dict[str, Any]) -> dict[str, Any]:
+    """The part of a spec that decides whether rows are interchangeable (library versions are not)."""
+    return {k: v for k, v in spec.items() if k != "versions"}
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a} -> {b}")
+    return out
+
+
+def plan_output(output_uri: str, source_uri: str, outputs: list[Output], shards: list[Shard], *,
+                overwrite: bool) -> tuple[list[Shard], dict[str, Any]]:
+    """Decide what a run has to do at an output, from its ledger; returns (shards to run, plan counts).
+
+    A rerun resumes: committed shards whose version is unchanged are skipped, and leftovers of an
+    interrupted run are committed when complete or dropped. Shards that changed or left the source lose
+    their old rows. An output made from another source or with another spec (model, weights, layer,
+    pool, dtype...) is refused unless ``overwrite``, which clears it first.
+    """
+    storage.check_writable(output_uri)
+    ledger = Ledger(output_uri)
+    want = {"source": source_uri, "tables": {o.subdir: _comparable(o.spec) for o in outputs}}
+    state = ledger.state()
+    tables = [*[o.subdir for o in outputs], ERRORS_DIR]
+    if overwrite:
+        ledger.clear()
+        for sub in tables:
+            storage.remove_tree(storage.join(output_uri, sub))
+    elif state is None:
+        existing = [f for sub in tables if storage.exists(storage.join(output_uri, sub))
+                    for f in storage.list_files(storage.join(output_uri, sub))]
+        if existing:
+            raise ConfigError(
+                f"output '{output_uri}' already holds {len(existing)} files under {', '.join(tables)} "
+                "that no run of this tool recorded: pass --overwrite to replace them, or choose a new "
+                "--output"
+            )
+    elif state != want:
+        diff = _differences(state, want)
+        raise ConfigError(
+            f"output '{output_uri}' holds rows made differently ({'; '.join(diff[:3])}"
+            f"{'; ...' if len(diff) > 3 else ''}): pass --overwrite to replace them, or choose a new --output"
+        )
+    ledger.write_state(want)
+
+    listed = {s.key: s for s in shards}
+    committed = {} if overwrite else ledger.committed()
+    recovered = 0
+    for key in ledger.leftover_keys():
+        if key in listed and key not in committed:
+            entry = ledger.try_commit(key, version=listed[key].version)
+            if entry:
+                committed[key] = entry
+                recovered += 1
+    ledger.clear_staging()
+    stale = [e for k, e in committed.items() if k not in listed or e["version"] != listed[k].version]
+    for entry in stale:
+        ledger.remove_shard(entry)
+        del committed[entry["key"]]
+    todo = [s for s in shards if s.key not in committed]
+    done = list(committed.values())
+    return todo, {
+        "listed": len(shards), "to_run": len(todo), "done_before": len(done), "recovered": recovered,
+        "removed_stale": len(stale),
+        "rows_before": {"embedded": sum(e["embedded"] for e in done),
+                        "failed": sum(e["failed"] for e in done)},
+    }
+
+
 # --------------------------------------------------------------------------------------------------
 # Ray wiring
 
@@ -89,7 +165,7 @@ def _init_ray(runtime: RuntimeConfig) -> None:
         ray.init(num_cpus=runtime.num_cpus, include_dashboard=False, log_to_driver=True)
 
 
-def _datasource(shards: list[Shard], source_cfg):
+def _datasource(shards: list[Shard], source_cfg, ledger_uri: str | None = None):
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
@@ -106,7 +182,14 @@ def _datasource(shards: list[Shard], source_cfg):
             tasks = []
             for shard in shards:
                 def read_fn(shard=shard):
-                    yield from read_shard(shard, source_cfg)
+                    rows = 0
+                    for table in read_shard(shard, source_cfg):
+                        rows += table.num_rows
+                        yield table
+                    if ledger_uri is not None:  # the whole shard was read: its row count is final
+                        ledger = Ledger(ledger_uri)
+                        ledger.record_total(shard.key, shard.version, rows)
+                        ledger.try_commit(shard.key, shard.version)
                 meta = BlockMetadata(num_rows=None, size_bytes=shard.size, input_files=list(shard.uris[:1]),
                                      exec_stats=None)
                 tasks.append(ReadTask(read_fn, meta, per_task_row_limit=per_task_row_limit))
@@ -118,7 +201,7 @@ def _datasource(shards: list[Shard], source_cfg):
     return ShardDatasource()
 
 
-def _datasink(sink: ParquetSink):
+def _datasink(sink: ParquetSink, rows_per_write: int = 1024):
     from ray.data.datasource import Datasink
 
     class EmbeddingDatasink(Datasink):
@@ -133,6 +216,12 @@ def _datasink(sink: ParquetSink):
                 if not isinstance(block, pa.Table):
                     block = pa.Table.from_pandas(block)
                 s = sink.write(block)
+                if sink.staged:
+                    ledger = Ledger(sink.output_uri)
+                    for part in s["parts"]:
+                        ledger.record_part(part)
+                    for key in {p["shard"] for p in s["parts"]}:
+                        ledger.try_commit(key)
                 total["embedded"] += s["embedded"]
                 total["failed"] += s["failed"]
                 total["files"] += s["files"]
@@ -152,7 +241,7 @@ def _datasink(sink: ParquetSink):
 
         @property
         def min_rows_per_write(self) -> int:
-            return 1024
+            return rows_per_write
 
         def get_name(self) -> str:
             return "WriteParquet"
@@ -175,42 +264,35 @@ def _run_stage(
     extra: dict[str, Any],
     config: dict[str, Any],
     limit: int | None = None,
+    plan: dict[str, Any] | None = None,
+    partition: str | None = None,
+    rows_per_file: int = 1024,
 ) -> dict[str, Any]:
-    """Ray: shard read tasks -> actor pool running ``stage`` -> Parquet sink; returns the run summary."""
-    import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    """Ray: shard read tasks -> actor pool running ``stage`` -> Parquet sink; returns the run summary.
 
+    With a ``plan`` (from plan_output) the run goes through the shard ledger: rows are staged and each
+    shard becomes visible when all its rows are written; without one (the probe) files are written in place.
+    """
     run_id = _new_run_id()
     started = datetime.now(timezone.utc).isoformat()
     t_validated = time.perf_counter()
-    _init_ray(runtime)
-    DataContext.get_current().enable_progress_bars = runtime.progress
     lo, hi = runtime.actor_range()
-    ds = ray.data.read_datasource(_datasource(shards, source_cfg), num_cpus=0.25)
-    if limit is not None:
-        ds = ds.limit(limit)
-    ds = ds.map_batches(
-        stage,
-        fn_constructor_kwargs={
-            "device": runtime.device,
-            "autocast": runtime.autocast,
-            "max_pixels": runtime.max_pixels,
-            "max_bytes": source_cfg.max_bytes,
-            **stage_kwargs,
-        },
-        compute=ActorPoolStrategy(min_size=lo, max_size=hi),
-        batch_size=runtime.batch_size,
-        batch_format="pyarrow",
-        num_cpus=runtime.cpus_per_actor,
-        num_gpus=runtime.gpus_per_actor or None,
-        udf_modifying_row_count=False,
-    )
-    datasink = _datasink(ParquetSink(output_uri, outputs=outputs))
-    t_run = time.perf_counter()
-    ds.write_datasink(datasink)
+    staged = plan is not None
+    sink = ParquetSink(output_uri, outputs=outputs, staged=staged, partition=partition)
+    if shards:
+        res, t_run = _execute(runtime, source_cfg, stage, stage_kwargs, shards, sink, limit, rows_per_file)
+    else:  # nothing new: no Ray at all
+        res, t_run = {"embedded": 0, "failed": 0, "files": 0, "error_kinds": {}}, time.perf_counter()
+    if staged:
+        ledger = Ledger(output_uri, run_id)
+        unfinished = [s.key for s in shards
+                      if ledger.entry(s.key) is None and ledger.try_commit(s.key) is None]
+        if unfinished:
+            raise RuntimeError(
+                f"{len(unfinished)} of {len(shards)} shards did not commit (first: {unfinished[0]}); "
+                "rerun the same command to finish them"
+            )
     t_done = time.perf_counter()
-
-    res = datasink.result or {"embedded": 0, "failed": 0, "files": 0, "error_kinds": {}}
     inputs = res["embedded"] + res["failed"]
     run_s = t_done - t_run
     summary = {
@@ -230,39 +312,101 @@ def _run_stage(
             "run_s": round(run_s, 3),
             "total_s": round(t_done - t_start, 3),
         },
-        "images_per_s": round(inputs / run_s, 2) if run_s > 0 else None,
+        "images_per_s": round(inputs / run_s, 2) if run_s > 0 and inputs else None,
         "actors": {"min": lo, "max": hi, "cpus_per_actor": runtime.cpus_per_actor,
                    "gpus_per_actor": runtime.gpus_per_actor},
         **extra,
         "config": config,
     }
+    if plan is not None:
+        summary["ledger"] = {**plan, "ran": len(shards),
+                             "output_rows": {"embedded": plan["rows_before"]["embedded"] + res["embedded"],
+                                             "failed": plan["rows_before"]["failed"] + res["failed"]}}
+        summary["ledger"].pop("rows_before")
+        if partition:
+            summary["partition"] = partition
     summary["run_record"] = write_run_record(output_uri, run_id, summary)
     return summary
+
+
+def _execute(runtime, source_cfg, stage, stage_kwargs, shards, sink: ParquetSink, limit, rows_per_file):
+    """Run the Ray Data pipeline; returns (aggregated write results, time the run started)."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    _init_ray(runtime)
+    DataContext.get_current().enable_progress_bars = runtime.progress
+    lo, hi = runtime.actor_range()
+    ledger_uri = sink.output_uri if sink.staged else None
+    ds = ray.data.read_datasource(_datasource(shards, source_cfg, ledger_uri), num_cpus=0.25)
+    if limit is not None:
+        ds = ds.limit(limit)
+    ds = ds.map_batches(
+        stage,
+        fn_constructor_kwargs={
+            "device": runtime.device,
+            "autocast": runtime.autocast,
+            "max_pixels": runtime.max_pixels,
+            "max_bytes": source_cfg.max_bytes,
+            **stage_kwargs,
+        },
+        compute=ActorPoolStrategy(min_size=lo, max_size=hi),
+        batch_size=runtime.batch_size,
+        batch_format="pyarrow",
+        num_cpus=runtime.cpus_per_actor,
+        num_gpus=runtime.gpus_per_actor or None,
+        udf_modifying_row_count=False,
+    )
+    datasink = _datasink(sink, rows_per_file)
+    t_run = time.perf_counter()
+    ds.write_datasink(datasink)
+    return datasink.result or {"embedded": 0, "failed": 0, "files": 0, "error_kinds": {}}, t_run
 
 
 def _spec(backbone, i: int, dtype: str) -> dict[str, Any]:
     return {**backbone.spec(i), "dtype": dtype, "versions": versions()}
 
 
-def extract(cfg: ExtractConfig, *, overwrite: bool = False) -> dict[str, Any]:
-    """Run an extraction; returns the run summary (also written to OUTPUT/_runs/<run_id>.json)."""
+def _partition(incremental: bool, run_date: str | None) -> str | None:
+    if not incremental:
+        if run_date:
+            raise ConfigError("run_date only applies to --incremental runs: add --incremental or drop it")
+        return None
+    day = run_date or datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    try:
+        datetime.strptime(day, "%Y-%m-%d")
+    except ValueError:
+        raise ConfigError(f"run date '{day}' is not YYYY-MM-DD: fix --run-date") from None
+    return f"run_date={day}"
+
+
+def extract(cfg: ExtractConfig, *, overwrite: bool = False, incremental: bool = False,
+            run_date: str | None = None) -> dict[str, Any]:
+    """Run an extraction; returns the run summary (also written to OUTPUT/_runs/<run_id>.json).
+
+    Reruns resume: shards the output already holds are skipped. ``incremental`` (the nightly mode) puts
+    this run's rows under ``embeddings/run_date=YYYY-MM-DD/``.
+    """
     t_start = time.perf_counter()
     # Validate everything on the driver, before Ray does any work.
+    partition = _partition(incremental, run_date)
     shards, skipped = list_shards(cfg.source)
     check_source(cfg.source, shards)
     spec = _spec(build_backbone(cfg.backbone, "cpu"), 0, cfg.output.dtype)
     outputs = [Output(EMBEDDINGS_DIR, EMBEDDING_COLUMNS, spec)]
-    prepare_output(cfg.output.uri, overwrite, [o.subdir for o in outputs])
+    todo, plan = plan_output(cfg.output.uri, cfg.source.uri, outputs, shards, overwrite=overwrite)
     return _run_stage(
         kind="extract", source_cfg=cfg.source, runtime=cfg.runtime, output_uri=cfg.output.uri,
         stage=_stage("Embedder"),
         stage_kwargs={"backbone": cfg.backbone.model_dump(), "dtype": cfg.output.dtype},
-        outputs=outputs, shards=shards, skipped=skipped, t_start=t_start, extra={"spec": spec},
-        config=json.loads(cfg.model_dump_json()),
+        outputs=outputs, shards=todo, skipped=skipped, t_start=t_start, extra={"spec": spec},
+        config=json.loads(cfg.model_dump_json()), plan=plan, partition=partition,
+        rows_per_file=cfg.output.rows_per_file,
     )
 
 
-def classify(cfg: ClassifyConfig, *, overwrite: bool = False) -> dict[str, Any]:
+def classify(cfg: ClassifyConfig, *, overwrite: bool = False, incremental: bool = False,
+             run_date: str | None = None) -> dict[str, Any]:
     """The pretrained model as a classifier: ``OUTPUT/predictions/`` with top-k ImageNet classes per image."""
     t_start = time.perf_counter()
     shards, skipped = list_shards(cfg.source)
@@ -272,13 +416,15 @@ def classify(cfg: ClassifyConfig, *, overwrite: bool = False) -> dict[str, Any]:
     spec = {**_spec(backbone, 0, "float32"), "top_k": cfg.top_k}
     columns = {"id": "id", "source": "source", "labels": "labels", "scores": "scores", "classes": "classes"}
     outputs = [Output(PREDICTIONS_DIR, columns, spec)]
-    prepare_output(cfg.output.uri, overwrite, [PREDICTIONS_DIR])
+    partition = _partition(incremental, run_date)
+    todo, plan = plan_output(cfg.output.uri, cfg.source.uri, outputs, shards, overwrite=overwrite)
     return _run_stage(
         kind="classify", source_cfg=cfg.source, runtime=cfg.runtime, output_uri=cfg.output.uri,
         stage=_stage("Classifier"),
         stage_kwargs={"backbone": backbone_cfg.model_dump(), "top_k": cfg.top_k},
-        outputs=outputs, shards=shards, skipped=skipped, t_start=t_start, extra={"spec": spec},
-        config=json.loads(cfg.model_dump_json()),
+        outputs=outputs, shards=todo, skipped=skipped, t_start=t_start, extra={"spec": spec},
+        config=json.loads(cfg.model_dump_json()), plan=plan, partition=partition,
+        rows_per_file=cfg.output.rows_per_file,
     )
 
 
@@ -305,6 +451,17 @@ def format_summary(s: dict[str, Any]) -> str:
     if c["failed"]:
         kinds = ", ".join(f"{k}={v}" for k, v in sorted(s["error_kinds"].items()))
         lines.append(f"  errors:     {storage.join(s['output'], ERRORS_DIR)} ({kinds})")
+    if "ledger" in s:
+        g = s["ledger"]
+        note = f"{g['ran']} of {g['listed']} shards ran, {g['done_before']} already done"
+        if g["recovered"]:
+            note += f" ({g['recovered']} finished from an interrupted run)"
+        if g["removed_stale"]:
+            note += f", {g['removed_stale']} changed or gone shards replaced"
+        rows = g["output_rows"]
+        lines.append(f"  ledger:     {note}; the output now holds {rows['embedded']} rows, "
+                     f"{rows['failed']} errors" + (f"; this run under {s['partition']}/" if s.get("partition")
+                                                   else ""))
     lines.append(f"  run record: {s['run_record']}")
     return "\n".join(lines)
 
@@ -314,9 +471,10 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 def predict(head_uri: str, embeddings_uri: str, output_uri: str, *, top_k: int = 1,
-            runtime: RuntimeConfig | None = None) -> dict[str, Any]:
+            runtime: RuntimeConfig | None = None, partition: str | None = None) -> dict[str, Any]:
     """Apply a trained head to stored embeddings as a Ray Data map: ``OUTPUT/predictions/*.parquet``
-    (id, label, score[, top_labels, top_scores]). Refuses embeddings whose spec differs from the head's."""
+    (id, label, score[, top_labels, top_scores]). Refuses embeddings whose spec differs from the head's.
+    With ``partition`` (``run_date=YYYY-MM-DD``) only that folder under predictions/ is replaced."""
     from pipeline.heads import EmbeddingReader, HeadPredictor
 
     runtime = runtime or RuntimeConfig()
@@ -340,7 +498,7 @@ def predict(head_uri: str, embeddings_uri: str, output_uri: str, *, top_k: int =
         compute=ActorPoolStrategy(min_size=lo, max_size=hi), batch_size=max(runtime.batch_size, 1024),
         batch_format="pyarrow", num_cpus=runtime.cpus_per_actor, udf_modifying_row_count=False,
     )
-    out_uri = storage.join(output_uri, PREDICTIONS_DIR)
+    out_uri = storage.join(output_uri, PREDICTIONS_DIR, *([partition] if partition else []))
     out_fs, out_path = storage.get_fs(out_uri)
     if storage.exists(out_uri):
         storage.remove_tree(out_uri)

@@ -106,3 +106,119 @@ def local_s3() -> Iterator[LocalS3]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+class FaultyProxy:
+    """An HTTP proxy on 127.0.0.1 in front of an S3 endpoint that fails a fraction of requests, the ways
+    object storage does under load: ``slowdown`` (503 SlowDown, not forwarded), ``reset`` (the connection
+    is reset before the request is forwarded) and ``lost_response`` (forwarded and applied, then the
+    connection is reset before the client sees the answer). ``counts`` tallies what happened.
+    """
+
+    KINDS = ("slowdown", "reset", "lost_response")
+
+    def __init__(self, upstream: str, fail_rate: float = 0.1, seed: int = 0,
+                 kinds: tuple[str, ...] = KINDS) -> None:
+        import random
+        import threading
+
+        self.upstream = upstream
+        self.fail_rate = fail_rate
+        self.kinds = kinds
+        self.counts = {"forwarded": 0, **{k: 0 for k in kinds}}
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self._server = None
+        self.endpoint = ""
+
+    def _draw(self) -> str | None:
+        with self._lock:
+            kind = self._rng.choice(self.kinds) if self._rng.random() < self.fail_rate else None
+            self.counts[kind or "forwarded"] += 1
+            return kind
+
+    def start(self) -> FaultyProxy:
+        import http.client
+        import struct
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        proxy = self
+        up = urlsplit(self.upstream)
+        hop = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "upgrade"}
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+            def _reset(self) -> None:
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.close_connection = True
+                self.connection.close()
+
+            def _body(self) -> bytes | None:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    chunks = []
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                        if size == 0:
+                            self.rfile.readline()
+                            return b"".join(chunks)
+                        chunks.append(self.rfile.read(size))
+                        self.rfile.readline()
+                n = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(n) if n else None
+
+            def _handle(self) -> None:
+                body = self._body()
+                fault = proxy._draw()
+                if fault == "reset":
+                    return self._reset()
+                if fault == "slowdown":
+                    msg = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code>"
+                           b"<Message>Please reduce your request rate.</Message></Error>")
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(msg)))
+                    self.end_headers()
+                    self.wfile.write(msg)
+                    return None
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in hop}
+                if body is not None:
+                    headers["Content-Length"] = str(len(body))
+                conn = http.client.HTTPConnection(up.hostname, up.port, timeout=60)
+                try:
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                finally:
+                    conn.close()
+                if fault == "lost_response":
+                    return self._reset()
+                self.send_response(resp.status, resp.reason)
+                for k, v in resp.getheaders():
+                    if k.lower() not in hop and k.lower() != "content-length":
+                        self.send_header(k, v)
+                length = resp.getheader("Content-Length") if self.command == "HEAD" else str(len(data))
+                self.send_header("Content-Length", length or "0")
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                return None
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

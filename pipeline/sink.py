@@ -2,7 +2,9 @@
 
 Ray-free: ``ParquetSink.write(table)`` takes Embedder output rows and writes one file per (input shard, first
 row) with a deterministic name, so a retried write task overwrites instead of duplicating. Each file is
-written whole (temporary name + rename locally; one PUT on object storage).
+written whole (temporary name + rename locally; one PUT on object storage). Staged (the extract and
+classify runs), files go under ``_staging/`` and the shard ledger (ledger.py) makes them visible a whole
+shard at a time.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.ledger import STAGING_DIR, intervals
 
 EMBEDDINGS_DIR = "embeddings"
 ERRORS_DIR = "errors"
@@ -69,16 +72,24 @@ class ParquetSink:
     """
 
     def __init__(self, output_uri: str, spec: dict[str, Any] | None = None,
-                 outputs: list[Output] | None = None) -> None:
+                 outputs: list[Output] | None = None, *, staged: bool = False,
+                 partition: str | None = None) -> None:
         self.output_uri = output_uri
         if outputs is None:
             if spec is None:
                 raise TypeError("ParquetSink needs a spec or a list of outputs")
             outputs = [Output(EMBEDDINGS_DIR, EMBEDDING_COLUMNS, spec)]
         self.outputs = outputs
+        self.staged = staged  # write under _staging/ and report parts for the ledger to commit
+        self.partition = partition  # e.g. "run_date=2026-11-28": a Hive-style folder under each table
 
     def _name(self, shard: str, first_row: int) -> str:
         return f"{shard}-{first_row:09d}.parquet"
+
+    def _place(self, subdir: str, name: str) -> tuple[str, str]:
+        """(where the file is written, where it ends up), relative to the output URI."""
+        final = "/".join(p for p in (subdir, self.partition, name) if p)
+        return (f"{STAGING_DIR}/{final}" if self.staged else final), final
 
     def _table(self, rows: pa.Table, out: Output) -> pa.Table:
         cols = [rows.column(src) for src in out.columns.values()]
@@ -89,36 +100,45 @@ class ParquetSink:
         return pa.Table.from_arrays(cols, schema=pa.schema(fields, metadata=meta))
 
     def write(self, table: pa.Table) -> dict[str, Any]:
-        """Write one batch of rows; returns counts and the files written."""
-        stats: dict[str, Any] = {"embedded": 0, "failed": 0, "files": [], "error_kinds": {}}
+        """Write one batch of rows; returns counts, the files written and, per shard, the part the
+        ledger needs (rows as intervals, counts, (written, final) file paths relative to the output)."""
+        stats: dict[str, Any] = {"embedded": 0, "failed": 0, "files": [], "error_kinds": {}, "parts": []}
         if table.num_rows == 0:
             return stats
         table = table.sort_by([("shard", "ascending"), ("row", "ascending")])
         kinds: Counter[str] = Counter()
         for shard in pc.unique(table.column("shard")).to_pylist():
             part = table.filter(pc.equal(table.column("shard"), shard))
-            first = int(pc.min(part.column("row")).as_py())
+            rows = part.column("row").to_pylist()
             failed_mask = pc.is_valid(part.column("error_kind"))
             good = part.filter(pc.invert(failed_mask))
             bad = part.filter(failed_mask)
-            name = self._name(shard, first)
+            name = self._name(shard, rows[0])
+            placed: list[list[str]] = []
             if good.num_rows:
                 for out in self.outputs:
-                    uri = storage.join(self.output_uri, out.subdir, name)
-                    storage.write_bytes(uri, _to_bytes(self._table(good, out)))
-                    stats["files"].append(uri)
+                    written, final = self._place(out.subdir, name)
+                    storage.write_bytes(storage.join(self.output_uri, written),
+                                        _to_bytes(self._table(good, out)))
+                    placed.append([written, final])
+            part_kinds = Counter(bad.column("error_kind").to_pylist())
             if bad.num_rows:
                 errs = pa.Table.from_arrays(
                     [bad.column("id"), bad.column("source"), bad.column("error_kind"),
                      bad.column("error_message")],
                     schema=ERRORS_SCHEMA,
                 )
-                uri = storage.join(self.output_uri, ERRORS_DIR, name)
-                storage.write_bytes(uri, _to_bytes(errs))
-                stats["files"].append(uri)
-                kinds.update(bad.column("error_kind").to_pylist())
+                written, final = self._place(ERRORS_DIR, name)
+                storage.write_bytes(storage.join(self.output_uri, written), _to_bytes(errs))
+                placed.append([written, final])
+                kinds.update(part_kinds)
+            stats["files"] += [storage.join(self.output_uri, w) for w, _ in placed]
             stats["embedded"] += good.num_rows
             stats["failed"] += bad.num_rows
+            stats["parts"].append({
+                "shard": shard, "first": rows[0], "rows": intervals(rows), "embedded": good.num_rows,
+                "failed": bad.num_rows, "error_kinds": dict(part_kinds), "files": placed,
+            })
         stats["error_kinds"] = dict(kinds)
         return stats
 

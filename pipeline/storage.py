@@ -31,7 +31,10 @@ class FileInfo:
 
 def _s3_options() -> dict[str, Any]:
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    opts: dict[str, Any] = {"use_listings_cache": False}
+    # Throttling (503 SlowDown) and dropped connections are retried with backoff, as object storage
+    # under load needs.
+    opts: dict[str, Any] = {"use_listings_cache": False,
+                            "config_kwargs": {"retries": {"max_attempts": 10, "mode": "standard"}}}
     client_kwargs: dict[str, Any] = {}
     if endpoint:
         client_kwargs["endpoint_url"] = endpoint
@@ -139,6 +142,7 @@ def list_files(uri: str) -> list[FileInfo]:
     """
     fs, root = get_fs(uri)
     try:
+        fs.invalidate_cache(root)  # other processes may have written since this one last listed
         if fs.isfile(root):
             info = fs.info(root)
             return [FileInfo(uri, posixpath.basename(root), int(info.get("size") or 0), _version(info))]
@@ -197,6 +201,37 @@ def write_bytes(uri: str, data: bytes) -> None:
             os.replace(tmp, path)
         else:
             fs.pipe_file(path, data)
+    except Exception as e:  # noqa: BLE001
+        raise explain(uri, e) from e
+
+
+def move(src: str, dst: str) -> None:
+    """Move one file (a rename locally; copy then delete on object storage). Idempotent: when src is gone
+    and dst exists, the move already happened."""
+    fs, src_path = get_fs(src)
+    _, dst_path = get_fs(dst)
+    try:
+        if protocol_of(src) == "file":
+            os.makedirs(os.path.dirname(dst_path), exist_ok=True)
+            os.replace(src_path, dst_path)
+        else:
+            fs.copy(src_path, dst_path)
+            fs.rm_file(src_path)
+    except FileNotFoundError:
+        fs.invalidate_cache(dst_path)
+        if not fs.exists(dst_path):
+            raise explain(src, FileNotFoundError(src)) from None
+    except Exception as e:  # noqa: BLE001
+        raise explain(src, e) from e
+
+
+def remove(uri: str) -> None:
+    """Delete one file; a missing file is not an error."""
+    fs, path = get_fs(uri)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        return
     except Exception as e:  # noqa: BLE001
         raise explain(uri, e) from e
 

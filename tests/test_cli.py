@@ -104,3 +104,26 @@ def test_ray_job_entry_point(ray_session, images, tmp_path):
     bad = subprocess.run([sys.executable, "jobs/extract.py", "--config", str(cfg), "--set", "backbone.lyr=x"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and "unknown key 'backbone.lyr'" in bad.stderr
+
+
+def test_credentials_never_reach_output_logs_or_errors(ray_session, s3_server, bucket, images):
+    """A run (S3 in, S3 out) and a failing one under recognisable fake credentials: neither the key id nor
+    the secret appears on stdout/stderr, in the run record, the ledger, or the Parquet files."""
+    key_id, secret = "AKIAFAKEKEY7X2Q9ZZ01", "fAkE/sEcReT+k3y0123456789abcdefghijklmn"
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret,
+           "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    s3_server.upload_dir(images, f"{bucket}/in")
+    ok = _pipeline("extract", "--source", f"{bucket}/in/", "--output", f"{bucket}/out",
+                   "--model", "tf_efficientnet_lite0", "--set", "runtime.progress=false", "--json", env=env)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    bad = _pipeline("extract", "--source", f"{bucket}-missing/in/", "--output", f"{bucket}/out2",
+                    "--model", "tf_efficientnet_lite0", env=env)
+    assert bad.returncode == 2
+    from pipeline import storage
+
+    written = [storage.read_bytes(f.uri) for f in storage.list_files(f"{bucket}/out")]
+    fs, path = storage.get_fs(f"{bucket}/out")
+    written += [fs.cat_file(p) for p in fs.find(path)]  # the hidden _runs/ and _ledger/ files too
+    assert any(b"_runs" in p.encode() for p in fs.find(path))
+    for blob in [ok.stdout.encode(), ok.stderr.encode(), bad.stdout.encode(), bad.stderr.encode(), *written]:
+        assert key_id.encode() not in blob and secret.encode() not in blob

@@ -114,12 +114,16 @@ def test_metadata_and_run_record(local_run):
     assert rec["images_per_s"] > 0
 
 
-def test_rerun_into_existing_output_needs_overwrite(local_run):
+def test_rerun_resumes_and_a_changed_spec_needs_overwrite(local_run):
     from pipeline.config import ConfigError
 
     root, out, _ = local_run
-    with pytest.raises(ConfigError, match="--overwrite"):
-        extract(_cfg(root, out))
+    s = extract(_cfg(root, out))  # everything is done already: no Ray work, nothing written twice
+    assert s["ledger"]["ran"] == 0 and s["ledger"]["done_before"] == s["ledger"]["listed"] == 3
+    assert s["counts"]["inputs"] == 0 and s["ledger"]["output_rows"] == {"embedded": 24, "failed": 2}
+    assert len(_read(str(out))[0]) == 24
+    with pytest.raises(ConfigError, match=r"layer: final -> blocks.4.*--overwrite"):
+        extract(_cfg(root, out, layer="blocks.4"))
 
 
 def test_output_is_read_without_ray(local_run):

@@ -1,0 +1,217 @@
+"""Reruns are safe: a driver killed mid-run, an actor dying mid-run, nightly increments, changed shards.
+
+Every check ends the same way: the output holds exactly one row per input image, and no file that the
+ledger does not account for is visible to readers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+
+from pipeline import runner
+from pipeline.config import ExtractConfig, NightlyConfig
+from pipeline.embed import Embedder
+from pipeline.ledger import Ledger
+from pipeline.runner import extract
+from pipeline.samples import make_textures
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_job(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cfg(source, output, **backbone):
+    return ExtractConfig.model_validate({
+        "source": {"uri": str(source), "labels": "folder", "files_per_shard": 3},
+        "backbone": {"model": "tf_efficientnet_lite0", "weights": "packaged", **backbone},
+        "output": {"uri": str(output), "rows_per_file": 3},
+        "runtime": {"batch_size": 3, "progress": False},
+    })
+
+
+def _ids(out: Path) -> list[str]:
+    return pads.dataset(out / "embeddings", partitioning="hive").to_table().column("id").to_pylist()
+
+
+def _assert_accounted_for(out: Path) -> None:
+    """Every visible Parquet file belongs to a committed shard, and nothing is left staged."""
+    committed = Ledger(str(out)).committed()
+    listed = {f for e in committed.values() for f in e["files"]}
+    visible = {p.relative_to(out).as_posix() for sub in ("embeddings", "errors") if (out / sub).exists()
+               for p in (out / sub).rglob("*.parquet")}
+    assert visible == listed
+
+
+@pytest.fixture(scope="module")
+def many_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("many")
+    make_textures(root, per_class=12, patch=64, seed=3)  # 36 images -> 12 shards of 3
+    return root
+
+
+def test_driver_killed_mid_run_then_rerun_has_each_image_once(ray_session, many_dir, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    cmd = [sys.executable, "-m", "pipeline", "extract", "--source", str(many_dir), "--output", str(out),
+           "--model", "tf_efficientnet_lite0", "--labels", "folder", "--batch-size", "3",
+           "--set", "source.files_per_shard=3",
+           "--set", "output.rows_per_file=3", "--set", "runtime.progress=false"]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shards_dir = out / "_ledger" / "shards"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if shards_dir.exists() and len(list(shards_dir.glob("*.json"))) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(3)  # Ray reaps the dead driver's workers
+    at_kill = len(Ledger(str(out)).committed())
+    assert 2 <= at_kill < 12, f"the kill should land mid-run ({at_kill} of 12 shards committed)"
+    _assert_accounted_for(out)  # readers see whole shards only
+    assert len(_ids(out)) == 3 * at_kill
+
+    s = extract(_cfg(many_dir, out))
+    assert s["ledger"]["done_before"] >= at_kill
+    assert s["ledger"]["ran"] + s["ledger"]["done_before"] == 12
+    assert s["ledger"]["output_rows"] == {"embedded": 36, "failed": 0}
+    ids = _ids(out)
+    assert len(ids) == len(set(ids)) == 36
+    _assert_accounted_for(out)
+    assert not list((out / "_staging").rglob("*.parquet")) if (out / "_staging").exists() else True
+
+
+class CrashingEmbedder(Embedder):
+    """Kills its own process on its second batch, once per test (a marker file remembers)."""
+
+    marker = ""
+
+    def __call__(self, batch):
+        self._calls = getattr(self, "_calls", 0) + 1
+        if self._calls == 2 and not os.path.exists(self.marker):
+            Path(self.marker).write_text("crashed")
+            os._exit(1)
+        return super().__call__(batch)
+
+
+def test_an_actor_dying_mid_run_loses_and_duplicates_nothing(ray_session, many_dir, tmp_path, monkeypatch):
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    CrashingEmbedder.marker = str(tmp_path / "crashed")
+    monkeypatch.setattr(runner, "_stage", lambda name: CrashingEmbedder)
+    out = tmp_path / "out"
+    s = extract(_cfg(many_dir, out))
+    assert (tmp_path / "crashed").exists(), "the actor should have crashed once"
+    assert s["counts"]["embedded"] == 36 and s["ledger"]["ran"] == 12
+    ids = _ids(out)
+    assert len(ids) == len(set(ids)) == 36
+    _assert_accounted_for(out)
+
+
+def test_nightly_increments_and_changed_shards(ray_session, textures_dir, tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    for cls in ("brick", "grass"):
+        shutil.copytree(textures_dir / cls, src / cls)
+    cfg = _cfg(src, out).model_copy(deep=True)
+    cfg.source.files_per_shard = 4
+    s1 = extract(cfg, incremental=True, run_date="2026-11-27")
+    assert s1["ledger"]["ran"] == 4 and s1["counts"]["embedded"] == 16
+
+    from pipeline.heads import HeadTrainConfig, train_head
+
+    train_head(HeadTrainConfig(embeddings=str(out), output=str(tmp_path / "head"), epochs=5), progress=False)
+
+    # the next night: a new folder arrives and one image of an old shard is replaced; jobs/nightly.py
+    # embeds what is new and applies the head to that night's rows only
+    shutil.copytree(textures_dir / "gravel", src / "gravel")
+    shutil.copy(textures_dir / "grass" / "005.jpg", src / "brick" / "001.jpg")
+    nightly = _load_job("nightly")
+    ncfg = NightlyConfig.model_validate({**cfg.model_dump(), "head": str(tmp_path / "head"),
+                                         "predictions": str(tmp_path / "pred")})
+    result = nightly.run(ncfg, "2026-11-28")
+    s2 = result["extract"]
+    pred = pads.dataset(tmp_path / "pred" / "predictions" / "run_date=2026-11-28").to_table()
+    assert result["predict"]["rows"] == pred.num_rows == 12
+    assert set(pred.column("label").to_pylist()) <= {"brick", "grass"}  # the head knows two classes
+    assert s2["ledger"]["ran"] == 3 and s2["ledger"]["done_before"] == 3
+    assert s2["ledger"]["removed_stale"] == 1
+    assert s2["ledger"]["output_rows"] == {"embedded": 24, "failed": 0}
+
+    t = pads.dataset(out / "embeddings", partitioning="hive").to_table()
+    ids = t.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 24
+    night2 = sorted(i for i, d in zip(ids, t.column("run_date").to_pylist()) if d == "2026-11-28")
+    assert night2 == [f"brick/00{i}.jpg" for i in range(4)] + [f"gravel/{i:03d}.jpg" for i in range(8)]
+    _assert_accounted_for(out)
+
+    s3 = extract(cfg, incremental=True, run_date="2026-11-29")  # nothing new: no Ray work
+    assert s3["ledger"]["ran"] == 0 and s3["counts"]["inputs"] == 0
+    assert not (out / "embeddings" / "run_date=2026-11-29").exists()
+
+
+def test_another_source_into_the_same_output_is_refused(ray_session, textures_dir, many_dir, tmp_path):
+    from pipeline.config import ConfigError
+
+    out = tmp_path / "out"
+    src = tmp_path / "src"
+    shutil.copytree(textures_dir / "brick", src / "brick")
+    extract(_cfg(src, out))
+    with pytest.raises(ConfigError, match=r"source: .* -> .*--overwrite"):
+        extract(_cfg(many_dir, out))
+    s = extract(_cfg(many_dir, out), overwrite=True)
+    assert s["ledger"]["done_before"] == 0 and len(_ids(out)) == 36
+
+
+def test_flaky_s3_run_completes_with_identical_output(ray_session, s3_server, bucket, textures_dir):
+    """Through a proxy that answers 503 SlowDown, resets connections, and drops responses of requests it
+    did forward, for one request in ten: the run completes and its output equals a clean run's."""
+    from pipeline import storage
+    from pipeline.s3local import FaultyProxy
+
+    s3_server.upload_dir(str(textures_dir), f"{bucket}/in")
+    extract(_cfg(f"{bucket}/in/", f"{bucket}/clean"))
+    proxy = FaultyProxy(s3_server.endpoint, fail_rate=0.1, seed=7).start()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["AWS_ENDPOINT_URL"] = proxy.endpoint  # this driver and its own local Ray's workers see the proxy
+    cmd = [sys.executable, "-m", "pipeline", "extract", "--source", f"{bucket}/in/",
+           "--output", f"{bucket}/flaky",
+           "--model", "tf_efficientnet_lite0", "--labels", "folder", "--batch-size", "3",
+           "--set", "source.files_per_shard=3", "--set", "output.rows_per_file=3",
+           "--set", "runtime.num_cpus=2", "--set", "runtime.progress=false"]
+    try:
+        r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    finally:
+        proxy.stop()
+    assert r.returncode == 0, r.stderr[-3000:]
+    faults = {k: v for k, v in proxy.counts.items() if k != "forwarded"}
+    assert sum(faults.values()) >= 5 and all(faults.values()), proxy.counts
+
+    def table(name):
+        fs, path = storage.get_fs(f"{bucket}/{name}/embeddings")
+        return pads.dataset(path, filesystem=fs, format="parquet").to_table().sort_by("id")
+
+    clean, flaky = table("clean"), table("flaky")
+    assert flaky.column("id").to_pylist() == clean.column("id").to_pylist()
+    assert len(set(flaky.column("id").to_pylist())) == 24
+    assert flaky.column("label").to_pylist() == clean.column("label").to_pylist()
+    a = np.stack(clean.column("embedding").to_numpy(zero_copy_only=False))
+    b = np.stack(flaky.column("embedding").to_numpy(zero_copy_only=False))
+    assert np.allclose(a, b, atol=1e-4)
