@@ -6,6 +6,7 @@ Bad bytes become error rows (kind + message), never an exception that kills the 
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -39,7 +40,19 @@ def output_schema(dims: int | list[int], dtype: str = "float32") -> pa.Schema:
 
 
 BOOKKEEPING = [("error_kind", pa.string()), ("error_message", pa.string()), ("shard", pa.string()),
-               ("row", pa.int64())]
+               ("row", pa.int64()),
+               # where the actor's time went, as each row's share of its batch (summed into the run summary)
+               ("decode_s", pa.float32()), ("forward_s", pa.float32()), ("gpu_util", pa.float32())]
+
+
+def gpu_utilization(device: torch.device) -> float | None:
+    """The GPU's utilization (percent, over the last sample period) via NVML; None on CPU or without it."""
+    if device.type != "cuda":
+        return None
+    try:
+        return float(torch.cuda.utilization(device))
+    except Exception:  # noqa: BLE001 - pynvml missing or unsupported: report nothing rather than fail
+        return None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -126,7 +139,9 @@ class Embedder:
 
         todo = [i for i in range(n) if kinds[i] is None]
         raw = [cols["bytes"][i] for i in todo]
+        t0 = time.perf_counter()
         prepared = list(self._pool.map(self._prepare, raw)) if self._pool else [self._prepare(b) for b in raw]
+        t1 = time.perf_counter()
 
         good: list[int] = []
         tensors: list[torch.Tensor] = []
@@ -148,6 +163,7 @@ class Embedder:
                 good = []
         valid = np.zeros(n, dtype=bool)
         valid[good] = True
+        self._timing = (t1 - t0, time.perf_counter() - t1, gpu_utilization(self.device))
         return cols, kinds, messages, values, valid
 
     def _table(self, cols, kinds, messages, payload: list[pa.Array], schema: pa.Schema) -> pa.Table:
@@ -161,9 +177,17 @@ class Embedder:
                 pa.array(messages, pa.string()),
                 pa.array(cols["shard"], pa.string()),
                 pa.array(cols["row"], pa.int64()),
+                *self._timing_columns(len(kinds)),
             ],
             schema=schema,
         )
+
+    def _timing_columns(self, n: int) -> list[pa.Array]:
+        decode_s, forward_s, util = getattr(self, "_timing", (0.0, 0.0, None))
+        share = 1.0 / max(n, 1)
+        return [pa.array(np.full(n, decode_s * share, np.float32)),
+                pa.array(np.full(n, forward_s * share, np.float32)),
+                pa.array([util] * n, pa.float32())]
 
     def __call__(self, batch: dict[str, Any] | pa.Table) -> pa.Table:
         cols, kinds, messages, values, valid = self._rows(batch)

@@ -25,6 +25,7 @@ from pipeline.sink import (
     PREDICTIONS_DIR,
     Output,
     ParquetSink,
+    merge_actor_time,
     write_run_record,
 )
 from pipeline.sources import Shard, check_source, list_shards, read_shard
@@ -211,7 +212,8 @@ def _datasink(sink: ParquetSink, rows_per_write: int = 1024):
         def write(self, blocks, ctx) -> dict[str, Any]:
             import pyarrow as pa
 
-            total: dict[str, Any] = {"embedded": 0, "failed": 0, "files": [], "error_kinds": {}}
+            total: dict[str, Any] = {"embedded": 0, "failed": 0, "files": [], "error_kinds": {},
+                                     "actor_time": {}}
             for block in blocks:
                 if not isinstance(block, pa.Table):
                     block = pa.Table.from_pandas(block)
@@ -225,13 +227,16 @@ def _datasink(sink: ParquetSink, rows_per_write: int = 1024):
                 total["embedded"] += s["embedded"]
                 total["failed"] += s["failed"]
                 total["files"] += s["files"]
+                total["actor_time"] = merge_actor_time(total["actor_time"], s["actor_time"])
                 for k, v in s["error_kinds"].items():
                     total["error_kinds"][k] = total["error_kinds"].get(k, 0) + v
             return total
 
         def on_write_complete(self, write_result) -> None:
-            agg: dict[str, Any] = {"embedded": 0, "failed": 0, "files": 0, "error_kinds": {}}
+            agg: dict[str, Any] = {"embedded": 0, "failed": 0, "files": 0, "error_kinds": {},
+                                   "actor_time": {}}
             for r in write_result.write_returns:
+                agg["actor_time"] = merge_actor_time(agg["actor_time"], r["actor_time"])
                 agg["embedded"] += r["embedded"]
                 agg["failed"] += r["failed"]
                 agg["files"] += len(r["files"])
@@ -295,6 +300,7 @@ def _run_stage(
     t_done = time.perf_counter()
     inputs = res["embedded"] + res["failed"]
     run_s = t_done - t_run
+    at = res.get("actor_time") or {}
     summary = {
         "run_id": run_id,
         "kind": kind,
@@ -313,6 +319,10 @@ def _run_stage(
             "total_s": round(t_done - t_start, 3),
         },
         "images_per_s": round(inputs / run_s, 2) if run_s > 0 and inputs else None,
+        "actor_time_s": {"decode": round(at.get("decode_s", 0.0), 3),
+                         "forward": round(at.get("forward_s", 0.0), 3)},
+        "gpu_utilization": (round(at["gpu_util_sum"] / at["gpu_util_rows"], 1)
+                            if at.get("gpu_util_rows") else None),
         "actors": {"min": lo, "max": hi, "cpus_per_actor": runtime.cpus_per_actor,
                    "gpus_per_actor": runtime.gpus_per_actor},
         **extra,
@@ -448,6 +458,13 @@ def format_summary(s: dict[str, Any]) -> str:
     else:
         lines.append(f"  embeddings: {storage.join(s['output'], EMBEDDINGS_DIR)} (dim {spec['dim']}, "
                      f"{spec['model']} @ {spec['layer']}, pool {spec['pool']})")
+    at = s.get("actor_time_s") or {}
+    if at.get("decode") or at.get("forward"):
+        busy = at["decode"] + at["forward"]
+        gpu = f", GPU {s['gpu_utilization']:.0f}% busy" if s.get("gpu_utilization") is not None else ""
+        lines.append(f"  actors:     {s['actors']['max']} x {s['actors']['cpus_per_actor']:g} CPU; decode "
+                     f"{at['decode']:.1f}s + model {at['forward']:.1f}s of actor time "
+                     f"({at['forward'] / busy:.0%} in the model){gpu}")
     if c["failed"]:
         kinds = ", ".join(f"{k}={v}" for k, v in sorted(s["error_kinds"].items()))
         lines.append(f"  errors:     {storage.join(s['output'], ERRORS_DIR)} ({kinds})")

@@ -140,7 +140,25 @@ class ParquetSink:
                 "failed": bad.num_rows, "error_kinds": dict(part_kinds), "files": placed,
             })
         stats["error_kinds"] = dict(kinds)
+        stats["actor_time"] = _actor_time(table)
         return stats
+
+
+def _actor_time(table: pa.Table) -> dict[str, float]:
+    """Seconds the actors spent decoding and in the model for these rows, and GPU utilization samples."""
+    out = {"decode_s": 0.0, "forward_s": 0.0, "gpu_util_sum": 0.0, "gpu_util_rows": 0}
+    for col in ("decode_s", "forward_s"):
+        if col in table.column_names:
+            out[col] = float(pc.sum(table.column(col)).as_py() or 0.0)
+    if "gpu_util" in table.column_names:
+        util = table.column("gpu_util")
+        out["gpu_util_rows"] = table.num_rows - util.null_count
+        out["gpu_util_sum"] = float(pc.sum(util).as_py() or 0.0)
+    return out
+
+
+def merge_actor_time(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {k: a.get(k, 0) + b.get(k, 0) for k in set(a) | set(b)}
 
 
 def write_run_record(output_uri: str, run_id: str, record: dict[str, Any]) -> str:

@@ -42,6 +42,9 @@ def test_good_and_bad_rows_in_one_batch(photos):
     assert emb.null_count == 3 and emb.type.list_size == 1280
     a, b = np.asarray(emb[0].as_py()), np.asarray(emb[4].as_py())
     assert np.isfinite(a).all() and not np.allclose(a, b)
+    decode, forward = (np.asarray(out.column(c).to_pylist()) for c in ("decode_s", "forward_s"))
+    assert (decode > 0).all() and (forward > 0).all()  # each row carries its share of the batch's time
+    assert np.allclose(decode, decode[0]) and out.column("gpu_util").null_count == 5  # no GPU here
 
 
 def test_one_pass_multi_layer_equals_separate_runs(photos):

@@ -112,6 +112,8 @@ def test_metadata_and_run_record(local_run):
     rec = json.loads(runs[0].read_text())
     assert rec["counts"]["embedded"] == 24 and rec["config"]["backbone"]["model"] == "tf_efficientnet_lite0"
     assert rec["images_per_s"] > 0
+    assert rec["actor_time_s"]["decode"] > 0 and rec["actor_time_s"]["forward"] > 0
+    assert rec["gpu_utilization"] is None
 
 
 def test_rerun_resumes_and_a_changed_spec_needs_overwrite(local_run):

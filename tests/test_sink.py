@@ -25,6 +25,9 @@ def _rows(shards_rows, dim=4, bad=(), dtype="float32"):
         pa.array([None if valid[i] else "image file is truncated" for i in range(n)], pa.string()),
         pa.array([s for s, _ in shards_rows]),
         pa.array([r for _, r in shards_rows], pa.int64()),
+        pa.array([0.01] * n, pa.float32()),
+        pa.array([0.02] * n, pa.float32()),
+        pa.array([None] * n, pa.float32()),
     ], schema=output_schema(dim, dtype))
 
 
@@ -32,6 +35,9 @@ def test_writes_embeddings_and_errors_per_shard(tmp_path):
     sink = ParquetSink(str(tmp_path), SPEC)
     stats = sink.write(_rows([("s1", 3), ("s2", 0), ("s1", 2), ("s2", 1)], bad=(1,)))
     assert stats["embedded"] == 3 and stats["failed"] == 1 and stats["error_kinds"] == {"truncated": 1}
+    at = stats["actor_time"]
+    assert at["decode_s"] == pytest.approx(0.04) and at["forward_s"] == pytest.approx(0.08)
+    assert at["gpu_util_rows"] == 0
     names = sorted(p.name for p in (tmp_path / "embeddings").iterdir())
     assert names == ["s1-000000002.parquet", "s2-000000000.parquet"]
     errs = pq.read_table(tmp_path / "errors" / "s2-000000000.parquet")
