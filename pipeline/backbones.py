@@ -8,6 +8,7 @@ module inside the model (`pipeline layers --model NAME` lists the stage boundari
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -245,6 +246,14 @@ def preprocessing_for(model: nn.Module, name: str, weights: str) -> tuple[Callab
     t = timm.data.create_transform(**cfg, is_training=False)
     desc = {"library": "timm", **{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}}
     return t, desc
+
+
+def resize_side(preprocessing: dict[str, Any]) -> int:
+    """The shortest-side size the eval transform resizes to before its center crop."""
+    if preprocessing["library"] == "timm":
+        side = max(preprocessing["input_size"][1:])
+        return int(math.floor(side / preprocessing.get("crop_pct", 1.0)))
+    return int(max(preprocessing["resize"]))
 
 
 def input_size(preprocessing: dict[str, Any]) -> tuple[int, int]:

@@ -357,6 +357,7 @@ def _execute(runtime, source_cfg, stage, stage_kwargs, shards, sink: ParquetSink
             "device": runtime.device,
             "autocast": runtime.autocast,
             "max_pixels": runtime.max_pixels,
+            "jpeg_draft": runtime.jpeg_draft,
             "max_bytes": source_cfg.max_bytes,
             **stage_kwargs,
         },

@@ -67,3 +67,15 @@ def test_classifier_names_the_cat_and_the_coffee(photos):
     assert scores[0] == sorted(scores[0], reverse=True) and 0 < sum(scores[0]) <= 1.0001
     assert "cat" in out.column("labels").to_pylist()[0][0]
     assert out.column("classes")[2].as_py() is None and out.column("error_kind")[2].as_py() == "empty"
+
+
+def test_jpeg_draft_decodes_large_photos_at_a_reduced_scale_with_nearly_equal_embeddings():
+    from PIL import Image
+
+    big = [_jpeg(samples.photo(n).resize((1600, 1200), Image.BICUBIC)) for n in ("chelsea", "coffee")]
+    full = Embedder({"model": "tf_efficientnet_lite0", "weights": "packaged"}, threads=1)
+    draft = Embedder({"model": "tf_efficientnet_lite0", "weights": "packaged"}, threads=1, jpeg_draft=True)
+    assert draft.draft_size == (256, 256)  # 224 / crop_pct 0.875: the eval transform's resize
+    a, b = (np.stack(e(_batch(big)).column("embedding").to_numpy(zero_copy_only=False)) for e in (full, draft))
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cos.min() >= 0.99 and not np.array_equal(a, b)
