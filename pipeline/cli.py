@@ -270,6 +270,71 @@ def format_probe(report: dict) -> str:
     return "\n".join(lines)
 
 
+@app.command()
+def finetune(
+    source: str | None = typer.Option(None, help="labelled images (local or s3://...)"),
+    output: str | None = typer.Option(None, help="output directory: checkpoints, backbone, head, report"),
+    model: str | None = typer.Option(None, help="timm model name, or tv:<torchvision name>"),
+    weights: str | None = typer.Option(None, help="none | hub | packaged | PATH_OR_URI to start from"),
+    freeze_until: str | None = typer.Option(None, help="none | final | a layer from `pipeline layers`: "
+                                            "it, the stem and everything before it stay frozen"),
+    lr_decay: float | None = typer.Option(None, help="learning-rate factor per stage below the head "
+                                          "(e.g. 0.5)"),
+    lr: float | None = typer.Option(None, help="AdamW peak learning rate (cosine schedule)"),
+    epochs: int | None = typer.Option(None, help="total epochs; rerun with more to continue"),
+    batch_size: int | None = typer.Option(None, help="images per worker per step"),
+    workers: int | None = typer.Option(None, help="Ray Train workers (DDP)"),
+    gpus_per_worker: float | None = typer.Option(None, help="GPUs per worker (bf16 autocast on GPU)"),
+    cpus_per_worker: float | None = typer.Option(None, help="CPUs per worker"),
+    labels: str | None = typer.Option(None, help="folder (default) | <column or member name>"),
+    format: str | None = typer.Option(None, "--format", help="auto | files | webdataset | parquet"),
+    val_fraction: float | None = typer.Option(None, help="validation share, split by a hash of id"),
+    overwrite: bool = typer.Option(False, help="start over: delete the output's checkpoints and artifacts"),
+    config: str | None = typer.Option(None, "--config", "-c", help="YAML config file"),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print finetune.json"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+) -> None:
+    """Fine-tune a pretrained backbone with Ray Train; writes backbone.safetensors for `extract --weights`."""
+    from pipeline.config import merge_sources
+
+    flags = {"source.uri": source, "output.uri": output, "model": model, "weights": weights,
+             "train.freeze_until": freeze_until, "train.lr_decay": lr_decay, "train.lr": lr,
+             "train.epochs": epochs, "train.batch_size": batch_size, "runtime.workers": workers,
+             "runtime.gpus_per_worker": gpus_per_worker, "runtime.cpus_per_worker": cpus_per_worker,
+             "source.labels": labels, "source.format": format, "train.val_fraction": val_fraction}
+
+    def go():
+        from pipeline.finetune import FinetuneConfig
+        from pipeline.runner import finetune as run_finetune
+
+        cfg = merge_sources(FinetuneConfig, config, flags, set_)
+        report = run_finetune(cfg, overwrite=overwrite)
+        if as_json:
+            typer.echo(json.dumps(report, indent=2, default=str))
+            return
+        typer.echo(format_finetune(report))
+
+    _run(go)
+
+
+def format_finetune(report: dict) -> str:
+    """Per-epoch metrics and where the artifacts went."""
+    def f(v) -> str:
+        return "     -" if v is None else f"{v:6.3f}"
+
+    lines = [f"{'epoch':>5}  {'train loss':>10}  {'train acc':>9}  {'val loss':>8}  {'val acc':>7}  {'s':>6}"]
+    for h in report["epochs"]:
+        lines.append(f"{h['epoch']:>5}  {f(h.get('train_loss')):>10}  {f(h.get('train_acc')):>9}  "
+                     f"{f(h.get('val_loss')):>8}  {f(h.get('val_acc')):>7}  {h.get('seconds', 0):>6.1f}")
+    out = report["output"]
+    lines.append(f"backbone: {out['backbone']} (sha256 {report['backbone']['sha256'][:12]}...; use it with "
+                 f"`pipeline extract --model {report['model']} --weights {out['backbone']}`)")
+    lines.append(f"head:     {out['head']} (for `pipeline heads predict` on those embeddings, --layer final)")
+    lines.append(f"report:   {out['finetune_json']}, {out['report']}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     app()
 

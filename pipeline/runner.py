@@ -17,6 +17,7 @@ from typing import Any
 from pipeline import __version__, storage
 from pipeline.backbones import build_backbone
 from pipeline.config import ClassifyConfig, ConfigError, ExtractConfig, ProbeConfig, RuntimeConfig
+from pipeline.finetune import FinetuneConfig
 from pipeline.ledger import Ledger
 from pipeline.sink import (
     EMBEDDING_COLUMNS,
@@ -688,3 +689,295 @@ def _probe_png(results: list[dict[str, Any]], best: dict[str, Any]) -> bytes:
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------
+# Fine-tuning: Ray Train
+
+
+def _collect_labels(shards: list[Shard], source_cfg, runtime) -> tuple[list[str], list[str | None]]:
+    """(ids, labels) of the readable rows: from the listing for loose files with --labels folder, else one
+    Ray Data pass over the shards that keeps only id and label (bytes are dropped inside the read tasks)."""
+    import pyarrow.compute as pc
+
+    from pipeline.finetune import folder_labels
+
+    if shards[0].format == "files" and source_cfg.labels == "folder":
+        return folder_labels(shards)
+    import ray
+
+    _init_ray(runtime)
+    ds = ray.data.read_datasource(_datasource(shards, source_cfg), num_cpus=0.25)
+    ids: list[str] = []
+    labels: list[str | None] = []
+    for b in ds.select_columns(["id", "label", "error_kind"]).iter_batches(batch_format="pyarrow",
+                                                                          batch_size=65536):
+        b = b.filter(pc.is_null(b.column("error_kind")))
+        ids += b.column("id").to_pylist()
+        labels += b.column("label").to_pylist()
+    return ids, labels
+
+
+def _train_storage(uri: str):
+    """(storage_path, storage_filesystem) for Ray Train: a local path, or a pyarrow wrapper around the
+    project's fsspec filesystem (s3:// with the AWS environment, gs://...)."""
+    fs, path = storage.get_fs(uri)
+    if storage.protocol_of(uri) == "file":
+        return path, None
+    import pyarrow.fs as pafs
+
+    return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def _finetune_data_config():
+    from ray.train import DataConfig
+
+    class TrainValSplit(DataConfig):
+        """Training rows split equally across workers (every DDP worker takes the same number of steps);
+        validation rows split without dropping any (each worker evaluates its part, the sums are reduced)."""
+
+        def __init__(self) -> None:
+            super().__init__(datasets_to_split=["train"])
+
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            rest = {k: v for k, v in datasets.items() if k != "val"}
+            out = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
+            if "val" in datasets:
+                val = datasets["val"]
+                if val.name is None:
+                    val.set_name("val")
+                val = val.copy(val)
+                val.context.execution_options = self._resolve_execution_options("val")
+                hints = worker_node_ids if self._enable_shard_locality else None
+                for i, it in enumerate(val.streaming_split(world_size, equal=False, locality_hints=hints)):
+                    out[i]["val"] = it
+            return out
+
+    return TrainValSplit()
+
+
+def _finetune_collate(decoder):
+    from ray.data.collate_fn import ArrowBatchCollateFn
+
+    class DecodeCollate(ArrowBatchCollateFn):
+        """Encoded rows -> augmented image tensors, decoded in the training worker."""
+
+        def __call__(self, batch):
+            return decoder(batch)
+
+    return DecodeCollate()
+
+
+def _finetune_worker(config: dict[str, Any]) -> None:
+    """Ray Train loop, run by every worker: resume from the last checkpoint if any, evaluate once before
+    training (epoch 0), then train/evaluate each epoch and checkpoint (rank 0 writes, all report)."""
+    import contextlib
+    import tempfile
+
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from pipeline import finetune as F
+
+    cfg = F.FinetuneConfig.model_validate(config["cfg"])
+    tc, rc = cfg.train, cfg.runtime
+    classes: list[str] = config["classes"]
+    k = len(classes)
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device()
+    tm = F.build_training_model(cfg, classes)
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "history": [], "classes": classes,
+                             "classifier": tm.classifier, "fingerprint": config["fingerprint"],
+                             "weights_source": tm.weights_source, "weights_sha256": tm.weights_sha256,
+                             "frozen": {"until": tc.freeze_until, "tensors": len(tm.frozen_keys),
+                                        "parameters": sum(p.numel() for p in tm.model.parameters()
+                                                          if not p.requires_grad)},
+                             "trainable_parameters": sum(p.numel() for p in tm.model.parameters()
+                                                         if p.requires_grad)}
+    ckpt = ray.train.get_checkpoint()
+    with (ckpt.as_directory() if ckpt else contextlib.nullcontext(None)) as restored:
+        if restored:
+            state = F.load_checkpoint_state(restored)
+            F.load_checkpoint_model(restored, tm.model)
+        model = ray.train.torch.prepare_model(tm.model)  # to the worker's device; DDP when world > 1
+        optimizer = F.make_optimizer(tm, cfg.model, tc)
+        if restored:
+            F.load_checkpoint_optimizer(restored, optimizer)
+            for g in optimizer.param_groups:  # the schedule follows this run's lr
+                g["base_lr"] = tc.lr * g["lr_scale"]
+
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and rc.autocast == "fp16" else None
+    decode = {"max_pixels": rc.max_pixels, "max_bytes": cfg.source.max_bytes}
+    train_collate = _finetune_collate(F.BatchDecoder(tm.train_transform, classes, tm.input_size, **decode))
+    val_collate = _finetune_collate(F.BatchDecoder(tm.eval_transform, classes, tm.input_size, **decode))
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if config["has_val"] else None
+    total_steps = config["steps_per_epoch"] * tc.epochs
+
+    def validate():
+        if val_shard is None:
+            return None
+        batches = val_shard.iter_torch_batches(batch_size=tc.batch_size, collate_fn=val_collate)
+        return F.all_reduce(F.evaluate(model, batches, k, device=device, autocast=rc.autocast), k, device)
+
+    def say(entry):
+        if rank == 0 and config["progress"]:
+            sys.stderr.write(F.epoch_line(entry, tc.epochs) + "\n")  # not print: Ray Train patches it
+            sys.stderr.flush()
+
+    state["runs"] = [*state.get("runs", []), {"run_id": config["run_id"], "start_epoch": state["epoch"]}]
+    if not state["history"]:
+        F.seed_everything(tc.seed, 0, rank)
+        t0 = time.perf_counter()
+        va = validate()
+        state["history"].append({"epoch": 0, **(va.metrics("val") if va else {}),
+                                 "seconds": round(time.perf_counter() - t0, 3), "run_id": config["run_id"]})
+        say(state["history"][0])
+    for epoch in range(state["epoch"] + 1, tc.epochs + 1):
+        shuffle_seed = F.seed_everything(tc.seed, epoch, rank)
+        t0 = time.perf_counter()
+        batches = train_shard.iter_torch_batches(
+            batch_size=tc.batch_size, collate_fn=train_collate,
+            local_shuffle_buffer_size=max(tc.batch_size, tc.shuffle_buffer), local_shuffle_seed=shuffle_seed)
+        sums, step = F.train_epoch(model, batches, optimizer, loss_fn, device=device, step=state["step"],
+                                   total_steps=total_steps, stat_modules=tm.stat_modules,
+                                   autocast=rc.autocast, scaler=scaler)
+        tr = F.all_reduce(sums, k, device)
+        t_train = time.perf_counter() - t0
+        va = validate()
+        entry = {"epoch": epoch, **tr.metrics("train"), **(va.metrics("val") if va else {}),
+                 "seconds": round(time.perf_counter() - t0, 3), "train_seconds": round(t_train, 3),
+                 "lr": max(g["lr"] for g in optimizer.param_groups), "steps": step - state["step"],
+                 "run_id": config["run_id"]}
+        state.update(epoch=epoch, step=step, history=[*state["history"], entry],
+                     val_confusion=va.confusion.tolist() if va else None)
+        say(entry)
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0:
+                F.save_checkpoint(d, model, optimizer, state)
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            metrics = {key: v for key, v in entry.items() if isinstance(v, (int, float)) and v is not None}
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=F.checkpoint_name(epoch))
+
+
+def finetune(cfg: FinetuneConfig, *, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Fine-tune a pretrained backbone on labelled images with Ray Train (DDP over ``runtime.workers``).
+
+    Checkpoints go to ``OUTPUT/checkpoints/epoch-NNNN/`` every epoch; a rerun into the same output continues
+    from the last one (``--overwrite`` starts over). Writes ``OUTPUT/backbone.safetensors`` (for `extract
+    --weights`), ``OUTPUT/head/`` (for `heads predict` on embeddings of that backbone at --layer final),
+    ``OUTPUT/finetune.json`` and ``OUTPUT/report.png``; returns finetune.json's content.
+    """
+    import math
+
+    from pipeline import finetune as F
+
+    t_start = time.perf_counter()
+    run_id = _new_run_id()
+    out = cfg.output.uri
+    # Everything the user can get wrong is checked before Ray starts: source, model, weights, freeze layer.
+    shards, skipped = list_shards(cfg.source)
+    check_source(cfg.source, shards)
+    del F.build_training_model(cfg).model  # validates model, weights and freeze_until
+    storage.check_writable(out)
+    if overwrite:
+        for name in (F.CHECKPOINTS_DIR, *F.ARTIFACTS):
+            uri = storage.join(out, name)
+            if storage.exists(uri):
+                storage.remove_tree(uri)
+    latest = F.latest_checkpoint(out)
+    done = [a for a in (F.BACKBONE_FILE, F.FINETUNE_JSON) if storage.exists(storage.join(out, a))]
+    if latest is None and done:
+        raise ConfigError(f"output '{out}' already holds a fine-tuned model ({', '.join(done)}) but no "
+                          "checkpoints to continue from: pass --overwrite to replace it, or choose a new "
+                          "--output")
+
+    ids, labels = _collect_labels(shards, cfg.source, cfg.runtime)
+    split = F.make_split(ids, labels, cfg.train.val_fraction)
+    fingerprint = F.resume_fingerprint(cfg, split.classes)
+    if latest is not None:
+        diff = F.resume_differences(latest[1].get("fingerprint") or {}, fingerprint)
+        if diff:
+            raise ConfigError(f"output '{out}' holds checkpoints of a different fine-tuning run "
+                              f"({'; '.join(diff)}): pass --overwrite to start over, or choose a new "
+                              "--output")
+        if progress:
+            todo = "" if latest[1]["epoch"] < cfg.train.epochs else \
+                "; nothing left to train, the artifacts are written from it"
+            print(f"finetune: resuming from {latest[0]} (epoch {latest[1]['epoch']} of "
+                  f"{cfg.train.epochs}{todo})", file=sys.stderr)
+    if split.train_rows < cfg.runtime.workers:
+        raise ConfigError(f"only {split.train_rows} training images for {cfg.runtime.workers} workers: add "
+                          "images or lower --workers")
+
+    import ray
+    from ray.data import DataContext
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    t_validated = time.perf_counter()
+    _init_ray(cfg.runtime)
+    DataContext.get_current().enable_progress_bars = cfg.runtime.progress and progress
+    train_shards = F.mixed_shards(shards, cfg.source.files_per_shard)
+    rows = ray.data.read_datasource(_datasource(train_shards, cfg.source), num_cpus=0.25)
+    datasets = {"train": rows.map_batches(F.select_rows, fn_kwargs={"which": "train", "split": split},
+                                          batch_format="pyarrow", num_cpus=0.25)}
+    if split.val_rows:
+        datasets["val"] = rows.map_batches(F.select_rows, fn_kwargs={"which": "val", "split": split},
+                                           batch_format="pyarrow", num_cpus=0.25)
+    rt = cfg.runtime
+    steps_per_epoch = max(1, math.ceil((split.train_rows // rt.workers) / cfg.train.batch_size))
+    path, fs = _train_storage(out)
+    trainer = TorchTrainer(
+        _finetune_worker,
+        train_loop_config={"cfg": json.loads(cfg.model_dump_json()), "classes": split.classes,
+                           "fingerprint": fingerprint, "run_id": run_id, "has_val": bool(split.val_rows),
+                           "steps_per_epoch": steps_per_epoch, "progress": progress and rt.progress},
+        scaling_config=ScalingConfig(
+            num_workers=rt.workers, use_gpu=rt.gpus_per_worker > 0,
+            resources_per_worker={"CPU": rt.cpus_per_worker,
+                                  **({"GPU": rt.gpus_per_worker} if rt.gpus_per_worker else {})}),
+        run_config=RunConfig(
+            name=F.CHECKPOINTS_DIR, storage_path=path, storage_filesystem=fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=rt.max_failures),
+            logging_config=LoggingConfig(log_level="INFO" if progress and rt.progress else "WARNING")),
+        datasets=datasets,
+        dataset_config=_finetune_data_config(),
+    )
+    t_run = time.perf_counter()
+    result = trainer.fit()
+    t_done = time.perf_counter()
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    from safetensors.torch import load_file
+
+    with result.checkpoint.as_directory() as d:
+        state = F.load_checkpoint_state(d)
+        model_state = load_file(os.path.join(d, F.CKPT_MODEL))
+    new_epochs = [h["epoch"] for h in state["history"] if h.get("run_id") == run_id and h["epoch"] > 0]
+    this_run = [r for r in state.get("runs", []) if r["run_id"] == run_id]
+    extra = {
+        "run_id": run_id,
+        "resumed_from_epoch": this_run[0]["start_epoch"] if this_run else int(state["epoch"]),
+        "runs": state.get("runs", []),
+        "epochs_this_run": new_epochs,
+        "frozen": state.get("frozen"),
+        "trainable_parameters": state.get("trainable_parameters"),
+        "workers": rt.workers,
+        "steps_per_epoch": steps_per_epoch,
+        "checkpoints": storage.join(out, F.CHECKPOINTS_DIR),
+        "last_checkpoint": F.checkpoint_name(state["epoch"]),
+        "skipped_files": skipped,
+        "timings": {"validate_s": round(t_validated - t_start, 3), "startup_s": round(t_run - t_validated, 3),
+                    "train_s": round(t_done - t_run, 3), "total_s": round(time.perf_counter() - t_start, 3)},
+        "versions": versions(),
+    }
+    report = F.write_artifacts(cfg, model_state, state, split, extra)
+    record = {"kind": "finetune", **{k: v for k, v in report.items() if k != "epochs"},
+              "epochs": state["history"]}
+    report["run_record"] = write_run_record(out, run_id, record)
+    return report
