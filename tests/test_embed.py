@@ -76,6 +76,7 @@ def test_jpeg_draft_decodes_large_photos_at_a_reduced_scale_with_nearly_equal_em
     full = Embedder({"model": "tf_efficientnet_lite0", "weights": "packaged"}, threads=1)
     draft = Embedder({"model": "tf_efficientnet_lite0", "weights": "packaged"}, threads=1, jpeg_draft=True)
     assert draft.draft_size == (256, 256)  # 224 / crop_pct 0.875: the eval transform's resize
-    a, b = (np.stack(e(_batch(big)).column("embedding").to_numpy(zero_copy_only=False)) for e in (full, draft))
+    a, b = (np.stack(e(_batch(big)).column("embedding").to_numpy(zero_copy_only=False))
+            for e in (full, draft))
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     assert cos.min() >= 0.99 and not np.array_equal(a, b)
