@@ -62,6 +62,11 @@ class RuntimeConfig(_Strict):
     actors: str = Field("1", description="N, or MIN,MAX for an autoscaling actor pool")
     gpus_per_actor: float = Field(0.0, ge=0)
     cpus_per_actor: float = Field(1.0, gt=0)
+    calls_per_actor: int = Field(2, ge=1, description="batches an actor works on at once: one decodes "
+                                 "while another is in the model")
+    actor_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources each actor needs, e.g. {embed: 1} to keep "
+        "actors on the nodes that advertise them (ray start --resources)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     autocast: Literal["none", "bf16", "fp16"] = Field("none", description="mixed precision on GPU")
     max_pixels: int = Field(50_000_000, ge=1, description="larger images are refused (decompression bombs)")
@@ -188,7 +193,7 @@ def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> None:
-    """Apply ``a.b=c`` strings; values are parsed as YAML scalars (numbers, true/false, null)."""
+    """Apply ``a.b=c`` strings; values are parsed as YAML (numbers, true/false, null, [lists], {maps})."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set takes KEY=VALUE (e.g. --set runtime.batch_size=64), got '{item}'")
@@ -196,8 +201,6 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> None:
         try:
             value = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError:
-            value = raw
-        if isinstance(value, (dict, list)):
             value = raw
         set_path(data, key.strip(), value)
 

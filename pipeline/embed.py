@@ -6,6 +6,7 @@ Bad bytes become error rows (kind + message), never an exception that kills the 
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -116,6 +117,10 @@ class Embedder:
         # Ray sets OMP_NUM_THREADS (and so torch's thread count) to the actor's CPUs.
         self.threads = max(1, int(threads or torch.get_num_threads()))
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        # Calls may run concurrently (one decoding while another is in the model): per-call state is
+        # thread-local and the model is entered by one call at a time.
+        self._model_lock = threading.Lock()
+        self._local = threading.local()
 
     # -- one image --------------------------------------------------------------------------------
     def _prepare(self, data: bytes | None) -> torch.Tensor | DecodeError:
@@ -160,9 +165,16 @@ class Embedder:
                 tensors.append(p)
 
         values = [np.zeros((n, d), dtype=np.float32) for d in self.backbone.dims]
+        forward_s = 0.0
         if tensors:
             try:
-                for v, out in zip(values, self._forward(torch.stack(tensors))):
+                x = torch.stack(tensors)
+                # One batch in the model at a time; other calls decode meanwhile (runtime.calls_per_actor).
+                with self._model_lock:
+                    t2 = time.perf_counter()
+                    outs = self._forward(x)
+                    forward_s = time.perf_counter() - t2
+                for v, out in zip(values, outs):
                     v[good] = out
             except Exception as e:  # noqa: BLE001 - keep the rows, mark them failed
                 for i in good:
@@ -170,7 +182,7 @@ class Embedder:
                 good = []
         valid = np.zeros(n, dtype=bool)
         valid[good] = True
-        self._timing = (t1 - t0, time.perf_counter() - t1, gpu_utilization(self.device))
+        self._local.timing = (t1 - t0, forward_s, gpu_utilization(self.device))
         return cols, kinds, messages, values, valid
 
     def _table(self, cols, kinds, messages, payload: list[pa.Array], schema: pa.Schema) -> pa.Table:
@@ -190,7 +202,7 @@ class Embedder:
         )
 
     def _timing_columns(self, n: int) -> list[pa.Array]:
-        decode_s, forward_s, util = getattr(self, "_timing", (0.0, 0.0, None))
+        decode_s, forward_s, util = getattr(self._local, "timing", (0.0, 0.0, None))
         share = 1.0 / max(n, 1)
         return [pa.array(np.full(n, decode_s * share, np.float32)),
                 pa.array(np.full(n, forward_s * share, np.float32)),

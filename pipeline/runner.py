@@ -362,11 +362,14 @@ def _execute(runtime, source_cfg, stage, stage_kwargs, shards, sink: ParquetSink
             "max_bytes": source_cfg.max_bytes,
             **stage_kwargs,
         },
-        compute=ActorPoolStrategy(min_size=lo, max_size=hi),
+        compute=ActorPoolStrategy(min_size=lo, max_size=hi,
+                                  max_concurrent_calls_per_actor=runtime.calls_per_actor,
+                                  enable_true_multi_threading=runtime.calls_per_actor > 1),
         batch_size=runtime.batch_size,
         batch_format="pyarrow",
         num_cpus=runtime.cpus_per_actor,
         num_gpus=runtime.gpus_per_actor or None,
+        resources=runtime.actor_resources or None,
         udf_modifying_row_count=False,
     )
     datasink = _datasink(sink, rows_per_file)
@@ -515,7 +518,8 @@ def predict(head_uri: str, embeddings_uri: str, output_uri: str, *, top_k: int =
     ds = ds.map_batches(
         _predictor_class(), fn_constructor_kwargs={"head_uri": head_uri, "top_k": top_k},
         compute=ActorPoolStrategy(min_size=lo, max_size=hi), batch_size=max(runtime.batch_size, 1024),
-        batch_format="pyarrow", num_cpus=runtime.cpus_per_actor, udf_modifying_row_count=False,
+        batch_format="pyarrow", num_cpus=runtime.cpus_per_actor, resources=runtime.actor_resources or None,
+        udf_modifying_row_count=False,
     )
     out_uri = storage.join(output_uri, PREDICTIONS_DIR, *([partition] if partition else []))
     out_fs, out_path = storage.get_fs(out_uri)

@@ -66,3 +66,15 @@ def test_yaml_round_trip(tmp_path):
     f = tmp_path / "r.yaml"
     f.write_text(to_yaml(cfg))
     assert merge_sources(ExtractConfig, str(f)) == cfg
+
+
+def test_set_takes_lists_and_maps():
+    from pipeline.heads import HeadTrainConfig
+
+    cfg = merge_sources(HeadTrainConfig, flags={"embeddings": "/e", "output": "/o", "head": "mlp"},
+                        overrides=["hidden=[512,256]", "dropout=0.2"])
+    assert cfg.hidden == [512, 256] and cfg.dropout == 0.2
+    cfg = merge_sources(ExtractConfig, flags=_flags(), overrides=["runtime.actor_resources={embed: 1}"])
+    assert cfg.runtime.actor_resources == {"embed": 1.0}
+    with pytest.raises(ConfigError, match="hidden"):
+        merge_sources(HeadTrainConfig, flags={"embeddings": "/e", "output": "/o"}, overrides=["hidden=[a]"])
