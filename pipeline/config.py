@@ -62,8 +62,9 @@ class RuntimeConfig(_Strict):
     actors: str = Field("1", description="N, or MIN,MAX for an autoscaling actor pool")
     gpus_per_actor: float = Field(0.0, ge=0)
     cpus_per_actor: float = Field(1.0, gt=0)
-    calls_per_actor: int = Field(2, ge=1, description="batches an actor works on at once: one decodes "
-                                 "while another is in the model")
+    calls_per_actor: int | None = Field(None, ge=1, description="batches an actor works on at once: one "
+                                        "decodes while another is in the model; default 2 with a GPU, 1 "
+                                        "without (on CPU both would compete for the same cores)")
     actor_resources: dict[str, float] = Field(
         default_factory=dict, description="custom Ray resources each actor needs, e.g. {embed: 1} to keep "
         "actors on the nodes that advertise them (ray start --resources)")
@@ -84,6 +85,12 @@ class RuntimeConfig(_Strict):
 
     def actor_range(self) -> tuple[int, int]:
         return parse_actors(self.actors)
+
+    def actor_calls(self) -> int:
+        """Concurrent batches per actor: the setting, else 2 for a GPU actor and 1 for a CPU one."""
+        if self.calls_per_actor is not None:
+            return self.calls_per_actor
+        return 2 if self.gpus_per_actor > 0 and self.device != "cpu" else 1
 
 
 def parse_actors(v: str | int) -> tuple[int, int]:

@@ -78,3 +78,12 @@ def test_set_takes_lists_and_maps():
     assert cfg.runtime.actor_resources == {"embed": 1.0}
     with pytest.raises(ConfigError, match="hidden"):
         merge_sources(HeadTrainConfig, flags={"embeddings": "/e", "output": "/o"}, overrides=["hidden=[a]"])
+
+
+def test_calls_per_actor_defaults_to_overlap_only_with_a_gpu():
+    cpu = merge_sources(ExtractConfig, flags=_flags())
+    assert cpu.runtime.actor_calls() == 1
+    gpu = merge_sources(ExtractConfig, flags=_flags(), overrides=["runtime.gpus_per_actor=1"])
+    assert gpu.runtime.actor_calls() == 2
+    set_ = merge_sources(ExtractConfig, flags=_flags(), overrides=["runtime.calls_per_actor=3"])
+    assert set_.runtime.actor_calls() == 3

@@ -47,6 +47,35 @@ def test_good_and_bad_rows_in_one_batch(photos):
     assert np.allclose(decode, decode[0]) and out.column("gpu_util").null_count == 5  # no GPU here
 
 
+def test_concurrent_calls_give_the_same_rows_and_their_own_timings(photos):
+    """runtime.calls_per_actor > 1: Ray calls one Embedder from several threads at once."""
+    import threading
+
+    e = Embedder({"model": "tf_efficientnet_lite0", "weights": "packaged"}, threads=1)
+    batches = [_batch([photos["chelsea"]] * 3), _batch([photos["coffee"], b""]),
+               _batch([photos["coffee"]] * 4), _batch([b"junk"])]
+    alone = [e(b) for b in batches]
+    together: list = [None] * len(batches)
+    start = threading.Barrier(len(batches))
+
+    def run(i):
+        start.wait()
+        together[i] = e(batches[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(batches))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(alone, together):
+        assert a.column("error_kind").to_pylist() == b.column("error_kind").to_pylist()
+        for x, y in zip(a.column("embedding").to_pylist(), b.column("embedding").to_pylist()):
+            assert (x is None) == (y is None) and (x is None or np.allclose(x, y, atol=1e-5))
+    # a batch with no decodable image spent no time in the model, whatever the other threads did
+    assert together[3].column("forward_s").to_pylist() == [0.0]
+    assert together[2].column("forward_s").to_pylist()[0] > 0
+
+
 def test_one_pass_multi_layer_equals_separate_runs(photos):
     cfg = {"model": "tf_efficientnet_lite0", "weights": "packaged", "pool": "avg"}
     multi = Embedder(cfg, layers=["blocks.2", "blocks.4", "final"])(_batch([photos["chelsea"]]))

@@ -193,6 +193,7 @@ def test_s3_end_to_end_equals_local(ray_session, s3_server, bucket, textures_dir
 
     s3_cfg = _cfg(f"{bucket}/in", f"{bucket}/out")
     s3_cfg.source.format = fmt
+    s3_cfg.runtime.calls_per_actor = 2  # the GPU default: two batches per actor at once, same output
     s3 = extract(s3_cfg)
     local_cfg = _cfg(local, tmp_path / "local-out")
     local_cfg.source.format = fmt
