@@ -73,6 +73,12 @@ class RuntimeConfig(_Strict):
     max_pixels: int = Field(50_000_000, ge=1, description="larger images are refused (decompression bombs)")
     jpeg_draft: bool = Field(False, description="decode large JPEGs at a reduced scale that still covers the "
                              "model's resize: faster on photos, not bit-equal to the full decode")
+    decoder: Literal["auto", "pil", "tensor"] = Field(
+        "auto", description="pil: PIL decode and transform per image; tensor: JPEGs decoded by torchvision "
+        "(nvjpeg, batched, on a GPU) and resize/crop/normalize as batched tensor ops on the actor's device; "
+        "auto: tensor on CUDA, pil on CPU")
+    channels_last: bool | None = Field(None, description="run the model in channels-last memory format; "
+                                       "default: on for CUDA actors")
     address: str | None = Field(None, description="Ray address; default: RAY_ADDRESS or a local Ray")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray started by this run")
     progress: bool = True

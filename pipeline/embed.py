@@ -18,6 +18,7 @@ import torch
 from pipeline.backbones import Backbone, build_backbone, resize_side
 from pipeline.config import BackboneConfig
 from pipeline.decode import DecodeError, decode_image
+from pipeline.tensorprep import TensorPrep, TensorPrepError
 
 PASS_THROUGH = ("id", "source", "label", "shard", "row")
 
@@ -66,6 +67,15 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def resolve_decoder(decoder: str, device: torch.device) -> str:
+    """auto -> tensor on a CUDA device (nvjpeg + batched GPU preprocessing), pil on CPU."""
+    if decoder not in ("auto", "pil", "tensor"):
+        raise ValueError(f"decoder must be auto, pil or tensor, got '{decoder}' (--set runtime.decoder=...)")
+    if decoder == "auto":
+        return "tensor" if device.type == "cuda" else "pil"
+    return decoder
+
+
 def _column(batch: dict[str, Any] | pa.Table, name: str, n: int) -> list[Any]:
     if isinstance(batch, pa.Table):
         return batch.column(name).to_pylist() if name in batch.column_names else [None] * n
@@ -89,6 +99,10 @@ class Embedder:
             model's resize; much faster for photos several times the input size, close to but not
             bit-equal with the full decode.
         threads: decode/preprocess threads (default: torch's intra-op thread count).
+        decoder: pil (PIL decode and transform per image) | tensor (JPEGs decoded by torchvision, nvjpeg on a
+            GPU, and batched tensor preprocessing on the device; tensorprep.py) | auto (tensor on CUDA).
+        channels_last: run the model in channels-last memory format (faster convolutions on GPUs with
+            tensor cores); default: on for CUDA.
     """
 
     def __init__(
@@ -103,6 +117,8 @@ class Embedder:
         max_bytes: int = 64 * 1024 * 1024,
         threads: int | None = None,
         jpeg_draft: bool = False,
+        decoder: str = "auto",
+        channels_last: bool | None = None,
     ) -> None:
         cfg = backbone if isinstance(backbone, BackboneConfig) else BackboneConfig(**backbone)
         self.device = resolve_device(device)
@@ -114,6 +130,19 @@ class Embedder:
         self.schema = output_schema(list(self.backbone.dims), dtype)
         side = resize_side(self.backbone.preprocessing)
         self.draft_size = (side, side) if jpeg_draft else None
+        self.decoder = resolve_decoder(decoder, self.device)
+        self.tensor_prep: TensorPrep | None = None
+        if self.decoder == "tensor":
+            try:
+                self.tensor_prep = TensorPrep(self.backbone.transform, self.device, max_pixels=max_pixels,
+                                              max_bytes=max_bytes, draft_side=side if jpeg_draft else None)
+            except TensorPrepError:
+                if decoder == "tensor":
+                    raise
+                self.decoder = "pil"  # auto: this model's transform needs the PIL path
+        self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
+        if self.channels_last:
+            self.backbone.model.to(memory_format=torch.channels_last)
         # Ray sets OMP_NUM_THREADS (and so torch's thread count) to the actor's CPUs.
         self.threads = max(1, int(threads or torch.get_num_threads()))
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
@@ -135,6 +164,8 @@ class Embedder:
 
     def _forward(self, x: torch.Tensor) -> list[np.ndarray]:
         x = x.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         use_amp = self.autocast != "none" and self.device.type == "cuda"
         amp_dtype = torch.bfloat16 if self.autocast == "bf16" else torch.float16
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=amp_dtype, enabled=use_amp):
@@ -142,6 +173,21 @@ class Embedder:
         return [o.float().cpu().numpy() for o in outs]
 
     # -- a batch ----------------------------------------------------------------------------------
+    def _map(self, fn, items):
+        return list(self._pool.map(fn, items)) if self._pool else [fn(i) for i in items]
+
+    def _prepare_batch(self, raw: list[bytes | None]) -> tuple[torch.Tensor | None, list[DecodeError | None]]:
+        """Encoded images -> (the preprocessed batch of the good ones or None, an error or None per image)."""
+        if self.tensor_prep is not None:
+            return self.tensor_prep(raw, self._map)
+        prepared = self._map(self._prepare, raw)
+        errors = [p if isinstance(p, DecodeError) else None for p in prepared]
+        tensors = [p for p in prepared if not isinstance(p, DecodeError)]
+        if not tensors:
+            return None, errors
+        x = torch.stack(tensors)
+        return (x.pin_memory() if self.device.type == "cuda" else x), errors
+
     def _rows(self, batch: dict[str, Any] | pa.Table):
         """Decode and forward a batch: (columns, error kinds, messages, per-layer values, valid mask)."""
         n = batch.num_rows if isinstance(batch, pa.Table) else len(next(iter(batch.values())))
@@ -152,23 +198,19 @@ class Embedder:
         todo = [i for i in range(n) if kinds[i] is None]
         raw = [cols["bytes"][i] for i in todo]
         t0 = time.perf_counter()
-        prepared = list(self._pool.map(self._prepare, raw)) if self._pool else [self._prepare(b) for b in raw]
+        x, errors = self._prepare_batch(raw)
         t1 = time.perf_counter()
-
         good: list[int] = []
-        tensors: list[torch.Tensor] = []
-        for i, p in zip(todo, prepared):
-            if isinstance(p, DecodeError):
-                kinds[i], messages[i] = p.kind, p.message
-            else:
+        for i, err in zip(todo, errors):
+            if err is None:
                 good.append(i)
-                tensors.append(p)
+            else:
+                kinds[i], messages[i] = err.kind, err.message
 
         values = [np.zeros((n, d), dtype=np.float32) for d in self.backbone.dims]
         forward_s = 0.0
-        if tensors:
+        if x is not None:
             try:
-                x = torch.stack(tensors)
                 # One batch in the model at a time; other calls decode meanwhile (runtime.calls_per_actor).
                 with self._model_lock:
                     t2 = time.perf_counter()

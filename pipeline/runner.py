@@ -359,6 +359,8 @@ def _execute(runtime, source_cfg, stage, stage_kwargs, shards, sink: ParquetSink
             "autocast": runtime.autocast,
             "max_pixels": runtime.max_pixels,
             "jpeg_draft": runtime.jpeg_draft,
+            "decoder": runtime.decoder,
+            "channels_last": runtime.channels_last,
             "max_bytes": source_cfg.max_bytes,
             **stage_kwargs,
         },

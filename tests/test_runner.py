@@ -85,6 +85,19 @@ def test_golden_final_layer_matches_plain_timm(local_run):
     assert _cos(emb, ref).min() >= 0.9999
 
 
+def test_tensor_decoder_through_ray_matches_plain_timm(local_run, tmp_path):
+    """runtime.decoder=tensor (the GPU default) on CPU actors: same rows and errors, the same features."""
+    root, out, s = local_run
+    cfg = _cfg(root, tmp_path / "out")
+    cfg.runtime.decoder, cfg.runtime.channels_last = "tensor", True
+    t = extract(cfg)
+    assert t["counts"] == s["counts"] and t["error_kinds"] == s["error_kinds"]
+    table, emb = _read(str(tmp_path / "out"))
+    assert table.column("id").to_pylist() == _read(str(out))[0].column("id").to_pylist()
+    ref = _timm_reference([root / i for i in table.column("id").to_pylist()])
+    assert _cos(emb, ref).min() >= 0.999
+
+
 def test_counts_ids_labels_and_errors(local_run):
     root, out, s = local_run
     assert s["counts"] == {"inputs": 26, "embedded": 24, "failed": 2, "skipped": 1}

@@ -1,0 +1,197 @@
+"""The tensor decoder (runtime.decoder=tensor): the GPU fast path's code, run on CPU against the PIL path."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import samples
+from pipeline.decode import DecodeError, decode_image
+from pipeline.embed import Embedder
+from pipeline.tensorprep import TensorPrep, TensorPrepError, TensorTransform, jpeg_route
+
+CPU = torch.device("cpu")
+LIMITS = {"max_pixels": 50_000_000, "max_bytes": 64 * 1024 * 1024}
+
+
+def _encode(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}) | kw)
+    return buf.getvalue()
+
+
+def _photo(name: str, size: tuple[int, int] | None = None, mode: str = "RGB") -> Image.Image:
+    img = samples.photo(name)
+    img = img.resize(size, Image.BICUBIC) if size else img
+    return img.convert(mode)
+
+
+def _exif_rotated() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    return _encode(_photo("coffee", (90, 60)), exif=exif.tobytes())
+
+
+@pytest.fixture(scope="module")
+def images() -> dict[str, bytes]:
+    """Every route: plain JPEGs of several sizes (two of one size: resized together), grayscale and
+    EXIF-rotated JPEGs (tensor decoder), and PNG, CMYK JPEG, palette PNG (PIL decoder)."""
+    return {
+        "chelsea": _encode(_photo("chelsea")),
+        "coffee": _encode(_photo("coffee")),
+        "wide": _encode(_photo("astronaut", (640, 240))),
+        "tall": _encode(_photo("astronaut", (200, 500))),
+        "small": _encode(_photo("chelsea", (64, 48))),
+        "small2": _encode(_photo("coffee", (64, 48))),
+        "gray": _encode(_photo("chelsea", mode="L")),
+        "rotated": _exif_rotated(),
+        "png": _encode(_photo("coffee", (300, 200)), "PNG"),
+        "cmyk": _encode(_photo("chelsea", (240, 180), mode="CMYK")),
+        "palette": _encode(_photo("astronaut", (128, 128)).convert("P"), "PNG"),
+    }
+
+
+def _timm_transform(model: str):
+    import timm
+    import timm.data
+
+    m = timm.create_model(model, pretrained=False)
+    return timm.data.create_transform(**timm.data.resolve_model_data_config(m), is_training=False)
+
+
+def _tv_transform():
+    import torchvision
+
+    return torchvision.models.ResNet50_Weights.IMAGENET1K_V2.transforms()  # bilinear, resize 232, crop 224
+
+
+@pytest.mark.parametrize("make", [lambda: _timm_transform("tf_efficientnet_lite0"),
+                                  lambda: _timm_transform("resnet50"), _tv_transform],
+                         ids=["lite0-bicubic-256", "resnet50-bicubic-235", "tv-resnet50-bilinear-232"])
+def test_tensor_path_matches_the_models_pil_eval_transform(images, make):
+    t = make()
+    prep = TensorPrep(t, CPU, **LIMITS)
+    x, errors = prep(list(images.values()))
+    assert errors == [None] * len(images)
+    ref = torch.stack([t(decode_image(d, **LIMITS)) for d in images.values()])
+    assert x.shape == ref.shape and x.dtype == torch.float32
+    # in uint8 steps: both paths resample in uint8 and round, in slightly different arithmetic
+    steps = ((x - ref) * torch.tensor(prep.tt.std).view(1, 3, 1, 1) * 255).abs().round()
+    assert steps.max().item() <= 2
+    assert (steps > 0).float().mean().item() < 0.01  # measured: 0.2-0.4 % of values differ, by one step
+
+
+def test_transform_steps_are_read_from_the_model(images):
+    lite = TensorTransform.from_transform(_timm_transform("tf_efficientnet_lite0"))
+    assert lite.resize == (256,) and lite.crop == (224, 224) and lite.interpolation.value == "bicubic"
+    assert lite.mean == (0.5, 0.5, 0.5) and lite.antialias
+    tv = TensorTransform.from_transform(_tv_transform())
+    assert tv.resize == (232,) and tv.interpolation.value == "bilinear" and tv.std[0] == pytest.approx(0.229)
+
+
+def test_an_unsupported_eval_transform_names_the_fix():
+    from torchvision import transforms as T
+
+    t = T.Compose([T.Resize(256), T.Grayscale(3), T.CenterCrop(224), T.ToTensor()])
+    with pytest.raises(TensorPrepError, match="runtime.decoder=pil"):
+        TensorTransform.from_transform(t)
+
+
+def test_routing_jpegs_to_the_tensor_decoder_and_the_rest_to_pil(images, monkeypatch):
+    route = {k: jpeg_route(v, draft_side=None, **LIMITS) for k, v in images.items()}
+    assert [k for k, r in route.items() if r] == ["chelsea", "coffee", "wide", "tall", "small", "small2",
+                                                   "gray", "rotated"]
+    # limits are checked on the header, so an oversized JPEG goes to PIL, which names the error
+    assert not jpeg_route(images["chelsea"], draft_side=None, max_pixels=100, max_bytes=10**8)
+    assert not jpeg_route(images["chelsea"], draft_side=None, max_pixels=10**8, max_bytes=100)
+    # draft mode (CPU): a JPEG at least twice the resize goes to PIL's reduced-scale decode
+    assert not jpeg_route(images["chelsea"], draft_side=128, **LIMITS)  # 451x300
+    assert jpeg_route(images["small"], draft_side=128, **LIMITS)
+    assert not jpeg_route(b"\xff\xd8\xff\xe0garbage", draft_side=None, **LIMITS)
+
+    prep = TensorPrep(_timm_transform("tf_efficientnet_lite0"), CPU, **LIMITS)
+    used = []
+    for name in ("_jpeg_one", "_pil"):
+        real = getattr(prep, name)
+        monkeypatch.setattr(prep, name, lambda d, real=real, name=name: used.append(name) or real(d))
+    prep.decode(list(images.values()))
+    assert used.count("_jpeg_one") == 8 and used.count("_pil") == 3
+
+
+def test_bad_images_get_the_error_kinds_of_the_pil_path(images):
+    jpeg = images["chelsea"]
+    bad = [None, b"", b"not an image", jpeg[: len(jpeg) // 2], b"\xff\xd8\xff\xe0garbage", jpeg]
+    prep = TensorPrep(_timm_transform("tf_efficientnet_lite0"), CPU, **LIMITS)
+    x, errors = prep(bad)
+    expected = [decode_image(d, **LIMITS) for d in bad]
+    assert [e.kind if e else None for e in errors] == \
+        [e.kind if isinstance(e, DecodeError) else None for e in expected]
+    assert [e.kind if e else None for e in errors] == ["missing", "empty", "not_an_image", "truncated",
+                                                      "decode_failed", None]
+    assert x.shape == (1, 3, 224, 224)
+    x, errors = prep([b"", None])
+    assert x is None and len(errors) == 2
+
+
+def test_batched_jpeg_decode_isolates_a_bad_image(images, monkeypatch):
+    """The CUDA path decodes all JPEGs in one call; when that call fails, it retries image by image."""
+    prep = TensorPrep(_timm_transform("tf_efficientnet_lite0"), CPU, **LIMITS)
+    good = [images["chelsea"], images["gray"], images["small"]]
+    one_by_one = prep.decode(good)
+    batched = prep._jpeg_batch(good)  # the nvjpeg call on CUDA; torchvision loops over the list on CPU
+    assert all(torch.equal(a, b) for a, b in zip(one_by_one, batched))
+    # a JPEG whose header passes but whose data does not: the batch call raises, each image is retried
+    broken = images["coffee"][: len(images["coffee"]) // 2]
+    out = prep._jpeg_batch([images["chelsea"], broken, images["small"]])
+    assert torch.equal(out[0], one_by_one[0]) and torch.equal(out[2], one_by_one[2])
+    assert jpeg_route(broken, draft_side=None, **LIMITS)
+    assert isinstance(out[1], DecodeError) and out[1].kind == "truncated"
+
+
+def _batch(datas: list[bytes | None]) -> pa.Table:
+    n = len(datas)
+    return pa.table({
+        "id": [f"i{k}" for k in range(n)], "source": ["s"] * n, "label": [None] * n,
+        "bytes": pa.array(datas, pa.binary()), "error_kind": pa.array([None] * n, pa.string()),
+        "error_message": pa.array([None] * n, pa.string()), "shard": ["sh"] * n, "row": list(range(n)),
+    })
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_embedder_tensor_decoder_gives_the_pil_embeddings_and_errors(images):
+    cfg = {"model": "tf_efficientnet_lite0", "weights": "packaged"}
+    datas = [*images.values(), b"junk", None]
+    pil = Embedder(cfg, threads=2, decoder="pil")(_batch(datas))
+    tensor_emb = Embedder(cfg, threads=2, decoder="tensor", channels_last=True)
+    assert tensor_emb.decoder == "tensor" and tensor_emb.channels_last
+    ten = tensor_emb(_batch(datas))
+    assert ten.column("error_kind").to_pylist() == pil.column("error_kind").to_pylist()
+    ok = ten.column("embedding").drop_null()
+    a, b = np.stack(ok.to_pylist()), np.stack(pil.column("embedding").drop_null().to_pylist())
+    assert len(a) == len(images)
+    assert _cosine(a, b).min() > 0.999
+
+
+def test_decoder_auto_is_pil_on_cpu_and_falls_back_for_a_transform_it_cannot_reproduce(monkeypatch):
+    cfg = {"model": "tf_efficientnet_lite0", "weights": "packaged"}
+    auto = Embedder(cfg, threads=1)
+    assert auto.decoder == "pil" and auto.tensor_prep is None and not auto.channels_last
+    with pytest.raises(ValueError, match="auto, pil or tensor"):
+        Embedder(cfg, threads=1, decoder="nvjpeg")
+
+    def refuse(t):
+        raise TensorPrepError("not reproducible: use --set runtime.decoder=pil")
+
+    monkeypatch.setattr(TensorTransform, "from_transform", staticmethod(refuse))
+    with pytest.raises(TensorPrepError, match="runtime.decoder=pil"):
+        Embedder(cfg, threads=1, decoder="tensor")
+    monkeypatch.setattr("pipeline.embed.resolve_decoder", lambda d, dev: "tensor")
+    assert Embedder(cfg, threads=1, decoder="auto").decoder == "pil"
