@@ -79,6 +79,8 @@ class RuntimeConfig(_Strict):
         "auto: tensor on CUDA, pil on CPU")
     channels_last: bool | None = Field(None, description="run the model in channels-last memory format; "
                                        "default: on for CUDA actors")
+    compile: bool = Field(False, description="torch.compile the model (final/logits layers): faster on GPUs "
+                          "after a compile of seconds (about a minute on CPU) in each actor")
     address: str | None = Field(None, description="Ray address; default: RAY_ADDRESS or a local Ray")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray started by this run")
     progress: bool = True

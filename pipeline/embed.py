@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.backbones import Backbone, build_backbone, resize_side
+from pipeline.backbones import Backbone, build_backbone, is_torchvision, resize_side
 from pipeline.config import BackboneConfig
 from pipeline.decode import DecodeError, decode_image
 from pipeline.tensorprep import TensorPrep, TensorPrepError
@@ -67,6 +67,20 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def compile_target(bb: Backbone) -> str:
+    """The model method runtime.compile wraps for this cut: timm's forward_features (final/logits), or a
+    torchvision model's forward (logits). Other cuts stop the forward with hooks, which a compiled graph
+    cannot do: a ValueError names the fix."""
+    if not is_torchvision(bb.model_name) and hasattr(bb.model, "forward_head") and \
+            set(bb.layers) <= {"final", "logits"}:
+        return "forward_features"
+    if is_torchvision(bb.model_name) and bb.layers == ("logits",):
+        return "forward"
+    raise ValueError(
+        f"runtime.compile applies to layer final or logits of timm models and to logits of torchvision "
+        f"models, not to {', '.join(bb.layers)} of {bb.model_name}: use --set runtime.compile=false")
+
+
 def resolve_decoder(decoder: str, device: torch.device) -> str:
     """auto -> tensor on a CUDA device (nvjpeg + batched GPU preprocessing), pil on CPU."""
     if decoder not in ("auto", "pil", "tensor"):
@@ -103,6 +117,10 @@ class Embedder:
             GPU, and batched tensor preprocessing on the device; tensorprep.py) | auto (tensor on CUDA).
         channels_last: run the model in channels-last memory format (faster convolutions on GPUs with
             tensor cores); default: on for CUDA.
+        compile: run the model through ``torch.compile`` (for the final/logits layers). The first batch pays
+            for compilation (seconds on a GPU, about a minute on CPU); shorter batches are padded to the
+            compiled batch size so that one graph serves the whole run.
+        compile_backend: torch.compile's backend (inductor; eager only traces, for tests).
     """
 
     def __init__(
@@ -119,6 +137,8 @@ class Embedder:
         jpeg_draft: bool = False,
         decoder: str = "auto",
         channels_last: bool | None = None,
+        compile: bool = False,
+        compile_backend: str = "inductor",
     ) -> None:
         cfg = backbone if isinstance(backbone, BackboneConfig) else BackboneConfig(**backbone)
         self.device = resolve_device(device)
@@ -143,6 +163,9 @@ class Embedder:
         self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
         if self.channels_last:
             self.backbone.model.to(memory_format=torch.channels_last)
+        self.compiled_batch = 0  # the batch size the compiled graph was built for; 0: not compiled
+        if compile:
+            self._compile(compile_backend)
         # Ray sets OMP_NUM_THREADS (and so torch's thread count) to the actor's CPUs.
         self.threads = max(1, int(threads or torch.get_num_threads()))
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
@@ -162,15 +185,27 @@ class Embedder:
         except Exception as e:  # noqa: BLE001 - a bad image is data, not a crash
             return DecodeError("preprocess_failed", f"{type(e).__name__}: {e}")
 
+    def _compile(self, backend: str) -> None:
+        model = self.backbone.model
+        name = compile_target(self.backbone)
+        setattr(model, name, torch.compile(getattr(model, name), backend=backend, dynamic=False))
+        self.compiled_batch = -1  # set by the first batch
+
     def _forward(self, x: torch.Tensor) -> list[np.ndarray]:
         x = x.to(self.device, non_blocking=True)
+        n = x.shape[0]
+        if self.compiled_batch:
+            # One graph for the run: a short (last) batch is padded with zeros to the compiled size.
+            self.compiled_batch = max(self.compiled_batch, n)
+            if n < self.compiled_batch:
+                x = torch.cat([x, x.new_zeros((self.compiled_batch - n, *x.shape[1:]))])
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         use_amp = self.autocast != "none" and self.device.type == "cuda"
         amp_dtype = torch.bfloat16 if self.autocast == "bf16" else torch.float16
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=amp_dtype, enabled=use_amp):
             outs = self.backbone.embed_all(x)
-        return [o.float().cpu().numpy() for o in outs]
+        return [o[:n].float().cpu().numpy() for o in outs]
 
     # -- a batch ----------------------------------------------------------------------------------
     def _map(self, fn, items):

@@ -17,6 +17,7 @@ from typing import Any
 from pipeline import __version__, storage
 from pipeline.backbones import build_backbone
 from pipeline.config import ClassifyConfig, ConfigError, ExtractConfig, ProbeConfig, RuntimeConfig
+from pipeline.embed import compile_target
 from pipeline.finetune import FinetuneConfig
 from pipeline.ledger import Ledger
 from pipeline.sink import (
@@ -361,6 +362,7 @@ def _execute(runtime, source_cfg, stage, stage_kwargs, shards, sink: ParquetSink
             "jpeg_draft": runtime.jpeg_draft,
             "decoder": runtime.decoder,
             "channels_last": runtime.channels_last,
+            "compile": runtime.compile,
             "max_bytes": source_cfg.max_bytes,
             **stage_kwargs,
         },
@@ -409,7 +411,10 @@ def extract(cfg: ExtractConfig, *, overwrite: bool = False, incremental: bool = 
     partition = _partition(incremental, run_date)
     shards, skipped = list_shards(cfg.source)
     check_source(cfg.source, shards)
-    spec = _spec(build_backbone(cfg.backbone, "cpu"), 0, cfg.output.dtype)
+    backbone = build_backbone(cfg.backbone, "cpu")
+    if cfg.runtime.compile:
+        compile_target(backbone)  # a cut that cannot be compiled fails here, not in every actor
+    spec = _spec(backbone, 0, cfg.output.dtype)
     outputs = [Output(EMBEDDINGS_DIR, EMBEDDING_COLUMNS, spec)]
     todo, plan = plan_output(cfg.output.uri, cfg.source.uri, outputs, shards, overwrite=overwrite)
     return _run_stage(
@@ -430,6 +435,8 @@ def classify(cfg: ClassifyConfig, *, overwrite: bool = False, incremental: bool 
     check_source(cfg.source, shards)
     backbone_cfg = cfg.backbone.model_copy(update={"layer": "logits", "normalize": False})
     backbone = build_backbone(backbone_cfg, "cpu")
+    if cfg.runtime.compile:
+        compile_target(backbone)
     spec = {**_spec(backbone, 0, "float32"), "top_k": cfg.top_k}
     columns = {"id": "id", "source": "source", "labels": "labels", "scores": "scores", "classes": "classes"}
     outputs = [Output(PREDICTIONS_DIR, columns, spec)]
@@ -605,6 +612,8 @@ def probe(cfg: ProbeConfig, *, overwrite: bool = False, progress: bool = True) -
         else:
             layers = list(cfg.layers)
         backbone = build_backbone(bcfg, "cpu", layers)  # validates every layer and pooling up front
+        if cfg.runtime.compile:
+            compile_target(backbone)
         outputs = [
             Output(f"{_slug(model)}/{layer}/{EMBEDDINGS_DIR}",
                    {**EMBEDDING_COLUMNS, "embedding": embedding_column(i, len(layers))},

@@ -109,3 +109,32 @@ def test_jpeg_draft_decodes_large_photos_at_a_reduced_scale_with_nearly_equal_em
             for e in (full, draft))
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     assert cos.min() >= 0.99 and not np.array_equal(a, b)
+
+
+def test_compiled_model_pads_short_batches_and_gives_the_eager_rows(photos, monkeypatch):
+    """runtime.compile: one graph for the run; the last, shorter batch is padded to the compiled size.
+    torch.compile's "eager" backend traces the same graph without generating code (inductor takes about a
+    minute per model on this CPU)."""
+    cfg = {"model": "tf_efficientnet_lite0", "weights": "packaged"}
+    plain = Embedder(cfg, threads=1)
+    compiled = Embedder(cfg, threads=1, compile=True, compile_backend="eager")
+    shapes = []
+    real = compiled.backbone.model.forward_features
+    monkeypatch.setattr(compiled.backbone.model, "forward_features",
+                        lambda x: shapes.append(x.shape[0]) or real(x))
+    full = _batch([photos["chelsea"], photos["coffee"], photos["chelsea"], photos["coffee"]])
+    short = _batch([photos["coffee"], b""])
+    for batch in (full, short):
+        a, b = plain(batch), compiled(batch)
+        assert a.column("error_kind").to_pylist() == b.column("error_kind").to_pylist()
+        ea = np.stack(a.column("embedding").drop_null().to_pylist())
+        eb = np.stack(b.column("embedding").drop_null().to_pylist())
+        np.testing.assert_allclose(ea, eb, atol=1e-4)
+    assert shapes == [4, 4]  # the 1-image batch went through the graph padded to 4
+    assert hasattr(real, "_torchdynamo_orig_callable")  # the model's forward_features is the compiled one
+
+
+def test_compile_refuses_a_cut_it_cannot_compile_with_the_fix():
+    cfg = {"model": "tf_efficientnet_lite0", "weights": "packaged", "layer": "blocks.3"}
+    with pytest.raises(ValueError, match="runtime.compile=false"):
+        Embedder(cfg, threads=1, compile=True, compile_backend="eager")

@@ -98,6 +98,14 @@ def test_tensor_decoder_through_ray_matches_plain_timm(local_run, tmp_path):
     assert _cos(emb, ref).min() >= 0.999
 
 
+def test_compile_of_a_cut_it_cannot_compile_fails_on_the_driver(textures_dir, tmp_path):
+    cfg = _cfg(textures_dir, tmp_path / "out", layer="blocks.3")
+    cfg.runtime.compile = True
+    with pytest.raises(ValueError, match="runtime.compile=false"):
+        extract(cfg)
+    assert not (tmp_path / "out").exists()
+
+
 def test_counts_ids_labels_and_errors(local_run):
     root, out, s = local_run
     assert s["counts"] == {"inputs": 26, "embedded": 24, "failed": 2, "skipped": 1}
