@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from pipeline import __version__, storage
-from pipeline.backbones import build_backbone
+from pipeline.backbones import Backbone, build_backbone, input_size
 from pipeline.config import ClassifyConfig, ConfigError, ExtractConfig, ProbeConfig, RuntimeConfig
 from pipeline.embed import compile_target
 from pipeline.finetune import FinetuneConfig
@@ -256,6 +256,11 @@ def _datasink(sink: ParquetSink, rows_per_write: int = 1024):
     return EmbeddingDatasink()
 
 
+def _sized(runtime: RuntimeConfig, backbone: Backbone) -> RuntimeConfig:
+    """The runtime with its batch size resolved from the model's input size (runtime.batch_size unset)."""
+    return runtime.model_copy(update={"batch_size": runtime.batch_for(input_size(backbone.preprocessing))})
+
+
 def _run_stage(
     *,
     kind: str,
@@ -326,7 +331,7 @@ def _run_stage(
         "gpu_utilization": (round(at["gpu_util_sum"] / at["gpu_util_rows"], 1)
                             if at.get("gpu_util_rows") else None),
         "actors": {"min": lo, "max": hi, "cpus_per_actor": runtime.cpus_per_actor,
-                   "gpus_per_actor": runtime.gpus_per_actor},
+                   "gpus_per_actor": runtime.gpus_per_actor, "batch_size": runtime.batch_size},
         **extra,
         "config": config,
     }
@@ -418,7 +423,8 @@ def extract(cfg: ExtractConfig, *, overwrite: bool = False, incremental: bool = 
     outputs = [Output(EMBEDDINGS_DIR, EMBEDDING_COLUMNS, spec)]
     todo, plan = plan_output(cfg.output.uri, cfg.source.uri, outputs, shards, overwrite=overwrite)
     return _run_stage(
-        kind="extract", source_cfg=cfg.source, runtime=cfg.runtime, output_uri=cfg.output.uri,
+        kind="extract", source_cfg=cfg.source, runtime=_sized(cfg.runtime, backbone),
+        output_uri=cfg.output.uri,
         stage=_stage("Embedder"),
         stage_kwargs={"backbone": cfg.backbone.model_dump(), "dtype": cfg.output.dtype},
         outputs=outputs, shards=todo, skipped=skipped, t_start=t_start, extra={"spec": spec},
@@ -443,7 +449,8 @@ def classify(cfg: ClassifyConfig, *, overwrite: bool = False, incremental: bool 
     partition = _partition(incremental, run_date)
     todo, plan = plan_output(cfg.output.uri, cfg.source.uri, outputs, shards, overwrite=overwrite)
     return _run_stage(
-        kind="classify", source_cfg=cfg.source, runtime=cfg.runtime, output_uri=cfg.output.uri,
+        kind="classify", source_cfg=cfg.source, runtime=_sized(cfg.runtime, backbone),
+        output_uri=cfg.output.uri,
         stage=_stage("Classifier"),
         stage_kwargs={"backbone": backbone_cfg.model_dump(), "top_k": cfg.top_k},
         outputs=outputs, shards=todo, skipped=skipped, t_start=t_start, extra={"spec": spec},
@@ -526,7 +533,7 @@ def predict(head_uri: str, embeddings_uri: str, output_uri: str, *, top_k: int =
     ds = ray.data.read_parquet(paths, filesystem=fs, columns=["id", "embedding"])
     ds = ds.map_batches(
         _predictor_class(), fn_constructor_kwargs={"head_uri": head_uri, "top_k": top_k},
-        compute=ActorPoolStrategy(min_size=lo, max_size=hi), batch_size=max(runtime.batch_size, 1024),
+        compute=ActorPoolStrategy(min_size=lo, max_size=hi), batch_size=max(runtime.batch_size or 0, 1024),
         batch_format="pyarrow", num_cpus=runtime.cpus_per_actor, resources=runtime.actor_resources or None,
         udf_modifying_row_count=False,
     )
@@ -620,16 +627,17 @@ def probe(cfg: ProbeConfig, *, overwrite: bool = False, progress: bool = True) -
                    _spec(backbone, i, "float32"))
             for i, layer in enumerate(layers)
         ]
-        plans.append((model, bcfg, layers, backbone.dims, outputs, _forward_cost_ms(backbone, layers)))
+        plans.append((model, bcfg, layers, backbone.dims, outputs, _forward_cost_ms(backbone, layers),
+                      _sized(cfg.runtime, backbone)))
         del backbone
     subdirs = [o.subdir for p in plans for o in p[4]]
     prepare_output(cfg.output.uri, overwrite, subdirs)
 
     results, runs = [], []
-    for model, bcfg, layers, dims, outputs, cost in plans:
+    for model, bcfg, layers, dims, outputs, cost, runtime in plans:
         model_out = storage.join(cfg.output.uri, _slug(model))
         s = _run_stage(
-            kind="probe-extract", source_cfg=cfg.source, runtime=cfg.runtime, output_uri=cfg.output.uri,
+            kind="probe-extract", source_cfg=cfg.source, runtime=runtime, output_uri=cfg.output.uri,
             stage=_stage("Embedder"), stage_kwargs={"backbone": bcfg.model_dump(), "layers": layers},
             outputs=outputs, shards=shards, skipped=skipped, t_start=time.perf_counter(),
             extra={"model": model, "layers": layers}, config=json.loads(cfg.model_dump_json()), limit=limit,

@@ -87,3 +87,18 @@ def test_calls_per_actor_defaults_to_overlap_only_with_a_gpu():
     assert gpu.runtime.actor_calls() == 2
     set_ = merge_sources(ExtractConfig, flags=_flags(), overrides=["runtime.calls_per_actor=3"])
     assert set_.runtime.actor_calls() == 3
+
+
+def test_batch_size_defaults_from_the_models_input_size():
+    cpu = merge_sources(ExtractConfig, flags=_flags())
+    assert cpu.runtime.batch_size is None and cpu.runtime.batch_for((224, 224)) == 32
+    gpu = merge_sources(ExtractConfig, flags=_flags(), overrides=["runtime.gpus_per_actor=1"]).runtime
+    assert gpu.batch_for((224, 224)) == 256  # about the same pixels per batch at every input size:
+    assert gpu.batch_for((448, 448)) == 64 and gpu.batch_for((384, 384)) == 64
+    assert gpu.batch_for((160, 160)) == 512 and gpu.batch_for((64, 64)) == 1024  # capped
+    assert gpu.batch_for((2048, 2048)) == 8
+    forced_cpu = gpu.model_copy(update={"device": "cpu"})
+    assert forced_cpu.batch_for((224, 224)) == 32
+    set_ = merge_sources(ExtractConfig, flags=_flags(),
+                         overrides=["runtime.gpus_per_actor=1", "runtime.batch_size=48"]).runtime
+    assert set_.batch_for((448, 448)) == 48

@@ -90,8 +90,10 @@ def test_tensor_decoder_through_ray_matches_plain_timm(local_run, tmp_path):
     root, out, s = local_run
     cfg = _cfg(root, tmp_path / "out")
     cfg.runtime.decoder, cfg.runtime.channels_last = "tensor", True
+    cfg.runtime.batch_size = None  # sized from the model's input: 32 for a CPU actor
     t = extract(cfg)
     assert t["counts"] == s["counts"] and t["error_kinds"] == s["error_kinds"]
+    assert t["actors"]["batch_size"] == 32 and s["actors"]["batch_size"] == 8
     table, emb = _read(str(tmp_path / "out"))
     assert table.column("id").to_pylist() == _read(str(out))[0].column("id").to_pylist()
     ref = _timm_reference([root / i for i in table.column("id").to_pylist()])
