@@ -1,15 +1,23 @@
 """Throughput benchmark: how close the pipeline gets to the bare model forward, measured in one run.
 
     python -m bench.throughput --model tf_efficientnet_lite0 --images 256 [--batch-size 32] \
-        [--source local|s3]
+        [--source local|s3] [--device cpu|cuda] [--weights packaged|none] [--autocast none|bf16|fp16]
 
 Rows (same model, batch size, dtype and machine):
-  forward      pre-decoded, pre-sized tensors through the cut model: the ceiling
-  embedder     the Embedder on encoded JPEG bytes (decode + preprocess + forward + pool), no Ray
-  pipeline     the full run through Ray: shards -> read tasks -> Embedder actor -> Parquet; steady state from
-               two sizes (N and 2N), so Ray start-up and model load are reported separately
-  pipeline-1call  the same with one batch per actor at a time (no decode/model overlap in the actor)
-  ray-pattern  the documented Ray Data pattern: read_images (decode in read tasks) -> actor pool, same model
+  forward         pre-decoded, pre-sized tensors through the cut model: the ceiling
+  embedder-pil    the Embedder on encoded JPEG bytes (decode + preprocess + forward + pool), no Ray, with
+                  runtime.decoder=pil (PIL decode and transform per image, in the actor's threads)
+  embedder-tensor the same with runtime.decoder=tensor (torchvision/nvjpeg decode, batched tensor resize)
+  pipeline        the full run through Ray with the defaults for the device: shards -> read tasks ->
+                  Embedder actor -> Parquet; steady state from two sizes (N and 2N), so Ray start-up and
+                  model load are reported separately
+  pipeline-<d>    the same with the other decoder
+  pipeline-<k>call  the same with the other number of batches per actor (1 vs 2: decode/model overlap)
+  ray-pattern     the documented Ray Data pattern: read_images (decode in read tasks) -> actor pool, same
+                  model, device and autocast
+
+resnet50 and other models without packaged weights: pass --weights none (random init runs at the same
+speed). On a GPU, time is taken after torch.cuda.synchronize(), after a warm-up.
 """
 
 from __future__ import annotations
@@ -46,38 +54,60 @@ def make_jpegs(root: Path, n: int, size=(500, 375), seed: int = 0) -> list[Path]
     return out
 
 
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _median_rate(fn, n_images: int, repeats: int) -> float:
     fn()  # warm-up
+    _sync()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - t)
     return n_images / statistics.median(times)
 
 
-def bench_forward(model: str, batch: int, repeats: int) -> float:
+def _amp(device: str, autocast: str):
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast)
+    return torch.autocast(device, dtype=dtype, enabled=dtype is not None and device == "cuda")
+
+
+def bench_forward(model: str, weights: str, batch: int, repeats: int, device: str = "cpu",
+                  autocast: str = "none") -> float:
+    """The ceiling: pre-sized tensors already on the device, the Embedder's model settings."""
     import torch
 
     from pipeline.backbones import build_backbone, input_size
     from pipeline.config import BackboneConfig
 
-    b = build_backbone(BackboneConfig(model=model, weights="packaged"))
+    b = build_backbone(BackboneConfig(model=model, weights=weights), device)
     h, w = input_size(b.preprocessing)
-    x = torch.randn(batch, 3, h, w)
+    x = torch.randn(batch, 3, h, w, device=device)
+    if device == "cuda":  # as the Embedder runs it there
+        b.model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
 
     def run():
-        with torch.inference_mode():
-            b.embed(x)
+        with torch.inference_mode(), _amp(device, autocast):
+            b.embed(x).float().cpu()
     return _median_rate(run, batch, repeats)
 
 
-def bench_embedder(model: str, files: list[Path], batch: int, repeats: int) -> float:
+def bench_embedder(model: str, weights: str, files: list[Path], batch: int, repeats: int,
+                   device: str = "cpu", autocast: str = "none", decoder: str = "pil") -> float:
     import pyarrow as pa
 
     from pipeline.embed import Embedder
 
-    e = Embedder({"model": model, "weights": "packaged"})
+    e = Embedder({"model": model, "weights": weights}, device=device, autocast=autocast, decoder=decoder)
     datas = [f.read_bytes() for f in files[:batch]]
     table = pa.table({"id": [str(i) for i in range(batch)], "source": ["s"] * batch, "label": [None] * batch,
                       "bytes": pa.array(datas, pa.binary()),
@@ -87,21 +117,25 @@ def bench_embedder(model: str, files: list[Path], batch: int, repeats: int) -> f
     return _median_rate(lambda: e(table), batch, repeats)
 
 
-def bench_pipeline(model: str, src: str, out: str, batch: int, cpus: int, calls: int = 2) -> float:
+def bench_pipeline(model: str, weights: str, src: str, out: str, batch: int, cpus: int,
+                   runtime: dict | None = None) -> float:
+    """One extract run; returns its run time (start-up included). ``runtime``: overrides."""
     from pipeline.config import ExtractConfig
     from pipeline.runner import extract
 
     cfg = ExtractConfig.model_validate({
         "source": {"uri": src, "files_per_shard": 64},
-        "backbone": {"model": model, "weights": "packaged"},
+        "backbone": {"model": model, "weights": weights},
         "output": {"uri": out},
-        "runtime": {"batch_size": batch, "cpus_per_actor": cpus, "calls_per_actor": calls, "progress": False},
+        "runtime": {"batch_size": batch, "cpus_per_actor": cpus, "progress": False, **(runtime or {})},
     })
     s = extract(cfg, overwrite=True)
     return s["timings"]["run_s"]
 
 
-def bench_ray_pattern(model: str, src: str, batch: int, cpus: int) -> float:
+def bench_ray_pattern(model: str, weights: str, src: str, batch: int, cpus: int, device: str = "cpu",
+                      autocast: str = "none") -> float:
+    """Ray Data's documented batch-inference pattern: decode in read tasks, transform + model in actors."""
     import ray
 
     from pipeline.backbones import build_backbone
@@ -109,21 +143,22 @@ def bench_ray_pattern(model: str, src: str, batch: int, cpus: int) -> float:
 
     class Model:
         def __init__(self):
-            self.b = build_backbone(BackboneConfig(model=model, weights="packaged"))
+            self.b = build_backbone(BackboneConfig(model=model, weights=weights), device)
 
         def __call__(self, batch):
             import torch
             from PIL import Image
 
-            x = torch.stack([self.b.transform(Image.fromarray(a)) for a in batch["image"]])
-            with torch.inference_mode():
-                return {"embedding": self.b.embed(x).numpy()}
+            x = torch.stack([self.b.transform(Image.fromarray(a)) for a in batch["image"]]).to(device)
+            with torch.inference_mode(), _amp(device, autocast):
+                return {"embedding": self.b.embed(x).float().cpu().numpy()}
 
     from ray.data import ActorPoolStrategy
 
     t = time.perf_counter()
     ds = ray.data.read_images(src, mode="RGB").map_batches(
-        Model, compute=ActorPoolStrategy(size=1), batch_size=batch, num_cpus=cpus)
+        Model, compute=ActorPoolStrategy(size=1), batch_size=batch, num_cpus=cpus,
+        num_gpus=1 if device == "cuda" else None)
     ds.materialize()
     return time.perf_counter() - t
 
@@ -131,17 +166,34 @@ def bench_ray_pattern(model: str, src: str, batch: int, cpus: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tf_efficientnet_lite0")
+    ap.add_argument("--weights", default="packaged", help="packaged | none (random init, same speed) | hub")
     ap.add_argument("--images", type=int, default=256, help="N; the pipeline also runs 2N")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--source", choices=["local", "s3"], default="local")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--autocast", choices=["none", "bf16", "fp16"], default=None,
+                    help="default: bf16 on cuda, none on cpu")
     ap.add_argument("--runs", type=int, default=3, help="pipeline runs per size (medians are used)")
     args = ap.parse_args(argv)
 
     import ray
     import torch
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is visible")
+    autocast = args.autocast or ("bf16" if args.device == "cuda" else "none")
     cpus = os.cpu_count() or 1
+    gpu = args.device == "cuda"
+    # CPU: the actor takes every core (read tasks get the extra logical CPU and wait on I/O).
+    # GPU: three quarters of the cores decode in the actor, the rest read and write.
+    actor_cpus = max(1, cpus * 3 // 4) if gpu else cpus
+    base = {"device": args.device, "autocast": autocast, "gpus_per_actor": 1 if gpu else 0}
+    default_calls = 2 if gpu else 1
+    default_decoder = "tensor" if gpu else "pil"
+    other_decoder = "pil" if gpu else "tensor"
+    model, weights, bs = args.model, args.weights, args.batch_size
+
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     n1, n2 = args.images, 2 * args.images
     files = make_jpegs(work / "all", n2)
@@ -152,11 +204,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # The machine is shared and noisy: the ceiling and the Embedder are measured before, between and after
     # the Ray runs, and their medians are used.
-    forward, embedder = [], []
+    local: dict[str, list[float]] = {"forward": [], "embedder-pil": [], "embedder-tensor": []}
 
     def measure_local() -> None:
-        forward.append(bench_forward(args.model, args.batch_size, args.repeats))
-        embedder.append(bench_embedder(args.model, files, args.batch_size, args.repeats))
+        local["forward"].append(bench_forward(model, weights, bs, args.repeats, args.device, autocast))
+        for dec in ("pil", "tensor"):
+            local[f"embedder-{dec}"].append(
+                bench_embedder(model, weights, files, bs, args.repeats, args.device, autocast, dec))
 
     rows: dict[str, float] = {}
     measure_local()
@@ -173,40 +227,46 @@ def main(argv: list[str] | None = None) -> int:
             src1, src2, out = f"{bucket}/small", f"{bucket}/all", f"{bucket}/out"
         else:
             src1, src2, out = str(small), str(work / "all"), str(work / "out")
-        # Logical CPUs: the actor takes every core, read tasks a fraction (they wait on I/O).
         ray.init(num_cpus=cpus + 1, include_dashboard=False, log_to_driver=False)
+
+        def run(src: str, overrides: dict) -> float:
+            return bench_pipeline(model, weights, src, out, bs, actor_cpus, {**base, **overrides})
+
         # Medians over --runs runs at each size; the slope between the sizes is the steady-state rate.
-        def steady(calls: int) -> tuple[float, float, float]:
-            t1 = statistics.median(bench_pipeline(args.model, src1, out, args.batch_size, cpus, calls)
-                                   for _ in range(args.runs))
-            t2 = statistics.median(bench_pipeline(args.model, src2, out, args.batch_size, cpus, calls)
-                                   for _ in range(args.runs))
+        def steady(overrides: dict) -> tuple[float, float, float]:
+            t1 = statistics.median(run(src1, overrides) for _ in range(args.runs))
+            t2 = statistics.median(run(src2, overrides) for _ in range(args.runs))
             rate = (n2 - n1) / max(t2 - t1, 1e-9)
             return rate, t1 - n1 / rate, n2 / t2
 
         # A warm-up run first: Ray's first dataset pays for worker processes and imports, which would
         # otherwise land in the small size only and inflate the slope.
-        bench_pipeline(args.model, src1, out, args.batch_size, cpus)
-        rows["pipeline"], startup, whole = steady(2)
+        run(src1, {})
+        rows["pipeline"], startup, whole = steady({})
         measure_local()
-        rows["pipeline-1call"] = steady(1)[0]  # no decode/model overlap inside the actor
-        p_small = statistics.median(bench_ray_pattern(args.model, str(small), args.batch_size, cpus)
-                                    for _ in range(args.runs))
-        p_large = statistics.median(bench_ray_pattern(args.model, str(work / "all"), args.batch_size, cpus)
-                                    for _ in range(args.runs))
+        rows[f"pipeline-{other_decoder}"] = steady({"decoder": other_decoder})[0]
+        other_calls = 3 - default_calls
+        rows[f"pipeline-{other_calls}call"] = steady({"calls_per_actor": other_calls})[0]
+        p_small = statistics.median(bench_ray_pattern(model, weights, str(small), bs, actor_cpus, args.device,
+                                                      autocast) for _ in range(args.runs))
+        p_large = statistics.median(bench_ray_pattern(model, weights, str(work / "all"), bs, actor_cpus,
+                                                      args.device, autocast) for _ in range(args.runs))
         rows["ray-pattern"] = (n2 - n1) / max(p_large - p_small, 1e-9)
         ray.shutdown()
     measure_local()
-    rows = {"forward": statistics.median(forward), "embedder": statistics.median(embedder), **rows}
+    rows = {k: statistics.median(v) for k, v in local.items()} | rows
 
     ceiling = rows["forward"]
-    print(f"model {args.model}, batch {args.batch_size}, {cpus} CPU cores, torch {torch.__version__}, "
-          f"ray {ray.__version__}, source {args.source}, images {n1}/{n2} (500x375 JPEG)")
-    print(f"{'row':<15} {'images/s':>9} {'x ceiling':>10}")
+    card = torch.cuda.get_device_name() if gpu else f"{cpus} CPU cores"
+    print(f"model {model} (weights {weights}), batch {bs}, {args.device} ({card}), autocast {autocast}, "
+          f"torch {torch.__version__}, ray {ray.__version__}, source {args.source}, images {n1}/{n2} "
+          f"(500x375 JPEG); pipeline defaults: decoder {default_decoder}, {default_calls} call(s) per actor, "
+          f"{actor_cpus} CPUs per actor")
+    print(f"{'row':<16} {'images/s':>9} {'x ceiling':>10}")
     for name, rate in rows.items():
-        print(f"{name:<15} {rate:>9.1f} {rate / ceiling:>10.2f}")
-    print(f"forward samples {', '.join(f'{v:.1f}' for v in forward)}; "
-          f"embedder samples {', '.join(f'{v:.1f}' for v in embedder)}")
+        print(f"{name:<16} {rate:>9.1f} {rate / ceiling:>10.2f}")
+    for name, vals in local.items():
+        print(f"{name} samples: {', '.join(f'{v:.1f}' for v in vals)}")
     print(f"pipeline start-up (actor + model load), excluded above: {startup:.1f}s; whole {n2}-image run "
           f"with start-up: {whole:.1f} images/s; pipeline vs ray-pattern: "
           f"{rows['pipeline'] / rows['ray-pattern']:.2f}x")
