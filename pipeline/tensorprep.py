@@ -18,6 +18,7 @@ Only encoded bytes cross the object store and the host-device link; the pixels a
 from __future__ import annotations
 
 import io
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -152,6 +153,9 @@ class TensorPrep:
         self.max_pixels = max_pixels
         self.max_bytes = max_bytes
         self.draft_side = draft_side if device.type == "cpu" else None
+        # Calls may overlap (runtime.calls_per_actor): nvjpeg calls are serialized, as torchvision's CUDA
+        # codec state is shared per device. CPU decodes need no lock.
+        self._cuda_lock = threading.Lock() if device.type == "cuda" else None
 
     # -- decoding ---------------------------------------------------------------------------------
     def _pil(self, data: bytes | None) -> torch.Tensor | DecodeError:
@@ -166,7 +170,10 @@ class TensorPrep:
 
         try:
             t = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            return decode_jpeg(t, mode=ImageReadMode.RGB, device=self.device, apply_exif_orientation=True)
+            if self._cuda_lock is None:
+                return decode_jpeg(t, mode=ImageReadMode.RGB, device=self.device, apply_exif_orientation=True)
+            with self._cuda_lock:
+                return decode_jpeg(t, mode=ImageReadMode.RGB, device=self.device, apply_exif_orientation=True)
         except Exception:  # noqa: BLE001 - let the PIL decoder decide (and name the error)
             return self._pil(data)
 
@@ -176,8 +183,9 @@ class TensorPrep:
 
         try:
             ts = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
-            return list(decode_jpeg(ts, mode=ImageReadMode.RGB, device=self.device,
-                                    apply_exif_orientation=True))
+            with self._cuda_lock or threading.Lock():
+                return list(decode_jpeg(ts, mode=ImageReadMode.RGB, device=self.device,
+                                        apply_exif_orientation=True))
         except Exception:  # noqa: BLE001
             return [self._jpeg_one(d) for d in datas]
 
