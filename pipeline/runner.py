@@ -39,7 +39,9 @@ def versions() -> dict[str, str]:
     import torch
     import torchvision
 
-    out = {"pipeline": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+    # str(): torch.__version__ is a TorchVersion, and a spec holding one (the sink carries the spec into every
+    # write task) makes each Ray worker that unpickles it import torch (about 450 MiB more RSS per process).
+    out = {"pipeline": __version__, "torch": str(torch.__version__), "torchvision": torchvision.__version__,
            "timm": timm.__version__, "pyarrow": pyarrow.__version__,
            "python": sys.version.split()[0]}
     try:

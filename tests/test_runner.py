@@ -326,3 +326,13 @@ def test_probe_ranks_layers(ray_session, textures_dir, tmp_path):
     assert (saved["best"]["layer"], report["best"]["layer"]) == (best["layer"], best["layer"])
     assert (tmp_path / "probe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "tf_efficientnet_lite0" / "final" / "head" / "head.json").exists()
+
+
+def test_versions_are_plain_strings():
+    """The spec travels to every write task: a torch TorchVersion in it would make each of those Ray
+    workers import torch to unpickle it (about 450 MiB more per process, bench/memory.py)."""
+    from pipeline.runner import versions
+
+    v = versions()
+    assert {"torch", "torchvision", "timm", "pyarrow", "pipeline"} <= set(v)
+    assert all(type(x) is str for x in v.values()), {k: type(x) for k, x in v.items()}
