@@ -77,17 +77,39 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def resized_pixels(width: int, height: int, side: int) -> int:
+    """Pixels after resizing the shorter side to ``side``, aspect ratio kept (as torchvision's Resize)."""
+    short, long = sorted((max(width, 1), max(height, 1)))
+    return side * int(side * long / short)
+
+
+def aspect_error(width: int, height: int, side: int | None, max_pixels: int) -> DecodeError | None:
+    """A thin sliver (1x50000) has few pixels but becomes a huge image once its shorter side is resized
+    to the model's size; refused like a decompression bomb, before any pixel is decoded or resized."""
+    if side is None:
+        return None
+    n = resized_pixels(width, height, side)
+    if n <= max_pixels:
+        return None
+    return DecodeError("extreme_aspect_ratio",
+                       f"image is {width}x{height}: resizing its shorter side to {side} px would make {n} "
+                       f"pixels, above the limit of {max_pixels} (runtime.max_pixels)")
+
+
 def decode_image(
     data: bytes | None,
     *,
     max_pixels: int,
     max_bytes: int,
     draft_size: tuple[int, int] | None = None,
+    resize_side: int | None = None,
 ) -> Image.Image | DecodeError:
     """Decode encoded image bytes into a fully loaded, upright RGB image, or return a DecodeError.
 
     Never raises for bad data. ``draft_size`` (off by default): for JPEGs, let libjpeg decode at a reduced
     scale whose both sides stay >= max(draft_size), i.e. enough for a shortest-side resize to that size.
+    ``resize_side``: the model's shortest-side resize; images whose resized size would exceed ``max_pixels``
+    are refused (extreme_aspect_ratio).
     """
     if data is None:
         return DecodeError("missing", "no image bytes")
@@ -120,6 +142,9 @@ def decode_image(
             )
         if width <= 0 or height <= 0:
             return DecodeError("decode_failed", f"image has an invalid size {width}x{height}")
+        aspect = aspect_error(width, height, resize_side, max_pixels)
+        if aspect is not None:
+            return aspect
 
         # 3. Decode the pixels (first frame of an animation).
         try:

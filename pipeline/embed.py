@@ -149,6 +149,7 @@ class Embedder:
         self.max_bytes = max_bytes
         self.schema = output_schema(list(self.backbone.dims), dtype)
         side = resize_side(self.backbone.preprocessing)
+        self.resize_side = side
         self.draft_size = (side, side) if jpeg_draft else None
         self.decoder = resolve_decoder(decoder, self.device)
         self.tensor_prep: TensorPrep | None = None
@@ -177,7 +178,7 @@ class Embedder:
     # -- one image --------------------------------------------------------------------------------
     def _prepare(self, data: bytes | None) -> torch.Tensor | DecodeError:
         img = decode_image(data, max_pixels=self.max_pixels, max_bytes=self.max_bytes,
-                           draft_size=self.draft_size)
+                           draft_size=self.draft_size, resize_side=self.resize_side)
         if isinstance(img, DecodeError):
             return img
         try:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.decode import DecodeError, decode_image
+from pipeline.decode import DecodeError, aspect_error, decode_image
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 # JPEG modes decode_jpeg(mode=RGB) converts exactly like PIL's convert("RGB"); CMYK/YCCK go through PIL.
@@ -112,7 +112,8 @@ def _pair(v: Any) -> tuple[int, int]:
     return (int(v[0]), int(v[-1]))
 
 
-def jpeg_route(data: bytes | None, *, max_pixels: int, max_bytes: int, draft_side: int | None) -> bool:
+def jpeg_route(data: bytes | None, *, max_pixels: int, max_bytes: int, draft_side: int | None,
+               resize_side: int | None = None) -> bool:
     """True when the bytes are a plain RGB/grayscale JPEG within the limits that the tensor decoder takes.
 
     Reads the header only. False sends the image to the PIL decoder, which also reports every error kind.
@@ -127,7 +128,8 @@ def jpeg_route(data: bytes | None, *, max_pixels: int, max_bytes: int, draft_sid
         mode = img.mode
     except Exception:  # noqa: BLE001 - PIL will say what is wrong
         return False
-    if mode not in _TENSOR_JPEG_MODES or w * h > max_pixels or w <= 0 or h <= 0:
+    if mode not in _TENSOR_JPEG_MODES or w * h > max_pixels or w <= 0 or h <= 0 or \
+            aspect_error(w, h, resize_side, max_pixels) is not None:
         return False
     return draft_side is None or min(w, h) < 2 * draft_side
 
@@ -153,6 +155,8 @@ class TensorPrep:
         self.max_pixels = max_pixels
         self.max_bytes = max_bytes
         self.draft_side = draft_side if device.type == "cpu" else None
+        # a shortest-side resize (not a fixed size): thin slivers are refused before they are resized
+        self.resize_side = self.tt.resize[0] if len(self.tt.resize) == 1 else None
         # Calls may overlap (runtime.calls_per_actor): nvjpeg calls are serialized, as torchvision's CUDA
         # codec state is shared per device. CPU decodes need no lock.
         self._cuda_lock = threading.Lock() if device.type == "cuda" else None
@@ -160,7 +164,8 @@ class TensorPrep:
     # -- decoding ---------------------------------------------------------------------------------
     def _pil(self, data: bytes | None) -> torch.Tensor | DecodeError:
         draft = (self.draft_side, self.draft_side) if self.draft_side else None
-        img = decode_image(data, max_pixels=self.max_pixels, max_bytes=self.max_bytes, draft_size=draft)
+        img = decode_image(data, max_pixels=self.max_pixels, max_bytes=self.max_bytes, draft_size=draft,
+                           resize_side=self.resize_side)
         if isinstance(img, DecodeError):
             return img
         return pil_to_uint8(img)
@@ -193,7 +198,7 @@ class TensorPrep:
                pmap: Callable[[Callable, Iterable], Iterable] = map) -> list[torch.Tensor | DecodeError]:
         """Each image -> uint8 (3, H, W) on the device, or a DecodeError. ``pmap``: a (thread-pool) map."""
         route = [jpeg_route(d, max_pixels=self.max_pixels, max_bytes=self.max_bytes,
-                            draft_side=self.draft_side) for d in raw]
+                            draft_side=self.draft_side, resize_side=self.resize_side) for d in raw]
         out: list[torch.Tensor | DecodeError | None] = [None] * len(raw)
         jpeg_idx = [i for i, r in enumerate(route) if r]
         other_idx = [i for i, r in enumerate(route) if not r]

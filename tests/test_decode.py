@@ -209,3 +209,13 @@ def test_draft_size_reduces_jpeg_decode_only_when_asked():
     small = _ok(data, draft_size=(100, 100))
     assert min(small.size) >= 100 and small.size[0] < 800
     assert _ok(_encode(_noise(80, 60), "PNG"), draft_size=(10, 10)).size == (80, 60)  # PNG: no draft
+
+
+def test_a_thin_sliver_is_refused_before_it_is_resized_to_the_models_size():
+    """1x20000 is only 20,000 pixels, but a 256 px shortest-side resize makes it 256x5,120,000."""
+    sliver = _encode(Image.new("RGB", (20000, 1), (200, 10, 10)), "PNG")
+    assert _ok(sliver).size == (20000, 1)  # without a model's resize: decoded as is
+    err = _err(sliver, resize_side=256)
+    assert err.kind == "extreme_aspect_ratio"
+    assert "20000x1" in err.message and "runtime.max_pixels" in err.message
+    assert _ok(_encode(_noise(400, 100), "PNG"), resize_side=256).size == (400, 100)  # 4:1 is fine

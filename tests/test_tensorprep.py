@@ -168,8 +168,10 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def test_embedder_tensor_decoder_gives_the_pil_embeddings_and_errors(images):
     cfg = {"model": "tf_efficientnet_lite0", "weights": "packaged"}
-    datas = [*images.values(), b"junk", None]
+    slivers = [_encode(Image.new("RGB", (20000, 1))), _encode(Image.new("RGB", (1, 20000)), "PNG")]
+    datas = [*images.values(), b"junk", None, *slivers]
     pil = Embedder(cfg, threads=2, decoder="pil")(_batch(datas))
+    assert pil.column("error_kind").to_pylist()[-2:] == ["extreme_aspect_ratio"] * 2
     tensor_emb = Embedder(cfg, threads=2, decoder="tensor", channels_last=True)
     assert tensor_emb.decoder == "tensor" and tensor_emb.channels_last
     ten = tensor_emb(_batch(datas))
