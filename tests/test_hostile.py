@@ -70,6 +70,7 @@ def _bad_images() -> dict[str, tuple[bytes, str]]:
         "bad/text.jpg": (b"just some text, not an image\n" * 10, "not_an_image"),
         "bad/error_page.png": (b"<html><body><h1>503 Service Unavailable</h1></body></html>", "not_an_image"),
         "bad/bomb.png": (_bomb(30000, 30000), "too_many_pixels"),
+        "bad/sliver.png": (_enc(Image.new("RGB", (20000, 1)), "PNG"), "extreme_aspect_ratio"),
     }
 
 
