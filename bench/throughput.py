@@ -15,6 +15,7 @@ Rows (same model, batch size, dtype and machine):
   pipeline-<k>call  the same with the other number of batches per actor (1 vs 2: decode/model overlap)
   ray-pattern     the documented Ray Data pattern: read_images (decode in read tasks) -> actor pool, same
                   model, device and autocast
+and the peak RSS of the driver, the Embedder actor and all Ray workers during the default pipeline runs.
 
 resnet50 and other models without packaged weights: pass --weights none (random init runs at the same
 speed). On a GPU, time is taken after torch.cuda.synchronize(), after a warm-up.
@@ -242,7 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         # A warm-up run first: Ray's first dataset pays for worker processes and imports, which would
         # otherwise land in the small size only and inflate the slope.
         run(src1, {})
-        rows["pipeline"], startup, whole = steady({})
+        from bench.memory import MIB, RssSampler
+
+        with RssSampler() as rss:  # peak memory while the default pipeline runs
+            rows["pipeline"], startup, whole = steady({})
         measure_local()
         rows[f"pipeline-{other_decoder}"] = steady({"decoder": other_decoder})[0]
         other_calls = 3 - default_calls
@@ -267,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<16} {rate:>9.1f} {rate / ceiling:>10.2f}")
     for name, vals in local.items():
         print(f"{name} samples: {', '.join(f'{v:.1f}' for v in vals)}")
+    actor_mib = max((m.rss for role, m in rss.role_peak.items() if role.startswith("MapWorker")), default=0)
+    print(f"peak RSS during the default pipeline runs: driver {rss.driver_peak / MIB:.0f} MiB, Embedder "
+          f"actor {actor_mib / MIB:.0f} MiB, all of this Ray's workers {rss.workers_peak / MIB:.0f} MiB")
     print(f"pipeline start-up (actor + model load), excluded above: {startup:.1f}s; whole {n2}-image run "
           f"with start-up: {whole:.1f} images/s; pipeline vs ray-pattern: "
           f"{rows['pipeline'] / rows['ray-pattern']:.2f}x")
