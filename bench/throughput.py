@@ -104,17 +104,11 @@ def bench_forward(model: str, weights: str, batch: int, repeats: int, device: st
 
 def bench_embedder(model: str, weights: str, files: list[Path], batch: int, repeats: int,
                    device: str = "cpu", autocast: str = "none", decoder: str = "pil") -> float:
-    import pyarrow as pa
-
     from pipeline.embed import Embedder
+    from pipeline.sources import rows_from_bytes
 
     e = Embedder({"model": model, "weights": weights}, device=device, autocast=autocast, decoder=decoder)
-    datas = [f.read_bytes() for f in files[:batch]]
-    table = pa.table({"id": [str(i) for i in range(batch)], "source": ["s"] * batch, "label": [None] * batch,
-                      "bytes": pa.array(datas, pa.binary()),
-                      "error_kind": pa.array([None] * batch, pa.string()),
-                      "error_message": pa.array([None] * batch, pa.string()), "shard": ["x"] * batch,
-                      "row": list(range(batch))})
+    table = rows_from_bytes([f.read_bytes() for f in files[:batch]])
     return _median_rate(lambda: e(table), batch, repeats)
 
 

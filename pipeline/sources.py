@@ -33,6 +33,20 @@ ROW_SCHEMA = pa.schema([
     pa.field("row", pa.int64(), nullable=False),
 ])
 
+
+
+def rows_from_bytes(datas: list[bytes | None], kinds: list[str | None] | None = None,
+                    shard: str = "memory") -> pa.Table:
+    """Encoded images as read tasks deliver them (ROW_SCHEMA), to call a stage (the Embedder) directly:
+    ids ``<shard>#<row>``; ``kinds`` marks rows that failed before decoding (as a read error does)."""
+    n = len(datas)
+    return pa.table({
+        "id": [f"{shard}#{k}" for k in range(n)], "source": [shard] * n, "label": [None] * n,
+        "bytes": pa.array(datas, pa.binary()), "error_kind": pa.array(kinds or [None] * n, pa.string()),
+        "error_message": pa.array([None] * n, pa.string()), "shard": [shard] * n, "row": list(range(n)),
+    }, schema=ROW_SCHEMA)
+
+
 FORMATS = ("files", "webdataset", "parquet")
 TAR_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
 PARQUET_EXTENSIONS = (".parquet",)

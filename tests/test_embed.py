@@ -5,26 +5,17 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from pipeline import samples
 from pipeline.embed import Classifier, Embedder
+from pipeline.sources import rows_from_bytes
 
 
 def _jpeg(img) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=92)
     return buf.getvalue()
-
-
-def _batch(datas, kinds=None):
-    n = len(datas)
-    return pa.table({
-        "id": [f"i{k}" for k in range(n)], "source": ["s"] * n, "label": [None] * n,
-        "bytes": pa.array(datas, pa.binary()), "error_kind": pa.array(kinds or [None] * n, pa.string()),
-        "error_message": pa.array([None] * n, pa.string()), "shard": ["sh"] * n, "row": list(range(n)),
-    })
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +25,7 @@ def photos():
 
 def test_good_and_bad_rows_in_one_batch(photos):
     e = Embedder({"model": "tf_efficientnet_lite0", "weights": "packaged"}, threads=2)
-    out = e(_batch([photos["chelsea"], b"", b"not an image", None, photos["coffee"]],
+    out = e(rows_from_bytes([photos["chelsea"], b"", b"not an image", None, photos["coffee"]],
                    kinds=[None, None, None, "read_error", None]))
     assert out.num_rows == 5
     assert out.column("error_kind").to_pylist() == [None, "empty", "not_an_image", "read_error", None]
@@ -52,8 +43,8 @@ def test_concurrent_calls_give_the_same_rows_and_their_own_timings(photos):
     import threading
 
     e = Embedder({"model": "tf_efficientnet_lite0", "weights": "packaged"}, threads=1)
-    batches = [_batch([photos["chelsea"]] * 3), _batch([photos["coffee"], b""]),
-               _batch([photos["coffee"]] * 4), _batch([b"junk"])]
+    batches = [rows_from_bytes([photos["chelsea"]] * 3), rows_from_bytes([photos["coffee"], b""]),
+               rows_from_bytes([photos["coffee"]] * 4), rows_from_bytes([b"junk"])]
     alone = [e(b) for b in batches]
     together: list = [None] * len(batches)
     start = threading.Barrier(len(batches))
@@ -78,17 +69,17 @@ def test_concurrent_calls_give_the_same_rows_and_their_own_timings(photos):
 
 def test_one_pass_multi_layer_equals_separate_runs(photos):
     cfg = {"model": "tf_efficientnet_lite0", "weights": "packaged", "pool": "avg"}
-    multi = Embedder(cfg, layers=["blocks.2", "blocks.4", "final"])(_batch([photos["chelsea"]]))
+    multi = Embedder(cfg, layers=["blocks.2", "blocks.4", "final"])(rows_from_bytes([photos["chelsea"]]))
     assert [multi.schema.field(f"embedding_{i}").type.list_size for i in range(3)] == [40, 112, 1280]
     for i, layer in enumerate(["blocks.2", "blocks.4", "final"]):
-        single = Embedder({**cfg, "layer": layer})(_batch([photos["chelsea"]]))
+        single = Embedder({**cfg, "layer": layer})(rows_from_bytes([photos["chelsea"]]))
         np.testing.assert_allclose(multi.column(f"embedding_{i}")[0].as_py(),
                                    single.column("embedding")[0].as_py(), rtol=1e-5, atol=1e-6)
 
 
 def test_classifier_names_the_cat_and_the_coffee(photos):
     c = Classifier({"model": "tf_efficientnet_lite0", "weights": "packaged"}, top_k=5)
-    out = c(_batch([photos["chelsea"], photos["coffee"], b""]))
+    out = c(rows_from_bytes([photos["chelsea"], photos["coffee"], b""]))
     classes = out.column("classes").to_pylist()
     assert 281 <= classes[0][0] <= 285  # a domestic cat class top-1
     assert {967, 968} & set(classes[1])  # espresso or cup in the top-5
@@ -105,7 +96,7 @@ def test_jpeg_draft_decodes_large_photos_at_a_reduced_scale_with_nearly_equal_em
     full = Embedder({"model": "tf_efficientnet_lite0", "weights": "packaged"}, threads=1)
     draft = Embedder({"model": "tf_efficientnet_lite0", "weights": "packaged"}, threads=1, jpeg_draft=True)
     assert draft.draft_size == (256, 256)  # 224 / crop_pct 0.875: the eval transform's resize
-    a, b = (np.stack(e(_batch(big)).column("embedding").to_numpy(zero_copy_only=False))
+    a, b = (np.stack(e(rows_from_bytes(big)).column("embedding").to_numpy(zero_copy_only=False))
             for e in (full, draft))
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     assert cos.min() >= 0.99 and not np.array_equal(a, b)
@@ -122,8 +113,8 @@ def test_compiled_model_pads_short_batches_and_gives_the_eager_rows(photos, monk
     real = compiled.backbone.model.forward_features
     monkeypatch.setattr(compiled.backbone.model, "forward_features",
                         lambda x: shapes.append(x.shape[0]) or real(x))
-    full = _batch([photos["chelsea"], photos["coffee"], photos["chelsea"], photos["coffee"]])
-    short = _batch([photos["coffee"], b""])
+    full = rows_from_bytes([photos["chelsea"], photos["coffee"], photos["chelsea"], photos["coffee"]])
+    short = rows_from_bytes([photos["coffee"], b""])
     for batch in (full, short):
         a, b = plain(batch), compiled(batch)
         assert a.column("error_kind").to_pylist() == b.column("error_kind").to_pylist()

@@ -16,6 +16,7 @@ from PIL import Image
 
 from pipeline import samples
 from pipeline.embed import Embedder
+from pipeline.sources import rows_from_bytes
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
 
@@ -46,15 +47,6 @@ def datas() -> list[bytes | None]:
     return [*good * 8, truncated, b"not an image", b"", None]  # 68 rows: a batch the size of a real one
 
 
-def _batch(datas: list[bytes | None]) -> pa.Table:
-    n = len(datas)
-    return pa.table({
-        "id": [f"i{k}" for k in range(n)], "source": ["s"] * n, "label": [None] * n,
-        "bytes": pa.array(datas, pa.binary()), "error_kind": pa.array([None] * n, pa.string()),
-        "error_message": pa.array([None] * n, pa.string()), "shard": ["sh"] * n, "row": list(range(n)),
-    })
-
-
 def _emb(t: pa.Table) -> np.ndarray:
     return np.stack(t.column("embedding").drop_null().to_pylist())
 
@@ -65,7 +57,7 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def cpu_reference(datas) -> pa.Table:
-    return Embedder(CFG, device="cpu", decoder="pil")(_batch(datas))
+    return Embedder(CFG, device="cpu", decoder="pil")(rows_from_bytes(datas))
 
 
 def test_gpu_defaults_are_the_fast_path():
@@ -77,7 +69,7 @@ def test_gpu_defaults_are_the_fast_path():
 @pytest.mark.parametrize("autocast", ["none", "bf16"])
 def test_gpu_rows_match_the_cpu_reference(datas, cpu_reference, decoder, autocast):
     """nvjpeg + GPU resize (or PIL + pinned copy), fp32 or bf16: the same rows, errors and features."""
-    out = Embedder(CFG, device="cuda", decoder=decoder, autocast=autocast)(_batch(datas))
+    out = Embedder(CFG, device="cuda", decoder=decoder, autocast=autocast)(rows_from_bytes(datas))
     assert out.column("error_kind").to_pylist() == cpu_reference.column("error_kind").to_pylist()
     cos = _cos(_emb(out), _emb(cpu_reference))
     # nvjpeg's IDCT and upsampling differ slightly from libjpeg-turbo's; bf16 rounds the activations
@@ -100,7 +92,7 @@ def test_tensor_preprocessing_on_gpu_matches_the_cpu_twin(datas):
 def test_compiled_gpu_model_gives_the_eager_rows(datas):
     eager = Embedder(CFG, device="cuda", autocast="bf16")
     compiled = Embedder(CFG, device="cuda", autocast="bf16", compile=True)
-    full, short = _batch(datas[:32]), _batch(datas[32:40])
+    full, short = rows_from_bytes(datas[:32]), rows_from_bytes(datas[32:40])
     for batch in (full, short):
         a, b = eager(batch), compiled(batch)
         assert _cos(_emb(a), _emb(b)).min() > 0.99

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 from PIL import Image
@@ -13,6 +12,7 @@ from PIL import Image
 from pipeline import samples
 from pipeline.decode import DecodeError, decode_image
 from pipeline.embed import Embedder
+from pipeline.sources import rows_from_bytes
 from pipeline.tensorprep import TensorPrep, TensorPrepError, TensorTransform, jpeg_route
 
 CPU = torch.device("cpu")
@@ -153,15 +153,6 @@ def test_batched_jpeg_decode_isolates_a_bad_image(images, monkeypatch):
     assert isinstance(out[1], DecodeError) and out[1].kind == "truncated"
 
 
-def _batch(datas: list[bytes | None]) -> pa.Table:
-    n = len(datas)
-    return pa.table({
-        "id": [f"i{k}" for k in range(n)], "source": ["s"] * n, "label": [None] * n,
-        "bytes": pa.array(datas, pa.binary()), "error_kind": pa.array([None] * n, pa.string()),
-        "error_message": pa.array([None] * n, pa.string()), "shard": ["sh"] * n, "row": list(range(n)),
-    })
-
-
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
@@ -170,11 +161,11 @@ def test_embedder_tensor_decoder_gives_the_pil_embeddings_and_errors(images):
     cfg = {"model": "tf_efficientnet_lite0", "weights": "packaged"}
     slivers = [_encode(Image.new("RGB", (20000, 1))), _encode(Image.new("RGB", (1, 20000)), "PNG")]
     datas = [*images.values(), b"junk", None, *slivers]
-    pil = Embedder(cfg, threads=2, decoder="pil")(_batch(datas))
+    pil = Embedder(cfg, threads=2, decoder="pil")(rows_from_bytes(datas))
     assert pil.column("error_kind").to_pylist()[-2:] == ["extreme_aspect_ratio"] * 2
     tensor_emb = Embedder(cfg, threads=2, decoder="tensor", channels_last=True)
     assert tensor_emb.decoder == "tensor" and tensor_emb.channels_last
-    ten = tensor_emb(_batch(datas))
+    ten = tensor_emb(rows_from_bytes(datas))
     assert ten.column("error_kind").to_pylist() == pil.column("error_kind").to_pylist()
     ok = ten.column("embedding").drop_null()
     a, b = np.stack(ok.to_pylist()), np.stack(pil.column("embedding").drop_null().to_pylist())
