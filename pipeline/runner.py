@@ -258,8 +258,12 @@ def _datasink(sink: ParquetSink, rows_per_write: int = 1024):
     return EmbeddingDatasink()
 
 
-def _sized(runtime: RuntimeConfig, backbone: Backbone) -> RuntimeConfig:
-    """The runtime with its batch size resolved from the model's input size (runtime.batch_size unset)."""
+def _for_model(runtime: RuntimeConfig, backbone: Backbone) -> RuntimeConfig:
+    """The runtime for this model, checked on the driver: the batch size resolved from the model's input size
+    (when runtime.batch_size is unset), and a cut that runtime.compile cannot compile refused here rather
+    than in every actor."""
+    if runtime.compile:
+        compile_target(backbone)
     return runtime.model_copy(update={"batch_size": runtime.batch_for(input_size(backbone.preprocessing))})
 
 
@@ -419,14 +423,12 @@ def extract(cfg: ExtractConfig, *, overwrite: bool = False, incremental: bool = 
     shards, skipped = list_shards(cfg.source)
     check_source(cfg.source, shards)
     backbone = build_backbone(cfg.backbone, "cpu")
-    if cfg.runtime.compile:
-        compile_target(backbone)  # a cut that cannot be compiled fails here, not in every actor
+    runtime = _for_model(cfg.runtime, backbone)
     spec = _spec(backbone, 0, cfg.output.dtype)
     outputs = [Output(EMBEDDINGS_DIR, EMBEDDING_COLUMNS, spec)]
     todo, plan = plan_output(cfg.output.uri, cfg.source.uri, outputs, shards, overwrite=overwrite)
     return _run_stage(
-        kind="extract", source_cfg=cfg.source, runtime=_sized(cfg.runtime, backbone),
-        output_uri=cfg.output.uri,
+        kind="extract", source_cfg=cfg.source, runtime=runtime, output_uri=cfg.output.uri,
         stage=_stage("Embedder"),
         stage_kwargs={"backbone": cfg.backbone.model_dump(), "dtype": cfg.output.dtype},
         outputs=outputs, shards=todo, skipped=skipped, t_start=t_start, extra={"spec": spec},
@@ -443,16 +445,14 @@ def classify(cfg: ClassifyConfig, *, overwrite: bool = False, incremental: bool 
     check_source(cfg.source, shards)
     backbone_cfg = cfg.backbone.model_copy(update={"layer": "logits", "normalize": False})
     backbone = build_backbone(backbone_cfg, "cpu")
-    if cfg.runtime.compile:
-        compile_target(backbone)
+    runtime = _for_model(cfg.runtime, backbone)
     spec = {**_spec(backbone, 0, "float32"), "top_k": cfg.top_k}
     columns = {"id": "id", "source": "source", "labels": "labels", "scores": "scores", "classes": "classes"}
     outputs = [Output(PREDICTIONS_DIR, columns, spec)]
     partition = _partition(incremental, run_date)
     todo, plan = plan_output(cfg.output.uri, cfg.source.uri, outputs, shards, overwrite=overwrite)
     return _run_stage(
-        kind="classify", source_cfg=cfg.source, runtime=_sized(cfg.runtime, backbone),
-        output_uri=cfg.output.uri,
+        kind="classify", source_cfg=cfg.source, runtime=runtime, output_uri=cfg.output.uri,
         stage=_stage("Classifier"),
         stage_kwargs={"backbone": backbone_cfg.model_dump(), "top_k": cfg.top_k},
         outputs=outputs, shards=todo, skipped=skipped, t_start=t_start, extra={"spec": spec},
@@ -621,8 +621,7 @@ def probe(cfg: ProbeConfig, *, overwrite: bool = False, progress: bool = True) -
         else:
             layers = list(cfg.layers)
         backbone = build_backbone(bcfg, "cpu", layers)  # validates every layer and pooling up front
-        if cfg.runtime.compile:
-            compile_target(backbone)
+        runtime = _for_model(cfg.runtime, backbone)
         outputs = [
             Output(f"{_slug(model)}/{layer}/{EMBEDDINGS_DIR}",
                    {**EMBEDDING_COLUMNS, "embedding": embedding_column(i, len(layers))},
@@ -630,7 +629,7 @@ def probe(cfg: ProbeConfig, *, overwrite: bool = False, progress: bool = True) -
             for i, layer in enumerate(layers)
         ]
         plans.append((model, bcfg, layers, backbone.dims, outputs, _forward_cost_ms(backbone, layers),
-                      _sized(cfg.runtime, backbone)))
+                      runtime))
         del backbone
     subdirs = [o.subdir for p in plans for o in p[4]]
     prepare_output(cfg.output.uri, overwrite, subdirs)
