@@ -62,15 +62,23 @@ def _embedder_actors(alive_only: bool = False) -> dict[str, str]:
             if "MapBatches(Embedder)" in (a.class_name or "") and (a.state == "ALIVE" or not alive_only)}
 
 
-def _batches_per_node(actors: dict[str, str]) -> dict[str, int]:
-    """node id -> batches (finished `submit` calls) that these Embedder actors ran there."""
+def _batches_per_node(actors: dict[str, str], expect_nodes: set[str], wait_s: float = 20.0) -> dict[str, int]:
+    """node id -> batches (finished `submit` calls) that these Embedder actors ran there.
+
+    Task events reach Ray's state API asynchronously (about once a second per worker), so the count is read
+    again for up to ``wait_s`` until every expected node shows up."""
     from ray.util.state import list_tasks
 
-    tasks = list_tasks(filters=[("type", "=", "ACTOR_TASK")], detail=True, limit=10_000,
-                       raise_on_missing_output=False)
-    return dict(Counter(t.node_id for t in tasks
-                        if t.actor_id in actors and (t.func_or_class_name or "").endswith(".submit")
-                        and t.state == "FINISHED" and t.node_id))
+    deadline = time.monotonic() + wait_s
+    while True:
+        tasks = list_tasks(filters=[("type", "=", "ACTOR_TASK")], detail=True, limit=10_000,
+                           raise_on_missing_output=False)
+        counts = dict(Counter(t.node_id for t in tasks
+                              if t.actor_id in actors and (t.func_or_class_name or "").endswith(".submit")
+                              and t.state == "FINISHED" and t.node_id))
+        if expect_nodes <= set(counts) or time.monotonic() > deadline:
+            return counts
+        time.sleep(1.0)
 
 
 def _rows(out: Path) -> list[str]:
@@ -114,14 +122,18 @@ def main(workdir: str) -> int:
     result["worker_node_ids"] = worker_ids
     result["head_node_id"] = cluster.head_node.node_id
     try:
-        # 1. both workers embed
+        # 1. both workers embed. Both actors are started before the first batch is handed out: otherwise
+        # the actor whose model loads first can take all 12 small batches before the other is ready.
+        ctx = DataContext.get_current()
+        ctx.wait_for_min_actors_s = 120
         summary = extract(_config(images, work / "spread", "2"))
+        ctx.wait_for_min_actors_s = -1  # Ray's default again, for the node-loss run
         actors = _embedder_actors()
         result["spread"] = {
             "embedded": summary["counts"]["embedded"], "run_s": summary["timings"]["run_s"],
             "rows": len(_rows(work / "spread")), "unique_ids": len(set(_rows(work / "spread"))),
             "actor_nodes": dict(Counter(actors.values())),
-            "batches_per_node": _batches_per_node(actors),
+            "batches_per_node": _batches_per_node(actors, expect_nodes=set(worker_ids)),
             "timings": summary["timings"],
         }
 

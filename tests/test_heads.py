@@ -308,16 +308,34 @@ def test_streaming_matches_in_memory(tmp_path):
     assert abs(a["accuracy"] - b["accuracy"]) < 0.03 and b["accuracy"] > 0.7
 
 
-def _peak_rss_growth(cfg: dict) -> tuple[int, dict]:
-    """How far the process's peak RSS rises above its RSS at the start of train_head (Linux)."""
-    def status(key: str) -> int:
-        text = Path("/proc/self/status").read_text()
-        return int(text.split(f"{key}:")[1].split()[0]) * 1024
+_GROWTH = """
+import json, sys
+from pathlib import Path
+from pipeline.heads import train_head
 
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    base = status("VmRSS")
-    result = train_head(cfg, progress=False)
-    return status("VmHWM") - base, result
+def status(key):
+    text = Path("/proc/self/status").read_text()
+    return int(text.split(key + ":")[1].split()[0]) * 1024
+
+Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+base = status("VmRSS")
+result = train_head(json.loads(sys.argv[1]), progress=False)
+growth = status("VmHWM") - base
+print(json.dumps({"growth": growth, "streamed": result["streamed"], "split": result["split"]}))
+"""
+
+
+def _peak_rss_growth(cfg: dict) -> tuple[int, dict]:
+    """How far peak RSS rises above RSS at the start of train_head (Linux), in a fresh process each time:
+    in one process, memory an earlier run freed but the allocator kept would hide a later run's growth."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _GROWTH, json.dumps(cfg)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    return out["growth"], out
 
 
 def test_streaming_memory_does_not_grow_with_rows(tmp_path):
@@ -327,7 +345,7 @@ def test_streaming_memory_does_not_grow_with_rows(tmp_path):
         pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
     rng = np.random.default_rng(5)
     growth = {}
-    for n in (20_000, 20_000, 200_000):  # the first run only warms up (imports, thread pools)
+    for n in (20_000, 200_000):
         y = rng.integers(0, 4, n)
         x = (rng.standard_normal((n, 16)) + np.eye(4, 16)[y]).astype(np.float32)
         root = tmp_path / str(n)
