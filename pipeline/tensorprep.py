@@ -17,6 +17,7 @@ Only encoded bytes cross the object store and the host-device link; the pixels a
 
 from __future__ import annotations
 
+import contextlib
 import io
 import threading
 from collections import defaultdict
@@ -159,7 +160,7 @@ class TensorPrep:
         self.resize_side = self.tt.resize[0] if len(self.tt.resize) == 1 else None
         # Calls may overlap (runtime.calls_per_actor): nvjpeg calls are serialized, as torchvision's CUDA
         # codec state is shared per device. CPU decodes need no lock.
-        self._cuda_lock = threading.Lock() if device.type == "cuda" else None
+        self._decode_lock = threading.Lock() if device.type == "cuda" else contextlib.nullcontext()
 
     # -- decoding ---------------------------------------------------------------------------------
     def _pil(self, data: bytes | None) -> torch.Tensor | DecodeError:
@@ -175,9 +176,7 @@ class TensorPrep:
 
         try:
             t = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            if self._cuda_lock is None:
-                return decode_jpeg(t, mode=ImageReadMode.RGB, device=self.device, apply_exif_orientation=True)
-            with self._cuda_lock:
+            with self._decode_lock:
                 return decode_jpeg(t, mode=ImageReadMode.RGB, device=self.device, apply_exif_orientation=True)
         except Exception:  # noqa: BLE001 - let the PIL decoder decide (and name the error)
             return self._pil(data)
@@ -188,7 +187,7 @@ class TensorPrep:
 
         try:
             ts = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
-            with self._cuda_lock or threading.Lock():
+            with self._decode_lock:
                 return list(decode_jpeg(ts, mode=ImageReadMode.RGB, device=self.device,
                                         apply_exif_orientation=True))
         except Exception:  # noqa: BLE001
