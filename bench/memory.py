@@ -140,8 +140,8 @@ class RssSampler:
 
 
 def run_once(model: str, src: str, out: str, batch: int, trace: bool = False) -> dict[str, Any]:
+    from pipeline.commands.extract import extract
     from pipeline.config import ExtractConfig
-    from pipeline.runner import extract
 
     cfg = ExtractConfig.model_validate({
         "source": {"uri": src, "files_per_shard": 64},

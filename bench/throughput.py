@@ -107,7 +107,8 @@ def bench_embedder(model: str, weights: str, files: list[Path], batch: int, repe
     from pipeline.embed import Embedder
     from pipeline.sources import rows_from_bytes
 
-    e = Embedder({"model": model, "weights": weights}, device=device, autocast=autocast, decoder=decoder)
+    e = Embedder({"model": model, "weights": weights},
+                 {"device": device, "autocast": autocast, "decoder": decoder})
     table = rows_from_bytes([f.read_bytes() for f in files[:batch]])
     return _median_rate(lambda: e(table), batch, repeats)
 
@@ -115,8 +116,8 @@ def bench_embedder(model: str, weights: str, files: list[Path], batch: int, repe
 def bench_pipeline(model: str, weights: str, src: str, out: str, batch: int, cpus: int,
                    runtime: dict | None = None) -> float:
     """One extract run; returns its run time (start-up included). ``runtime``: overrides."""
+    from pipeline.commands.extract import extract
     from pipeline.config import ExtractConfig
-    from pipeline.runner import extract
 
     cfg = ExtractConfig.model_validate({
         "source": {"uri": src, "files_per_shard": 64},

@@ -17,7 +17,7 @@ def __getattr__(name: str) -> Any:  # lazy: `pipeline --help` should not import 
 
         return ExtractConfig
     if name == "extract":
-        from pipeline.runner import extract
+        from pipeline.commands.extract import extract
 
         return extract
     raise AttributeError(name)

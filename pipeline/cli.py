@@ -26,7 +26,7 @@ def _fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _run(fn):
+def _run(fn, rerun_hint: bool = False):
     """Call fn; turn input errors into one line and exit 2, run failures into one line and exit 1."""
     try:
         return fn()
@@ -39,8 +39,9 @@ def _run(fn):
     except Exception as e:  # noqa: BLE001 - one line for the user, the traceback only on request
         if "--debug" in sys.argv:
             raise
+        again = "; rerun the same command to resume" if rerun_hint else ""
         _fail(f"run failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-              "(rerun with --debug for the traceback)", 1)
+              f"(rerun with --debug for the traceback{again})", 1)
 
 
 @app.command()
@@ -80,8 +81,8 @@ def extract(
     }
 
     def go():
-        from pipeline.runner import extract as run_extract
-        from pipeline.runner import format_summary
+        from pipeline.commands.extract import extract as run_extract
+        from pipeline.commands.run import format_summary
 
         cfg = merge_sources(ExtractConfig, config, flags, set_)
         summary = run_extract(cfg, overwrite=overwrite, incremental=incremental, run_date=run_date)
@@ -121,8 +122,8 @@ def classify(
     }
 
     def go():
-        from pipeline.runner import classify as run_classify
-        from pipeline.runner import format_summary
+        from pipeline.commands.extract import classify as run_classify
+        from pipeline.commands.run import format_summary
 
         cfg = merge_sources(ClassifyConfig, config, flags, set_)
         summary = run_classify(cfg, overwrite=overwrite, incremental=incremental, run_date=run_date)
@@ -179,18 +180,13 @@ def heads_train(
              "test": test, "epochs": epochs, "val_fraction": val_fraction}
 
     def go():
-        from pipeline.heads import HeadTrainConfig, train_head
+        from pipeline.commands.heads import format_train
+        from pipeline.config import HeadTrainConfig
+        from pipeline.heads import train_head
 
         cfg = merge_sources(HeadTrainConfig, config, flags, set_)
         meta = train_head(cfg)
-        if as_json:
-            typer.echo(json.dumps(meta, indent=2, default=str))
-            return
-        val = meta["metrics"]["validation"] or {}
-        typer.echo(f"{meta['head']['type']} head on {meta['split']['train']} rows, {len(meta['classes'])} "
-                   f"classes: validation accuracy {val.get('accuracy', float('nan')):.4f}, macro-F1 "
-                   f"{val.get('macro_f1', float('nan')):.4f} ({meta['split']['validation']} rows)")
-        typer.echo(f"  artifacts: {', '.join(meta['output'].values())}")
+        typer.echo(json.dumps(meta, indent=2, default=str) if as_json else format_train(meta))
 
     _run(go)
 
@@ -208,12 +204,11 @@ def heads_predict(
     """Apply a head to embeddings (a Ray Data map): id, label, score per row."""
 
     def go():
+        from pipeline.commands.heads import format_predict, predict
         from pipeline.config import RuntimeConfig
-        from pipeline.runner import predict
 
         s = predict(head, embeddings, output, top_k=top_k, runtime=RuntimeConfig(actors=actors))
-        typer.echo(json.dumps(s, indent=2) if as_json else
-                   f"{s['rows']} predictions -> {s['predictions']} in {s['total_s']:.1f}s")
+        typer.echo(json.dumps(s, indent=2) if as_json else format_predict(s))
 
     _run(go)
 
@@ -239,12 +234,13 @@ def probe(
     """Which cut is best: a head per candidate layer (and backbone), ranked by validation accuracy."""
     from pipeline.config import ProbeConfig, merge_sources
 
-    flags = {"source.uri": source, "output.uri": output, "models": models or model, "layers": layers,
-             "weights": weights, "source.labels": labels or "folder", "sample": sample, "head": head,
-             "pool": pool}
+    flags = {"source.uri": source, "output.uri": output, "backbone.model": model, "models": models,
+             "layers": layers, "backbone.weights": weights, "source.labels": labels or "folder",
+             "sample": sample, "head": head, "backbone.pool": pool}
 
     def go():
-        from pipeline.runner import probe as run_probe
+        from pipeline.commands.probe import format_probe
+        from pipeline.commands.probe import probe as run_probe
 
         cfg = merge_sources(ProbeConfig, config, flags, set_)
         report = run_probe(cfg, overwrite=overwrite)
@@ -254,20 +250,6 @@ def probe(
         typer.echo(format_probe(report))
 
     _run(go)
-
-
-def format_probe(report: dict) -> str:
-    """The probe table, best first."""
-    rows = sorted(report["results"], key=lambda r: -(r["accuracy"] or 0))
-    width = max(len(f"{r['model']} @ {r['layer']}") for r in rows)
-    lines = [f"{'cut':<{width}}  {'dim':>5}  {'val acc':>7}  {'macro-F1':>8}  {'ms/img':>6}"]
-    for r in rows:
-        lines.append(f"{r['model'] + ' @ ' + r['layer']:<{width}}  {r['dim']:>5}  {r['accuracy']:>7.3f}  "
-                     f"{r['macro_f1']:>8.3f}  {r['forward_ms_per_image']:>6.1f}")
-    b = report["best"]
-    lines.append(f"best: {b['model']} @ {b['layer']} (validation accuracy {b['accuracy']:.3f}); "
-                 f"report: {report['probe_json']}")
-    return "\n".join(lines)
 
 
 @app.command()
@@ -298,15 +280,16 @@ def finetune(
     """Fine-tune a pretrained backbone with Ray Train; writes backbone.safetensors for `extract --weights`."""
     from pipeline.config import merge_sources
 
-    flags = {"source.uri": source, "output.uri": output, "model": model, "weights": weights,
+    flags = {"source.uri": source, "output.uri": output, "backbone.model": model, "backbone.weights": weights,
              "train.freeze_until": freeze_until, "train.lr_decay": lr_decay, "train.lr": lr,
              "train.epochs": epochs, "train.batch_size": batch_size, "runtime.workers": workers,
              "runtime.gpus_per_worker": gpus_per_worker, "runtime.cpus_per_worker": cpus_per_worker,
              "source.labels": labels, "source.format": format, "train.val_fraction": val_fraction}
 
     def go():
-        from pipeline.finetune import FinetuneConfig
-        from pipeline.runner import finetune as run_finetune
+        from pipeline.commands.finetune import finetune as run_finetune
+        from pipeline.commands.finetune import format_finetune
+        from pipeline.config import FinetuneConfig
 
         cfg = merge_sources(FinetuneConfig, config, flags, set_)
         report = run_finetune(cfg, overwrite=overwrite)
@@ -318,25 +301,32 @@ def finetune(
     _run(go)
 
 
-def format_finetune(report: dict) -> str:
-    """Per-epoch metrics and where the artifacts went."""
-    def f(v) -> str:
-        return "     -" if v is None else f"{v:6.3f}"
+@app.command()
+def nightly(
+    config: str = typer.Option(..., "--config", "-c", help="YAML config: an extract config plus head:, "
+                               "predictions:, top_k: (see jobs/configs/nightly-local.yaml)"),
+    run_date: str | None = typer.Option(None, help="YYYY-MM-DD partition of this run (default: today, UTC)"),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print the summaries as JSON"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+) -> None:
+    """Nightly: extract the new or changed shards under embeddings/run_date=.../, then apply the head."""
+    from pipeline.config import NightlyConfig, merge_sources
 
-    lines = [f"{'epoch':>5}  {'train loss':>10}  {'train acc':>9}  {'val loss':>8}  {'val acc':>7}  {'s':>6}"]
-    for h in report["epochs"]:
-        lines.append(f"{h['epoch']:>5}  {f(h.get('train_loss')):>10}  {f(h.get('train_acc')):>9}  "
-                     f"{f(h.get('val_loss')):>8}  {f(h.get('val_acc')):>7}  {h.get('seconds', 0):>6.1f}")
-    out = report["output"]
-    lines.append(f"backbone: {out['backbone']} (sha256 {report['backbone']['sha256'][:12]}...; use it with "
-                 f"`pipeline extract --model {report['model']} --weights {out['backbone']}`)")
-    lines.append(f"head:     {out['head']} (for `pipeline heads predict` on those embeddings, --layer final)")
-    lines.append(f"report:   {out['finetune_json']}, {out['report']}")
-    return "\n".join(lines)
+    def go():
+        from pipeline.commands.nightly import format_nightly
+        from pipeline.commands.nightly import nightly as run_nightly
+
+        cfg = merge_sources(NightlyConfig, config, None, set_)
+        result = run_nightly(cfg, run_date)
+        typer.echo(json.dumps(result, indent=2, default=str) if as_json else format_nightly(result))
+
+    _run(go, rerun_hint=True)
 
 
-def main() -> None:
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """The console script; ``argv`` (default: sys.argv[1:]) lets a job file run one command."""
+    app(args=argv)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.decode import MAX_BYTES, MAX_PIXELS
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -20,11 +22,13 @@ class ConfigError(ValueError):
     """Bad configuration; the message names the fix."""
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class SourceConfig(_Strict):
+class SourceConfig(StrictModel):
     """Where the images are and how to read them."""
 
     uri: str = Field(description="local path, file://, s3://... prefix or single shard file")
@@ -37,10 +41,10 @@ class SourceConfig(_Strict):
     image_column: str | None = Field(None, description="Parquet column with image bytes (auto-detected)")
     id_column: str | None = Field(None, description="Parquet column with ids (else <file>#<row>)")
     files_per_shard: int = Field(256, ge=1, description="loose image files grouped into one read task")
-    max_bytes: int = Field(64 * 1024 * 1024, ge=1, description="larger encoded images become error rows")
+    max_bytes: int = Field(MAX_BYTES, ge=1, description="larger encoded images become error rows")
 
 
-class BackboneConfig(_Strict):
+class BackboneConfig(StrictModel):
     """The pretrained model, where it is cut, and how activations are pooled."""
 
     model: str = Field(description="timm model name, or tv:<torchvision name> (e.g. tv:resnet50)")
@@ -50,14 +54,23 @@ class BackboneConfig(_Strict):
     normalize: bool = Field(False, description="L2-normalize each embedding")
 
 
-class OutputConfig(_Strict):
+class OutputConfig(StrictModel):
     uri: str = Field(description="output directory (local path or object-storage URI)")
     dtype: Literal["float32", "float16"] = "float32"
     rows_per_file: int = Field(1024, ge=1, description="rows gathered before a Parquet file is written")
 
 
-class RuntimeConfig(_Strict):
-    """How Ray runs the work."""
+class RayRuntime(StrictModel):
+    """What every command that runs on Ray shares: where Ray is, the decode limit, progress output."""
+
+    address: str | None = Field(None, description="Ray address; default: RAY_ADDRESS or a local Ray")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray started by this run")
+    max_pixels: int = Field(MAX_PIXELS, ge=1, description="larger images are refused (decompression bombs)")
+    progress: bool = True
+
+
+class RuntimeConfig(RayRuntime):
+    """How Ray runs the Embedder's actor pool (extract, classify, probe, heads predict)."""
 
     batch_size: int | None = Field(
         None, ge=1, description="images per model forward; default from the model's input size: 256 at 224 "
@@ -73,7 +86,6 @@ class RuntimeConfig(_Strict):
         "actors on the nodes that advertise them (ray start --resources)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     autocast: Literal["none", "bf16", "fp16"] = Field("none", description="mixed precision on GPU")
-    max_pixels: int = Field(50_000_000, ge=1, description="larger images are refused (decompression bombs)")
     jpeg_draft: bool = Field(False, description="decode large JPEGs at a reduced scale that still covers the "
                              "model's resize: faster on photos, not bit-equal to the full decode")
     decoder: Literal["auto", "pil", "tensor"] = Field(
@@ -84,9 +96,12 @@ class RuntimeConfig(_Strict):
                                        "default: on for CUDA actors")
     compile: bool = Field(False, description="torch.compile the model (final/logits layers): faster on GPUs "
                           "after a compile of seconds (about a minute on CPU) in each actor")
-    address: str | None = Field(None, description="Ray address; default: RAY_ADDRESS or a local Ray")
-    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray started by this run")
-    progress: bool = True
+    @field_validator("decoder", mode="before")
+    @classmethod
+    def _check_decoder(cls, v: Any) -> Any:
+        if v not in ("auto", "pil", "tensor"):
+            raise ValueError(f"decoder must be auto, pil or tensor, got '{v}' (--set runtime.decoder=...)")
+        return v
 
     @field_validator("actors")
     @classmethod
@@ -113,6 +128,24 @@ class RuntimeConfig(_Strict):
         return 2 if self.gpus_per_actor > 0 and self.device != "cpu" else 1
 
 
+def into_backbone(data: dict[str, Any], old_keys: tuple[str, ...]) -> dict[str, Any]:
+    """A copy of a command's raw config with the old top-level ``old_keys`` moved into its backbone
+    section (a key set in both places keeps the section's value)."""
+    data = dict(data)
+    backbone = dict(data.get("backbone") or {})
+    for key in old_keys:
+        if key in data:
+            backbone.setdefault(key, data.pop(key))
+    data["backbone"] = backbone
+    return data
+
+
+def check_distinct(source_uri: str, output_uri: str, what: str) -> None:
+    """ValueError when a command would write into what it reads."""
+    if source_uri.rstrip("/") == output_uri.rstrip("/"):
+        raise ValueError(what)
+
+
 def parse_actors(v: str | int) -> tuple[int, int]:
     """'4' -> (4, 4); '1,8' -> (1, 8)."""
     parts = [p.strip() for p in str(v).split(",")]
@@ -129,7 +162,7 @@ def parse_actors(v: str | int) -> tuple[int, int]:
     return nums[0], nums[1]
 
 
-class ExtractConfig(_Strict):
+class ExtractConfig(StrictModel):
     """Everything `pipeline extract` needs."""
 
     source: SourceConfig
@@ -139,8 +172,8 @@ class ExtractConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> ExtractConfig:
-        if self.source.uri.rstrip("/") == self.output.uri.rstrip("/"):
-            raise ValueError("output.uri must differ from source.uri: write the embeddings somewhere else")
+        check_distinct(self.source.uri, self.output.uri,
+                       "output.uri must differ from source.uri: write the embeddings somewhere else")
         return self
 
 
@@ -153,7 +186,7 @@ class NightlyConfig(ExtractConfig):
     top_k: int = Field(1, ge=1)
 
 
-class ClassifyConfig(_Strict):
+class ClassifyConfig(StrictModel):
     """`pipeline classify`: the pretrained classifier as is, top-k ImageNet classes per image."""
 
     source: SourceConfig
@@ -163,20 +196,36 @@ class ClassifyConfig(_Strict):
     top_k: int = Field(5, ge=1)
 
 
-class ProbeConfig(_Strict):
-    """`pipeline probe`: which backbone and layer give the best head on a labelled sample."""
+class ProbeConfig(StrictModel):
+    """`pipeline probe`: which backbone and layer give the best head on a labelled sample.
+
+    ``backbone`` is the section every command shares (its weights, pool and normalize apply to each model
+    compared; its layer is replaced by ``layers``). The old top-level keys ``weights`` and ``pool`` are
+    accepted and moved into it; ``models`` lists the backbones to compare (default: backbone.model).
+    """
 
     source: SourceConfig
     output: OutputConfig
     runtime: RuntimeConfig = RuntimeConfig()
-    models: list[str] = Field(min_length=1, description="backbones to compare")
-    weights: str = "packaged"
+    backbone: BackboneConfig
+    models: list[str] = Field(default_factory=list, description="backbones to compare (default: "
+                              "backbone.model)")
     layers: list[str] = Field(["final"], min_length=1, description="layer names, or ['all'] for every stage")
-    pool: Literal["avg", "max", "gem", "flatten", "cls", "mean"] = "avg"
     sample: int | None = Field(None, ge=2, description="use at most this many images")
     head: Literal["linear", "mlp"] = "linear"
     val_fraction: float = Field(0.2, gt=0, lt=1)
     epochs: int = Field(200, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = into_backbone(data, ("weights", "pool"))
+        models = cls._split(data.get("models")) if data.get("models") is not None else []
+        if models and "model" not in data["backbone"]:
+            data["backbone"]["model"] = models[0]
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> ProbeConfig:
@@ -188,6 +237,104 @@ class ProbeConfig(_Strict):
     @classmethod
     def _split(cls, v: Any) -> Any:
         return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
+
+    def model_names(self) -> list[str]:
+        return list(self.models) or [self.backbone.model]
+
+
+class HeadTrainConfig(StrictModel):
+    """Everything `pipeline heads train` needs."""
+
+    embeddings: str = Field(description="an extract OUTPUT folder, or its embeddings/ folder")
+    output: str = Field(description="folder for head.safetensors, head.json, report.png")
+    head: Literal["linear", "mlp"] = "linear"
+    hidden: list[int] = Field(default_factory=lambda: [512], description="MLP hidden sizes")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(256, ge=1, description="minibatch rows; smaller for tables under "
+                            "32 batches (an epoch takes at least 32 steps)")
+    lr: float | None = Field(None, gt=0.0, description="AdamW learning rate; default 1e-2 for linear, "
+                             "1e-3 for mlp; halved when the validation loss stalls")
+    weight_decay: float = Field(1e-4, ge=0.0)
+    patience: int = Field(10, ge=1, description="epochs without a better validation loss before stopping")
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    seed: int = 0
+    class_weight: Literal["none", "balanced"] = "balanced"
+    labels_from: str | None = Field(None, description="Parquet table (id, label) joined on id; replaces the "
+                                    "label column")
+    test: str | None = Field(None, description="held-out embeddings evaluated at the end")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_rows_in_memory: int = Field(2_000_000, ge=1, description="above this many rows, stream from storage")
+
+    @model_validator(mode="after")
+    def _check(self) -> HeadTrainConfig:
+        if self.head == "mlp" and (not self.hidden or min(self.hidden) < 1):
+            raise ValueError("hidden must list at least one positive size for an mlp head (e.g. [512])")
+        check_distinct(self.embeddings, self.output,
+                       "output must differ from embeddings: write the head somewhere else")
+        return self
+
+
+class TrainConfig(StrictModel):
+    """Fine-tuning's optimisation: epochs, learning rates, freezing, split."""
+
+    epochs: int = Field(5, ge=1, description="total epochs; a rerun with more continues from the last "
+                        "checkpoint")
+    lr: float = Field(5e-4, gt=0, description="AdamW peak learning rate of the new head (and of every layer "
+                      "when lr_decay is 1)")
+    lr_decay: float = Field(1.0, gt=0, le=1, description="per stage below the head the learning rate is "
+                            "multiplied by this (discriminative learning rates; 1 = the same everywhere)")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (none for biases and norms)")
+    freeze_until: str = Field("none", description="none | final (train the new head only) | a layer name "
+                              "from `pipeline layers`: it, the stem and everything before it stay frozen")
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    batch_size: int = Field(32, ge=1, description="images per worker per step")
+    val_fraction: float = Field(0.2, ge=0, lt=1, description="validation share, split by a hash of id")
+    seed: int = 0
+    shuffle_buffer: int = Field(1024, ge=1, description="rows in each worker's local shuffle buffer")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept under OUTPUT/checkpoints/")
+
+
+class FinetuneRuntime(RayRuntime):
+    """How Ray Train runs fine-tuning."""
+
+    workers: int = Field(2, ge=1, description="Ray Train workers (DDP processes)")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker; > 0 trains on GPUs")
+    autocast: Literal["none", "bf16", "fp16"] = Field("bf16", description="mixed precision on GPU")
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint (-1: "
+                              "unlimited)")
+
+
+class FinetuneConfig(StrictModel):
+    """Everything `pipeline finetune` needs. ``backbone`` is the section every command shares (its model and
+    weights are the starting point); the old top-level keys ``model`` and ``weights`` are accepted."""
+
+    source: SourceConfig
+    output: OutputConfig
+    backbone: BackboneConfig
+    train: TrainConfig = TrainConfig()
+    runtime: FinetuneRuntime = FinetuneRuntime()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = into_backbone(data, ("model", "weights"))
+        source = data.get("source")
+        if isinstance(source, dict) and "labels" not in source:
+            data["source"] = {**source, "labels": "folder"}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> FinetuneConfig:
+        if self.source.labels == "none":
+            raise ValueError("finetune needs labels: pass --labels folder (one folder per class) or a "
+                             "Parquet column / WebDataset member name")
+        check_distinct(self.source.uri, self.output.uri,
+                       "output.uri must differ from source.uri: write the fine-tuned model elsewhere")
+        return self
 
 
 # --------------------------------------------------------------------------------------------------

@@ -34,6 +34,19 @@ def read_embeddings(uri: str):
     return pads.dataset(path, filesystem=fs, format="parquet").to_table()
 
 
+def show_output(out: Path) -> None:
+    """How to read an extract output without Ray: a DuckDB one-liner, run once here."""
+    glob = f"{out}/embeddings/*.parquet"
+    query = f"SELECT label, count(*) AS images, len(any_value(embedding)) AS dim FROM '{glob}' GROUP BY label"
+    print(f"read it with DuckDB (or pandas, Polars, Spark):\n  python -c \"import duckdb; "
+          f"duckdb.sql(\\\"{query}\\\").show()\"")
+    try:
+        import duckdb
+    except ImportError:
+        return
+    duckdb.sql(query).show()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="demo-output")
@@ -41,11 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="tf_efficientnet_lite0")
     args = ap.parse_args(argv)
 
-    from pipeline import samples
-    from pipeline.cli import format_probe
-    from pipeline.config import ExtractConfig, ProbeConfig
-    from pipeline.heads import HeadTrainConfig, train_head
-    from pipeline.runner import extract, format_summary, probe
+    from pipeline import samples, storage
+    from pipeline.commands.extract import extract
+    from pipeline.commands.probe import format_probe, probe
+    from pipeline.commands.run import format_summary
+    from pipeline.config import ExtractConfig, HeadTrainConfig, ProbeConfig
+    from pipeline.heads import train_head
     from pipeline.s3local import local_s3
 
     t0 = time.perf_counter()
@@ -97,7 +111,11 @@ def main(argv: list[str] | None = None) -> int:
               "--layers all")
         report = probe(probe_cfg, progress=False)
         print(format_probe(report))
-    print(f"demo finished in {time.perf_counter() - t0:.0f}s")
+        local = work / "features"
+        copied = storage.copy_tree(features, str(local))  # the loopback S3 server ends with the demo
+    print(f"demo finished in {time.perf_counter() - t0:.0f}s; its outputs ({copied} files) are mirrored "
+          f"under {local}/")
+    show_output(local / f"{args.model}-packaged")
     pretrained, random_init = accuracy["packaged"][1], accuracy["none"][1]
     return 0 if pretrained > random_init else 1
 

@@ -14,16 +14,24 @@ written, then its parts are dropped. Any process may commit (a write task, the r
 end of a run); every step is idempotent, so a commit interrupted anywhere is finished by the next attempt.
 A shard without a ledger entry has no visible rows except in the window of an interrupted commit, which
 the next run completes before it starts work.
+
+The protocol has exactly four steps, each a method here: ``plan`` (the driver, before a run: what is done,
+what to redo, what to refuse), ``shard_read`` (the read task, when it has read a whole shard),
+``parts_written`` (a write task, after its staged files are written) and ``finish`` (the driver, after the
+run: every shard it ran must be committed).
 """
 
 from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 from pipeline import storage
+from pipeline.config import ConfigError
+from pipeline.spec import dict_differences
 
 LEDGER_DIR = "_ledger"
 STAGING_DIR = "_staging"
@@ -52,6 +60,36 @@ def coverage(parts: list[list[list[int]]], total: int) -> str:
             return "incomplete"
         pos = end
     return "complete" if pos == total else "incomplete"
+
+
+def clear_or_refuse(output_uri: str, tables: list[str], overwrite: bool, what: str = "") -> None:
+    """Existing files under the output's tables are removed with ``overwrite`` and refused without it."""
+    existing = [f for sub in tables if storage.exists(storage.join(output_uri, sub))
+                for f in storage.list_files(storage.join(output_uri, sub))]
+    if not existing:
+        return
+    if not overwrite:
+        raise ConfigError(
+            f"output '{output_uri}' already holds {len(existing)} files under {', '.join(tables)}{what}: "
+            "pass --overwrite to replace them, or choose a new --output")
+    for sub in tables:
+        storage.remove_tree(storage.join(output_uri, sub))
+
+
+@dataclass
+class Plan:
+    """What a run has to do at an output: the shards to run and the counts the run record reports."""
+
+    todo: list[Any]  # the listed shards (sources.Shard) that are not committed
+    listed: int
+    done_before: int
+    recovered: int  # shards of an interrupted run committed from their staged parts
+    removed_stale: int  # committed shards that changed or left the source, their rows removed
+    rows_before: dict[str, int]  # rows (embedded, failed) the output held before this run
+
+    def counts(self) -> dict[str, Any]:
+        return {"listed": self.listed, "to_run": len(self.todo), "done_before": self.done_before,
+                "recovered": self.recovered, "removed_stale": self.removed_stale}
 
 
 class LedgerError(RuntimeError):
@@ -104,6 +142,83 @@ class Ledger:
     def entry(self, key: str) -> dict[str, Any] | None:
         uri = self._shard_uri(key)
         return self._read_json(uri) if storage.exists(uri) else None
+
+    # -- step 1, the driver: plan a run -----------------------------------------------------------------
+
+    def plan(self, source_uri: str, tables: dict[str, dict[str, Any]], shards: list[Any], *,
+             overwrite: bool) -> Plan:
+        """Decide what a run has to do here. ``tables``: subdir -> the spec its rows are made with
+        (without library versions).
+
+        A rerun resumes: committed shards whose version is unchanged are skipped, and leftovers of an
+        interrupted run are committed when complete or dropped. Shards that changed or left the source lose
+        their old rows. An output made from another source or with another spec is refused unless
+        ``overwrite``, which clears it first.
+        """
+        from pipeline.sink import ERRORS_DIR
+
+        storage.check_writable(self.output_uri)
+        want = {"source": source_uri, "tables": tables}
+        state = self.state()
+        subdirs = [*tables, ERRORS_DIR]
+        if overwrite:
+            self.clear()
+            clear_or_refuse(self.output_uri, subdirs, overwrite=True)
+        elif state is None:
+            clear_or_refuse(self.output_uri, subdirs, overwrite=False,
+                            what=" that no run of this tool recorded")
+        elif state != want:
+            diff = dict_differences(state, want)
+            raise ConfigError(
+                f"output '{self.output_uri}' holds rows made differently ({'; '.join(diff[:3])}"
+                f"{'; ...' if len(diff) > 3 else ''}): pass --overwrite to replace them, or choose a new "
+                "--output")
+        self.write_state(want)
+
+        listed = {s.key: s for s in shards}
+        committed = {} if overwrite else self.committed()
+        recovered = 0
+        for key in self.leftover_keys():
+            if key in listed and key not in committed:
+                entry = self.try_commit(key, version=listed[key].version)
+                if entry:
+                    committed[key] = entry
+                    recovered += 1
+        self.clear_staging()
+        stale = [e for k, e in committed.items() if k not in listed or e["version"] != listed[k].version]
+        for entry in stale:
+            self.remove_shard(entry)
+            del committed[entry["key"]]
+        done = list(committed.values())
+        return Plan(todo=[s for s in shards if s.key not in committed], listed=len(shards),
+                    done_before=len(done), recovered=recovered, removed_stale=len(stale),
+                    rows_before={"embedded": sum(e["embedded"] for e in done),
+                                 "failed": sum(e["failed"] for e in done)})
+
+    # -- steps 2 and 3, in Ray tasks: record work and commit what is complete ----------------------------
+
+    def shard_read(self, key: str, version: str, rows: int) -> None:
+        """The read task has read the whole shard: its row count is final; commit if all rows are in."""
+        self.record_total(key, version, rows)
+        self.try_commit(key, version)
+
+    def parts_written(self, parts: list[dict[str, Any]]) -> None:
+        """A write task has written these staged parts (ParquetSink.write): record them, commit the shards
+        they complete."""
+        for part in parts:
+            self.record_part(part)
+        for key in {p["shard"] for p in parts}:
+            self.try_commit(key)
+
+    # -- step 4, the driver: check the run ------------------------------------------------------------
+
+    def finish(self, keys: list[str]) -> None:
+        """Commit what is complete of the shards a run ran; RuntimeError naming the rerun for the rest."""
+        unfinished = [k for k in keys if self.entry(k) is None and self.try_commit(k) is None]
+        if unfinished:
+            raise RuntimeError(
+                f"{len(unfinished)} of {len(keys)} shards did not commit (first: {unfinished[0]}); "
+                "rerun the same command to finish them")
 
     # -- recording work ------------------------------------------------------------------------------
 

@@ -236,6 +236,21 @@ def remove(uri: str) -> None:
         raise explain(uri, e) from e
 
 
+def copy_tree(src: str, dst: str) -> int:
+    """Copy every file under ``src`` (hidden ones included) to the same relative paths under ``dst``;
+    returns how many. For small trees (the demo's outputs): each file passes through memory."""
+    fs, root = get_fs(src)
+    prefix = root.rstrip("/") + "/"
+    try:
+        fs.invalidate_cache(root)
+        paths = [p for p in fs.find(root) if p.startswith(prefix)]
+    except Exception as e:  # noqa: BLE001
+        raise explain(src, e) from e
+    for path in paths:
+        write_bytes(join(dst, path[len(prefix):].replace(os.sep, "/")), fs.cat_file(path))
+    return len(paths)
+
+
 def check_writable(uri: str) -> None:
     """Fail early, with the fix, when an output URI cannot be written."""
     probe = join(uri, f"_probe-{uuid.uuid4().hex}")

@@ -98,7 +98,7 @@ def main(workdir: str) -> int:
     from ray.cluster_utils import Cluster
     from ray.data import DataContext
 
-    from pipeline.runner import extract
+    from pipeline.commands.extract import extract
     from pipeline.samples import make_textures
 
     work = Path(workdir)

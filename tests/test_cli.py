@@ -106,6 +106,29 @@ def test_ray_job_entry_point(ray_session, images, tmp_path):
     assert bad.returncode == 2 and "unknown key 'backbone.lyr'" in bad.stderr
 
 
+def test_every_job_takes_its_commands_flags(ray_session, images, tmp_path):
+    """jobs/*.py run the CLI: the flags of `pipeline extract` work on jobs/extract.py, and each job's
+    --help is its command's."""
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    r = subprocess.run([sys.executable, "jobs/extract.py", "--source", images,
+                        "--output", str(tmp_path / "o"), "--model", "tf_efficientnet_lite0",
+                        "--layer", "blocks.2", "--batch-size", "12",
+                        "--set", "runtime.progress=false", "--json"],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["spec"]["dim"] == 40
+    for job, flag in (("finetune", "--freeze-until"), ("train_heads", "--labels-from"),
+                      ("nightly", "--run-date"), ("extract", "--incremental")):
+        h = subprocess.run([sys.executable, f"jobs/{job}.py", "--help"], capture_output=True, text=True,
+                           cwd=ROOT, timeout=60)
+        assert h.returncode == 0 and flag in h.stdout, (job, h.stdout, h.stderr)
+
+
+def test_nightly_command_errors_before_ray(tmp_path):
+    r = _pipeline("nightly", "--config", str(tmp_path / "missing.yaml"))
+    _assert_one_line_error(r, "missing.yaml", "--config")
+
+
 def test_credentials_never_reach_output_logs_or_errors(ray_session, s3_server, bucket, images):
     """A run (S3 in, S3 out) and a failing one under recognisable fake credentials: neither the key id nor
     the secret appears on stdout/stderr, in the run record, the ledger, or the Parquet files."""

@@ -102,3 +102,32 @@ def test_batch_size_defaults_from_the_models_input_size():
     set_ = merge_sources(ExtractConfig, flags=_flags(),
                          overrides=["runtime.gpus_per_actor=1", "runtime.batch_size=48"]).runtime
     assert set_.batch_for((448, 448)) == 48
+
+
+def test_every_command_takes_the_one_backbone_section_and_the_old_keys():
+    from pipeline.config import FinetuneConfig, ProbeConfig
+
+    base = {"source": {"uri": "/in", "labels": "folder"}, "output": {"uri": "/out"}}
+    bb = {"model": "tf_efficientnet_lite0", "weights": "none"}
+    new = FinetuneConfig.model_validate({**base, "backbone": bb})
+    old = FinetuneConfig.model_validate({**base, **bb})  # the keys of earlier configs
+    assert new == old and new.backbone.model == "tf_efficientnet_lite0" and new.backbone.weights == "none"
+    probe = ProbeConfig.model_validate({**base, "models": "tf_efficientnet_lite0,tv:mobilenet_v2",
+                                        "weights": "none", "pool": "max"})
+    assert probe.backbone.weights == "none" and probe.backbone.pool == "max"
+    assert probe.model_names() == ["tf_efficientnet_lite0", "tv:mobilenet_v2"]
+    one = ProbeConfig.model_validate({**base, "backbone": bb})
+    assert one.model_names() == ["tf_efficientnet_lite0"]
+    with pytest.raises(ConfigError, match=r"missing 'backbone.model' \(pass --model\)"):
+        merge_sources(FinetuneConfig, flags={"source.uri": "/in", "output.uri": "/out"})
+
+
+def test_runtime_sections_share_one_base_and_one_set_of_decode_limits():
+    from pipeline.config import FinetuneRuntime, RayRuntime, RuntimeConfig
+    from pipeline.decode import MAX_BYTES, MAX_PIXELS
+
+    assert issubclass(RuntimeConfig, RayRuntime) and issubclass(FinetuneRuntime, RayRuntime)
+    assert RuntimeConfig().max_pixels == FinetuneRuntime().max_pixels == MAX_PIXELS
+    assert merge_sources(ExtractConfig, flags=_flags()).source.max_bytes == MAX_BYTES
+    with pytest.raises(ConfigError, match="decoder must be auto, pil or tensor"):
+        merge_sources(ExtractConfig, flags=_flags(), overrides=["runtime.decoder=nvjpeg"])

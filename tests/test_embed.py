@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline import samples
-from pipeline.embed import Classifier, Embedder
+from pipeline.embed import Embedder
 from pipeline.sources import rows_from_bytes
 
 
@@ -78,7 +78,7 @@ def test_one_pass_multi_layer_equals_separate_runs(photos):
 
 
 def test_classifier_names_the_cat_and_the_coffee(photos):
-    c = Classifier({"model": "tf_efficientnet_lite0", "weights": "packaged"}, top_k=5)
+    c = Embedder({"model": "tf_efficientnet_lite0", "weights": "packaged"}, task="classify", top_k=5)
     out = c(rows_from_bytes([photos["chelsea"], photos["coffee"], b""]))
     classes = out.column("classes").to_pylist()
     assert 281 <= classes[0][0] <= 285  # a domestic cat class top-1
@@ -94,7 +94,8 @@ def test_jpeg_draft_decodes_large_photos_at_a_reduced_scale_with_nearly_equal_em
 
     big = [_jpeg(samples.photo(n).resize((1600, 1200), Image.BICUBIC)) for n in ("chelsea", "coffee")]
     full = Embedder({"model": "tf_efficientnet_lite0", "weights": "packaged"}, threads=1)
-    draft = Embedder({"model": "tf_efficientnet_lite0", "weights": "packaged"}, threads=1, jpeg_draft=True)
+    draft = Embedder({"model": "tf_efficientnet_lite0", "weights": "packaged"}, {"jpeg_draft": True},
+                     threads=1)
     assert draft.draft_size == (256, 256)  # 224 / crop_pct 0.875: the eval transform's resize
     a, b = (np.stack(e(rows_from_bytes(big)).column("embedding").to_numpy(zero_copy_only=False))
             for e in (full, draft))
@@ -108,7 +109,7 @@ def test_compiled_model_pads_short_batches_and_gives_the_eager_rows(photos, monk
     minute per model on this CPU)."""
     cfg = {"model": "tf_efficientnet_lite0", "weights": "packaged"}
     plain = Embedder(cfg, threads=1)
-    compiled = Embedder(cfg, threads=1, compile=True, compile_backend="eager")
+    compiled = Embedder(cfg, {"compile": True}, threads=1, compile_backend="eager")
     shapes = []
     real = compiled.backbone.model.forward_features
     monkeypatch.setattr(compiled.backbone.model, "forward_features",
@@ -128,4 +129,4 @@ def test_compiled_model_pads_short_batches_and_gives_the_eager_rows(photos, monk
 def test_compile_refuses_a_cut_it_cannot_compile_with_the_fix():
     cfg = {"model": "tf_efficientnet_lite0", "weights": "packaged", "layer": "blocks.3"}
     with pytest.raises(ValueError, match="runtime.compile=false"):
-        Embedder(cfg, threads=1, compile=True, compile_backend="eager")
+        Embedder(cfg, {"compile": True}, threads=1, compile_backend="eager")

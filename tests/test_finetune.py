@@ -25,9 +25,9 @@ import torch
 import yaml
 
 from pipeline import finetune as F
-from pipeline import runner
-from pipeline.config import ConfigError
-from pipeline.finetune import FinetuneConfig
+from pipeline.commands.extract import extract
+from pipeline.commands.finetune import collect_labels, finetune
+from pipeline.config import ConfigError, FinetuneConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 FROZEN_PREFIXES = ("conv_stem.", "bn1.", "blocks.0.", "blocks.1.", "blocks.2.", "blocks.3.")
@@ -48,7 +48,11 @@ def _no_ray(monkeypatch):
     def refuse(*_a, **_k):
         raise AssertionError("Ray was started before the configuration was validated")
 
-    monkeypatch.setattr(runner, "_init_ray", refuse)
+    import pipeline.ray.data
+    import pipeline.ray.train
+
+    monkeypatch.setattr(pipeline.ray.data, "init_ray", refuse)
+    monkeypatch.setattr(pipeline.ray.train, "init_ray", refuse)
 
 
 # -- bad input fails before Ray --------------------------------------------------------------------------
@@ -57,7 +61,7 @@ def _no_ray(monkeypatch):
 def test_unknown_freeze_layer_names_valid_layers(textures_dir, tmp_path, monkeypatch):
     _no_ray(monkeypatch)
     with pytest.raises(ConfigError) as e:
-        runner.finetune(_cfg(textures_dir, tmp_path / "out", freeze_until="blocks.9"))
+        finetune(_cfg(textures_dir, tmp_path / "out", freeze_until="blocks.9"))
     msg = str(e.value)
     assert "blocks.9" in msg and "Valid: none, final, blocks.0" in msg and "blocks.6" in msg
     assert "pipeline layers --model tf_efficientnet_lite0 --all" in msg
@@ -82,7 +86,7 @@ def test_fewer_than_two_classes(textures_dir, tmp_path, monkeypatch):
     one = tmp_path / "one"
     shutil.copytree(textures_dir / "brick", one / "brick")
     with pytest.raises(ConfigError, match="at least 2 classes, found only 'brick'"):
-        runner.finetune(_cfg(one, tmp_path / "out"))
+        finetune(_cfg(one, tmp_path / "out"))
 
 
 def test_labels_are_required(tmp_path):
@@ -113,7 +117,7 @@ def test_freeze_until_covers_the_stem_and_the_named_layer(tmp_path):
 def test_lr_decay_per_stage(tmp_path):
     cfg = _cfg(tmp_path, tmp_path / "o", freeze_until="none", lr_decay=0.5, lr=1e-3)
     tm = F.build_training_model(cfg, ["a", "b"])
-    opt = F.make_optimizer(tm, cfg.model, cfg.train)
+    opt = F.make_optimizer(tm, cfg.backbone.model, cfg.train)
     lr_of = {}
     for g in opt.param_groups:
         for p in g["params"]:
@@ -129,7 +133,7 @@ def test_lr_decay_per_stage(tmp_path):
 
 
 def test_split_is_deterministic_and_matches_heads():
-    from pipeline.heads import split_ids
+    from pipeline.split import split_ids
 
     ids = [f"{c}/{i:03d}.jpg" for c in ("a", "b", "c") for i in range(30)] + ["lonely/0.jpg"]
     labels = [i.split("/")[0] for i in ids]
@@ -145,6 +149,26 @@ def test_split_is_deterministic_and_matches_heads():
     assert set(train.column("id").to_pylist()).isdisjoint(val.column("id").to_pylist())
 
 
+def test_training_batches_decode_like_extract_and_keep_the_bad_images_as_error_rows(textures_dir):
+    """TrainBatches uses the Embedder's Preprocessor: unreadable and undecodable images leave the batch,
+    are counted, and are kept with their kind for errors/ (the same kinds `extract` writes)."""
+    from pipeline.backbones import create_model, preprocessing_for
+
+    model, _, _ = create_model("tf_efficientnet_lite0", "none")
+    transform, _ = preprocessing_for(model, "tf_efficientnet_lite0", "none")
+    tb = F.TrainBatches(transform, ["brick", "grass"], (3, 224, 224), threads=1)
+    good = (textures_dir / "brick" / "000.jpg").read_bytes()
+    batch = pa.table({"id": ["a", "b", "c", "d"], "source": ["s/a", "s/b", "s/c", "s/d"],
+                      "label": ["brick", "grass", "brick", "brick"],
+                      "bytes": [good, b"not an image", None, good],
+                      "error_kind": [None, None, "missing", None],
+                      "error_message": [None, None, "gone", None]})
+    out = tb(batch)
+    assert tuple(out["x"].shape) == (2, 3, 224, 224) and out["y"].tolist() == [0, 0]
+    assert int(out["failed"]) == 2
+    assert tb.errors == {"b": ("s/b", "not_an_image", tb.errors["b"][2]), "c": ("s/c", "missing", "gone")}
+
+
 @pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
 def test_labels_of_shard_formats_come_from_one_ray_data_pass(ray_session, textures_dir, tmp_path, fmt):
     from pipeline import samples
@@ -157,7 +181,7 @@ def test_labels_of_shard_formats_come_from_one_ray_data_pass(ray_session, textur
         samples.pack_parquet(textures_dir, tmp_path / "src" / "images.parquet", rows_per_group=10)
     source = SourceConfig(uri=str(tmp_path / "src"), labels="folder")
     shards, _ = list_shards(source)
-    ids, labels = runner._collect_labels(shards, source, _cfg(textures_dir, tmp_path).runtime)
+    ids, labels = collect_labels(shards, source, _cfg(textures_dir, tmp_path).runtime)
     assert len(ids) == len(set(ids)) == 24
     assert sorted(labels) == sorted(["brick", "grass", "gravel"] * 8)
     split = F.make_split(ids, labels, 0.2)
@@ -214,7 +238,7 @@ def killed_run(ray_session, textures_dir, tmp_path_factory):
 def resumed_after_kill(killed_run, textures_dir):
     out, killed_state, _ = killed_run
     t = time.perf_counter()
-    report = runner.finetune(_cfg(textures_dir, out, epochs=2), progress=False)
+    report = finetune(_cfg(textures_dir, out, epochs=2), progress=False)
     return out, killed_state, report, time.perf_counter() - t
 
 
@@ -224,7 +248,7 @@ def continued(resumed_after_kill, textures_dir):
     out, _, _, _ = resumed_after_kill
     before = json.loads((out / "finetune.json").read_text())
     t = time.perf_counter()
-    report = runner.finetune(_cfg(textures_dir, out, epochs=3), progress=False)
+    report = finetune(_cfg(textures_dir, out, epochs=3), progress=False)
     return out, before, report, time.perf_counter() - t
 
 
@@ -305,7 +329,7 @@ def test_finetuned_backbone_extracts_and_head_predicts(continued, textures_dir, 
 
     from pipeline.config import ExtractConfig
     from pipeline.heads import HeadPredictor, predict_local
-    from pipeline.sink import read_spec
+    from pipeline.spec import read_spec
 
     out, _, report, _ = continued
     weights = str(out / "backbone.safetensors")
@@ -314,7 +338,7 @@ def test_finetuned_backbone_extracts_and_head_predicts(continued, textures_dir, 
         "backbone": {"model": "tf_efficientnet_lite0", "weights": weights, "layer": "final"},
         "output": {"uri": str(tmp_path / "emb")}, "runtime": {"batch_size": 8, "progress": False},
     })
-    assert runner.extract(cfg)["counts"]["embedded"] == 24
+    assert extract(cfg)["counts"]["embedded"] == 24
     table = pads.dataset(tmp_path / "emb" / "embeddings").to_table().sort_by("id")
     spec = read_spec(table.schema)
     sha = hashlib.sha256(Path(weights).read_bytes()).hexdigest()

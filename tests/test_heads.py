@@ -18,9 +18,9 @@ from pipeline.heads import (
     load_head,
     metrics_from_confusion,
     predict_local,
-    split_ids,
     train_head,
 )
+from pipeline.split import split_ids
 
 SPEC = {"model": "tf_efficientnet_lite0", "weights": {"source": "packaged", "sha256": "ab" * 32},
         "layer": "final", "pool": "avg", "normalize": False, "preprocessing": {"mean": [0.5] * 3},

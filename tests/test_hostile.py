@@ -15,8 +15,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from PIL import Image
 
+from pipeline.commands.extract import extract
 from pipeline.config import ExtractConfig
-from pipeline.runner import extract
 
 
 def _enc(img: Image.Image, fmt: str, **kw) -> bytes:

@@ -27,7 +27,7 @@ def _rows(shard: str, rows: list[int], bad: tuple[int, ...] = ()) -> pa.Table:
 
 
 def _write(sink: ParquetSink, led: Ledger, table: pa.Table) -> None:
-    for part in sink.write(table)["parts"]:
+    for part in sink.write(table).parts:
         led.record_part(part)
 
 

@@ -18,23 +18,14 @@ import numpy as np
 import pyarrow.dataset as pads
 import pytest
 
-from pipeline import runner
+from pipeline.commands.extract import extract
+from pipeline.commands.nightly import nightly
 from pipeline.config import ExtractConfig, NightlyConfig
 from pipeline.embed import Embedder
 from pipeline.ledger import Ledger
-from pipeline.runner import extract
 from pipeline.samples import make_textures
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_job(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _cfg(source, output, **backbone):
@@ -116,7 +107,7 @@ def test_an_actor_dying_mid_run_loses_and_duplicates_nothing(ray_session, many_d
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     CrashingEmbedder.marker = str(tmp_path / "crashed")
-    monkeypatch.setattr(runner, "_stage", lambda name: CrashingEmbedder)
+    monkeypatch.setattr("pipeline.commands.extract.Embedder", CrashingEmbedder)
     out = tmp_path / "out"
     s = extract(_cfg(many_dir, out))
     assert (tmp_path / "crashed").exists(), "the actor should have crashed once"
@@ -139,14 +130,13 @@ def test_nightly_increments_and_changed_shards(ray_session, textures_dir, tmp_pa
 
     train_head(HeadTrainConfig(embeddings=str(out), output=str(tmp_path / "head"), epochs=5), progress=False)
 
-    # the next night: a new folder arrives and one image of an old shard is replaced; jobs/nightly.py
+    # the next night: a new folder arrives and one image of an old shard is replaced; `pipeline nightly`
     # embeds what is new and applies the head to that night's rows only
     shutil.copytree(textures_dir / "gravel", src / "gravel")
     shutil.copy(textures_dir / "grass" / "005.jpg", src / "brick" / "001.jpg")
-    nightly = _load_job("nightly")
     ncfg = NightlyConfig.model_validate({**cfg.model_dump(), "head": str(tmp_path / "head"),
                                          "predictions": str(tmp_path / "pred")})
-    result = nightly.run(ncfg, "2026-11-28")
+    result = nightly(ncfg, "2026-11-28")
     s2 = result["extract"]
     pred = pads.dataset(tmp_path / "pred" / "predictions" / "run_date=2026-11-28").to_table()
     assert result["predict"]["rows"] == pred.num_rows == 12

@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 
 from pipeline import samples, storage
+from pipeline.commands.extract import extract
 from pipeline.config import ExtractConfig
-from pipeline.runner import extract
-from pipeline.sink import read_spec
+from pipeline.spec import read_spec
 
 
 def _cfg(source, output, **backbone):
@@ -234,8 +234,8 @@ def test_s3_end_to_end_equals_local(ray_session, s3_server, bucket, textures_dir
 
 def test_classify_through_ray(ray_session, tmp_path):
     """`classify`: the pretrained model as is, top-k ImageNet classes with names, through the actor pool."""
+    from pipeline.commands.extract import classify
     from pipeline.config import ClassifyConfig
-    from pipeline.runner import classify
 
     photos = tmp_path / "photos"
     samples.make_photos(photos, ("chelsea", "coffee", "astronaut"))
@@ -286,8 +286,8 @@ def test_pretrained_features_beat_random_ones(texture_features):
 
 
 def test_heads_predict_through_ray(texture_features, tmp_path):
+    from pipeline.commands.heads import predict
     from pipeline.heads import HeadTrainConfig, train_head
-    from pipeline.runner import predict
 
     root, outs = texture_features
     head = tmp_path / "head"
@@ -308,8 +308,8 @@ def test_heads_predict_through_ray(texture_features, tmp_path):
 
 
 def test_probe_ranks_layers(ray_session, textures_dir, tmp_path):
+    from pipeline.commands.probe import probe
     from pipeline.config import ProbeConfig
-    from pipeline.runner import probe
 
     cfg = ProbeConfig.model_validate({
         "source": {"uri": str(textures_dir), "labels": "folder"}, "output": {"uri": str(tmp_path)},
@@ -331,7 +331,7 @@ def test_probe_ranks_layers(ray_session, textures_dir, tmp_path):
 def test_versions_are_plain_strings():
     """The spec travels to every write task: a torch TorchVersion in it would make each of those Ray
     workers import torch to unpickle it (about 450 MiB more per process, bench/memory.py)."""
-    from pipeline.runner import versions
+    from pipeline.commands.run import versions
 
     v = versions()
     assert {"torch", "torchvision", "timm", "pyarrow", "pipeline"} <= set(v)

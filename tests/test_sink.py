@@ -5,7 +5,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.embed import output_schema
-from pipeline.sink import ParquetSink, read_spec, write_run_record
+from pipeline.sink import ParquetSink, merge_error_rows, write_error_rows, write_run_record
+from pipeline.spec import read_spec
 
 SPEC = {"model": "m", "weights": {"source": "none", "sha256": "0" * 64}, "layer": "final", "pool": "none",
         "dim": 4, "preprocessing": {}, "dtype": "float32"}
@@ -34,8 +35,8 @@ def _rows(shards_rows, dim=4, bad=(), dtype="float32"):
 def test_writes_embeddings_and_errors_per_shard(tmp_path):
     sink = ParquetSink(str(tmp_path), SPEC)
     stats = sink.write(_rows([("s1", 3), ("s2", 0), ("s1", 2), ("s2", 1)], bad=(1,)))
-    assert stats["embedded"] == 3 and stats["failed"] == 1 and stats["error_kinds"] == {"truncated": 1}
-    at = stats["actor_time"]
+    assert stats.embedded == 3 and stats.failed == 1 and stats.error_kinds == {"truncated": 1}
+    at = stats.actor_time
     assert at["decode_s"] == pytest.approx(0.04) and at["forward_s"] == pytest.approx(0.08)
     assert at["gpu_util_rows"] == 0
     names = sorted(p.name for p in (tmp_path / "embeddings").iterdir())
@@ -76,3 +77,17 @@ def test_no_metadata_is_a_clear_error(tmp_path):
 def test_run_record(tmp_path):
     uri = write_run_record(str(tmp_path), "r1", {"counts": {"inputs": 1}})
     assert uri.endswith("_runs/r1.json") and '"inputs": 1' in open(uri).read()
+
+
+def test_error_rows_of_several_workers_fold_into_one_table(tmp_path):
+    out = str(tmp_path)
+    write_error_rows(out, "rank-0", {"a": ("s/a", "truncated", "cut"), "b": ("s/b", "missing", None)})
+    write_error_rows(out, "rank-1", {"a": ("s/a", "truncated", "cut"), "c": ("s/c", "not_an_image", "x")})
+    got = merge_error_rows(out, "rank-", "finetune")
+    assert got == {"failed": 3, "error_kinds": {"truncated": 1, "missing": 1, "not_an_image": 1}}
+    assert sorted(p.name for p in (tmp_path / "errors").iterdir()) == ["finetune.parquet"]
+    t = pq.read_table(tmp_path / "errors" / "finetune.parquet")
+    assert t.column("id").to_pylist() == ["a", "b", "c"]
+    assert t.schema.names == ["id", "source", "error", "message"]
+    write_error_rows(out, "rank-0", {"d": ("s/d", "missing", None)})  # a later run adds to the table
+    assert merge_error_rows(out, "rank-", "finetune")["failed"] == 4

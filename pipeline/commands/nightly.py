@@ -1,0 +1,42 @@
+"""`pipeline nightly`: embed the shards that are new or changed since the last run, then apply the current
+head to that night's rows.
+
+1. `extract --incremental`: the ledger under OUTPUT/_ledger/ says which shards are done; only new or
+   changed ones run, and their rows land in OUTPUT/embeddings/run_date=YYYY-MM-DD/. Shards that changed
+   lose their old rows, so the output keeps exactly one row per image.
+2. `heads predict` with `head:` over that night's partition -> PREDICTIONS/predictions/run_date=YYYY-MM-DD/.
+
+A failed night is finished by running the same command again (same --run-date): finished shards are skipped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline import storage
+from pipeline.commands.extract import extract
+from pipeline.commands.heads import predict
+from pipeline.commands.run import format_summary
+from pipeline.config import ExtractConfig, NightlyConfig
+from pipeline.sink import EMBEDDINGS_DIR
+
+
+def nightly(cfg: NightlyConfig, run_date: str | None = None) -> dict[str, Any]:
+    """Returns {"extract": the extract summary, "predict": the predict summary or None}."""
+    extract_cfg = ExtractConfig.model_validate(cfg.model_dump(exclude={"head", "predictions", "top_k"}))
+    summary = extract(extract_cfg, incremental=True, run_date=run_date)
+    result: dict[str, Any] = {"extract": summary, "predict": None}
+    partition = summary["partition"]
+    night = storage.join(cfg.output.uri, EMBEDDINGS_DIR, partition)
+    if cfg.head and storage.exists(night):
+        result["predict"] = predict(cfg.head, night, cfg.predictions or cfg.output.uri, top_k=cfg.top_k,
+                                    runtime=cfg.runtime, partition=partition)
+    return result
+
+
+def format_nightly(result: dict[str, Any]) -> str:
+    lines = [format_summary(result["extract"])]
+    p = result["predict"]
+    if p:
+        lines.append(f"  predictions: {p['predictions']} ({p['rows']} rows)")
+    return "\n".join(lines)

@@ -1,0 +1,144 @@
+"""`pipeline probe`: which backbone and layer are best for these labels. Each model's candidate layers are
+extracted in one pass over the images, the same head is trained on each, and the cuts are ranked."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+from pipeline import storage
+from pipeline.backbones import build_backbone
+from pipeline.commands.run import ImageRun, runtime_for, versions
+from pipeline.config import ConfigError, HeadTrainConfig, ProbeConfig
+from pipeline.cuts import make_capture, stage_names
+from pipeline.embed import Embedder, embedding_column
+from pipeline.ledger import clear_or_refuse
+from pipeline.models import create_model, input_size
+from pipeline.sink import EMBEDDING_COLUMNS, EMBEDDINGS_DIR, ERRORS_DIR, Output
+from pipeline.sources import check_source, list_shards, sample_shards
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
+
+
+def forward_cost_ms(backbone, layers: list[str], batch: int = 8, repeats: int = 3) -> dict[str, float]:
+    """Milliseconds per image of a forward pass cut at each layer (CPU, batch of 8): the extraction cost."""
+    import torch
+
+    h, w = input_size(backbone.preprocessing)
+    x = torch.randn(batch, 3, h, w)
+    out = {}
+    for layer in layers:
+        capture = make_capture(backbone.model, backbone.model_name, [layer])
+        times = []
+        with torch.inference_mode():
+            capture(x)
+            for _ in range(repeats):
+                t = time.perf_counter()
+                capture(x)
+                times.append(time.perf_counter() - t)
+        out[layer] = round(1000 * sorted(times)[len(times) // 2] / batch, 3)
+    return out
+
+
+def probe(cfg: ProbeConfig, *, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Rank cuts by the validation accuracy of a head trained on each.
+
+    Writes ``OUTPUT/<model>/<layer>/embeddings/`` and ``.../head/`` per candidate, ``OUTPUT/probe.json`` and
+    ``OUTPUT/probe.png``.
+    """
+    from pipeline.heads import train_head
+    from pipeline.reports import probe_png
+
+    t_start = time.perf_counter()
+    shards, skipped = list_shards(cfg.source)
+    check_source(cfg.source, shards)
+    limit = None
+    if cfg.sample:
+        sampled = sample_shards(shards, cfg.sample, cfg.source.files_per_shard)
+        if sampled is None:
+            limit = cfg.sample
+        else:
+            shards = sampled
+
+    runs_to_do = []
+    for model in cfg.model_names():
+        bcfg = cfg.backbone.model_copy(update={"model": model})
+        if cfg.layers == ["all"]:
+            layers = [*stage_names(create_model(model, "none")[0], model), "final", "logits"]
+        else:
+            layers = list(cfg.layers)
+        backbone = build_backbone(bcfg, "cpu", layers)  # validates every layer and pooling up front
+        runtime = runtime_for(cfg.runtime, backbone)
+        outputs = [
+            Output(f"{_slug(model)}/{layer}/{EMBEDDINGS_DIR}",
+                   {**EMBEDDING_COLUMNS, "embedding": embedding_column(i, len(layers))},
+                   backbone.spec(i, dtype="float32", versions=versions()))
+            for i, layer in enumerate(layers)
+        ]
+        run = ImageRun(kind="probe-extract", source=cfg.source, runtime=runtime, output_uri=cfg.output.uri,
+                       stage=Embedder, stage_kwargs={"backbone": bcfg.model_dump(), "layers": layers,
+                                                     "runtime": runtime.model_dump(),
+                                                     "max_bytes": cfg.source.max_bytes},
+                       outputs=outputs, config=json.loads(cfg.model_dump_json()),
+                       extra={"model": model, "layers": layers}, limit=limit)
+        runs_to_do.append((run, model, layers, backbone.dims, forward_cost_ms(backbone, layers)))
+        del backbone
+    storage.check_writable(cfg.output.uri)
+    clear_or_refuse(cfg.output.uri, [o.subdir for r in runs_to_do for o in r[0].outputs] + [ERRORS_DIR],
+                    overwrite)
+
+    results, runs = [], []
+    for run, model, layers, dims, cost in runs_to_do:
+        runs.append(run.run(shards, skipped, time.perf_counter())["run_id"])
+        for layer, dim in zip(layers, dims):
+            layer_dir = storage.join(cfg.output.uri, _slug(model), layer)
+            head = train_head(HeadTrainConfig(
+                embeddings=layer_dir, output=storage.join(layer_dir, "head"), head=cfg.head,
+                val_fraction=cfg.val_fraction, epochs=cfg.epochs), progress=False)
+            val = head["metrics"]["validation"] or {}
+            results.append({
+                "model": model, "layer": layer, "dim": dim,
+                "accuracy": val.get("accuracy"), "macro_f1": val.get("macro_f1"),
+                "train_accuracy": (head["metrics"]["train"] or {}).get("accuracy"),
+                "forward_ms_per_image": cost[layer],
+                "train_rows": head["split"]["train"], "val_rows": head["split"]["validation"],
+                "head": storage.join(layer_dir, "head"),
+            })
+            if progress:
+                print(f"probe: {model} @ {layer:<10} dim {dim:<5} val accuracy {val.get('accuracy', 0):.3f} "
+                      f"macro-F1 {val.get('macro_f1', 0):.3f}", file=sys.stderr)
+
+    ranked = [r for r in results if r["accuracy"] is not None]
+    if not ranked:
+        raise ConfigError("no layer could be evaluated: the sample has no validation rows; raise --sample")
+    best = max(ranked, key=lambda r: (r["accuracy"], r["macro_f1"] or 0, -r["forward_ms_per_image"]))
+    report = {
+        "best": {k: best[k] for k in ("model", "layer", "dim", "accuracy", "macro_f1")},
+        "results": results,
+        "head": cfg.head,
+        "runs": runs,
+        "total_s": round(time.perf_counter() - t_start, 3),
+        "config": json.loads(cfg.model_dump_json()),
+    }
+    storage.write_bytes(storage.join(cfg.output.uri, "probe.json"), json.dumps(report, indent=2).encode())
+    storage.write_bytes(storage.join(cfg.output.uri, "probe.png"), probe_png(results, best))
+    report["probe_json"] = storage.join(cfg.output.uri, "probe.json")
+    return report
+
+
+def format_probe(report: dict) -> str:
+    """The probe table, best first."""
+    rows = sorted(report["results"], key=lambda r: -(r["accuracy"] or 0))
+    width = max(len(f"{r['model']} @ {r['layer']}") for r in rows)
+    lines = [f"{'cut':<{width}}  {'dim':>5}  {'val acc':>7}  {'macro-F1':>8}  {'ms/img':>6}"]
+    for r in rows:
+        lines.append(f"{r['model'] + ' @ ' + r['layer']:<{width}}  {r['dim']:>5}  {r['accuracy']:>7.3f}  "
+                     f"{r['macro_f1']:>8.3f}  {r['forward_ms_per_image']:>6.1f}")
+    b = report["best"]
+    lines.append(f"best: {b['model']} @ {b['layer']} (validation accuracy {b['accuracy']:.3f}); "
+                 f"report: {report['probe_json']}")
+    return "\n".join(lines)

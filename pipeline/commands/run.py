@@ -1,0 +1,201 @@
+"""What the commands that map images through the Embedder share: run ids, library versions, the nightly
+partition, the runtime resolved for a model, one run from shards to a run record, and its text summary."""
+
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from pipeline import __version__, storage
+from pipeline.backbones import Backbone
+from pipeline.config import ConfigError, RuntimeConfig, SourceConfig
+from pipeline.cuts import check_compilable
+from pipeline.ledger import Ledger, Plan
+from pipeline.models import input_size
+from pipeline.sink import (
+    EMBEDDINGS_DIR,
+    ERRORS_DIR,
+    PREDICTIONS_DIR,
+    Output,
+    ParquetSink,
+    WriteStats,
+    write_run_record,
+)
+from pipeline.sources import Shard
+
+
+def versions() -> dict[str, str]:
+    import pyarrow
+    import timm
+    import torch
+    import torchvision
+
+    # str(): torch.__version__ is a TorchVersion, and a spec holding one (the sink carries the spec into every
+    # write task) makes each Ray worker that unpickles it import torch (about 450 MiB more RSS per process).
+    out = {"pipeline": __version__, "torch": str(torch.__version__), "torchvision": torchvision.__version__,
+           "timm": timm.__version__, "pyarrow": pyarrow.__version__,
+           "python": sys.version.split()[0]}
+    try:
+        import ray
+
+        out["ray"] = ray.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return out
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def partition_for(incremental: bool, run_date: str | None) -> str | None:
+    """``run_date=YYYY-MM-DD`` for an incremental run (default today, UTC); None otherwise."""
+    if not incremental:
+        if run_date:
+            raise ConfigError("run_date only applies to --incremental runs: add --incremental or drop it")
+        return None
+    day = run_date or datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    try:
+        datetime.strptime(day, "%Y-%m-%d")
+    except ValueError:
+        raise ConfigError(f"run date '{day}' is not YYYY-MM-DD: fix --run-date") from None
+    return f"run_date={day}"
+
+
+def runtime_for(runtime: RuntimeConfig, backbone: Backbone) -> RuntimeConfig:
+    """The runtime for this model, checked on the driver: the batch size resolved from the model's input size
+    (when runtime.batch_size is unset), and a cut that runtime.compile cannot compile refused here rather
+    than in every actor."""
+    if runtime.compile:
+        check_compilable(backbone)
+    return runtime.model_copy(update={"batch_size": runtime.batch_for(input_size(backbone.preprocessing))})
+
+
+@dataclass
+class ImageRun:
+    """One pass of a stage over shards into an output (extract, classify, one model of a probe)."""
+
+    kind: str
+    source: SourceConfig
+    runtime: RuntimeConfig
+    output_uri: str
+    stage: type
+    stage_kwargs: dict[str, Any]
+    outputs: list[Output]
+    config: dict[str, Any]
+    extra: dict[str, Any]
+    rows_per_file: int = 1024
+    plan: Plan | None = None  # from the ledger; None: files written in place (the probe)
+    partition: str | None = None
+    limit: int | None = None
+
+    def run(self, shards: list[Shard], skipped: int, t_start: float) -> dict[str, Any]:
+        """Ray: shard read tasks -> actor pool running the stage -> Parquet sink; returns the run summary
+        (also written to OUTPUT/_runs/<run_id>.json). Through the ledger when planned: rows are staged
+        and each shard becomes visible when all its rows are written."""
+        run_id = new_run_id()
+        started = datetime.now(timezone.utc).isoformat()
+        t_validated = time.perf_counter()
+        staged = self.plan is not None
+        sink = ParquetSink(self.output_uri, outputs=self.outputs, staged=staged, partition=self.partition)
+        if shards:
+            from pipeline.ray.data import map_images
+
+            stats, t_run = map_images(self.stage, self.stage_kwargs, shards, self.source, self.runtime, sink,
+                                      limit=self.limit, rows_per_file=self.rows_per_file)
+        else:  # nothing new: no Ray at all
+            stats, t_run = WriteStats(), time.perf_counter()
+        if staged:
+            Ledger(self.output_uri, run_id).finish([s.key for s in shards])
+        t_done = time.perf_counter()
+        summary = self._summary(run_id, started, stats, len(shards), skipped,
+                                (t_start, t_validated, t_run, t_done))
+        summary["run_record"] = write_run_record(self.output_uri, run_id, summary)
+        return summary
+
+    def _summary(self, run_id: str, started: str, stats: WriteStats, n_shards: int, skipped: int,
+                 times: tuple[float, float, float, float]) -> dict[str, Any]:
+        t_start, t_validated, t_run, t_done = times
+        inputs = stats.embedded + stats.failed
+        run_s = t_done - t_run
+        at = stats.actor_time
+        lo, hi = self.runtime.actor_range()
+        summary = {
+            "run_id": run_id,
+            "kind": self.kind,
+            "started_at": started,
+            "source": self.source.uri,
+            "output": self.output_uri,
+            "counts": {"inputs": inputs, "embedded": stats.embedded, "failed": stats.failed,
+                       "skipped": skipped},
+            "error_kinds": stats.error_kinds,
+            "shards": n_shards,
+            "files_written": len(stats.files),
+            "timings": {
+                "validate_s": round(t_validated - t_start, 3),
+                "startup_s": round(t_run - t_validated, 3),
+                "run_s": round(run_s, 3),
+                "total_s": round(t_done - t_start, 3),
+            },
+            "images_per_s": round(inputs / run_s, 2) if run_s > 0 and inputs else None,
+            "actor_time_s": {"decode": round(at.get("decode_s", 0.0), 3),
+                             "forward": round(at.get("forward_s", 0.0), 3)},
+            "gpu_utilization": (round(at["gpu_util_sum"] / at["gpu_util_rows"], 1)
+                                if at.get("gpu_util_rows") else None),
+            "actors": {"min": lo, "max": hi, "cpus_per_actor": self.runtime.cpus_per_actor,
+                       "gpus_per_actor": self.runtime.gpus_per_actor, "batch_size": self.runtime.batch_size},
+            **self.extra,
+            "config": self.config,
+        }
+        if self.plan is not None:
+            before = self.plan.rows_before
+            summary["ledger"] = {**self.plan.counts(), "ran": n_shards,
+                                 "output_rows": {"embedded": before["embedded"] + stats.embedded,
+                                                 "failed": before["failed"] + stats.failed}}
+            if self.partition:
+                summary["partition"] = self.partition
+        return summary
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The run summary of extract or classify, as the CLI prints it."""
+    c, spec = s["counts"], s["spec"]
+    done = "classified" if s.get("kind") == "classify" else "embedded"
+    lines = [
+        f"run {s['run_id']}: {c['inputs']} images -> {c['embedded']} {done}, {c['failed']} failed, "
+        f"{c['skipped']} skipped (not images) in {s['timings']['total_s']:.1f}s "
+        f"({s['images_per_s']} images/s over the Ray run, actor start-up included)",
+    ]
+    if s.get("kind") == "classify":
+        lines.append(f"  predictions: {storage.join(s['output'], PREDICTIONS_DIR)} "
+                     f"(top-{spec['top_k']} classes of {spec['model']})")
+    else:
+        lines.append(f"  embeddings: {storage.join(s['output'], EMBEDDINGS_DIR)} (dim {spec['dim']}, "
+                     f"{spec['model']} @ {spec['layer']}, pool {spec['pool']})")
+    at = s.get("actor_time_s") or {}
+    if at.get("decode") or at.get("forward"):
+        busy = at["decode"] + at["forward"]
+        gpu = f", GPU {s['gpu_utilization']:.0f}% busy" if s.get("gpu_utilization") is not None else ""
+        lines.append(f"  actors:     {s['actors']['max']} x {s['actors']['cpus_per_actor']:g} CPU; decode "
+                     f"{at['decode']:.1f}s + model {at['forward']:.1f}s of actor time "
+                     f"({at['forward'] / busy:.0%} in the model){gpu}")
+    if c["failed"]:
+        kinds = ", ".join(f"{k}={v}" for k, v in sorted(s["error_kinds"].items()))
+        lines.append(f"  errors:     {storage.join(s['output'], ERRORS_DIR)} ({kinds})")
+    if "ledger" in s:
+        g = s["ledger"]
+        note = f"{g['ran']} of {g['listed']} shards ran, {g['done_before']} already done"
+        if g["recovered"]:
+            note += f" ({g['recovered']} finished from an interrupted run)"
+        if g["removed_stale"]:
+            note += f", {g['removed_stale']} changed or gone shards replaced"
+        rows = g["output_rows"]
+        lines.append(f"  ledger:     {note}; the output now holds {rows['embedded']} rows, "
+                     f"{rows['failed']} errors" + (f"; this run under {s['partition']}/" if s.get("partition")
+                                                   else ""))
+    lines.append(f"  run record: {s['run_record']}")
+    return "\n".join(lines)
