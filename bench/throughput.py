@@ -1,21 +1,19 @@
-"""Throughput benchmark: how close the pipeline gets to the bare model forward, measured in one run.
+"""Throughput benchmark: what a user gets from `pipeline extract`, beside the fastest forward of the same
+model on the same machine, measured in one run.
 
-    python -m bench.throughput --model tf_efficientnet_lite0 --images 256 [--batch-size 32] \
-        [--source local|s3] [--device cpu|cuda] [--weights packaged|none] [--autocast none|bf16|fp16]
+    python -m bench.throughput --model tf_efficientnet_lite0 [--images 512] [--device cpu|cuda] \
+        [--weights packaged|none] [--compare runtime.autocast=none ...]
 
-Rows (same model, batch size, dtype and machine):
-  forward         pre-decoded, pre-sized tensors through the cut model: the ceiling
-  embedder-pil    the Embedder on encoded JPEG bytes (decode + preprocess + forward + pool), no Ray, with
-                  runtime.decoder=pil (PIL decode and transform per image, in the actor's threads)
-  embedder-tensor the same with runtime.decoder=tensor (torchvision/nvjpeg decode, batched tensor resize)
-  pipeline        the full run through Ray with the defaults for the device: shards -> read tasks ->
-                  Embedder actor -> Parquet; steady state from two sizes (N and 2N), so Ray start-up and
-                  model load are reported separately
-  pipeline-<d>    the same with the other decoder
-  pipeline-<k>call  the same with the other number of batches per actor (1 vs 2: decode/model overlap)
-  ray-pattern     the documented Ray Data pattern: read_images (decode in read tasks) -> actor pool, same
-                  model, device and autocast
-and the peak RSS of the driver, the Embedder actor and all Ray workers during the default pipeline runs.
+Rows (same model and machine):
+  forward-eager-fp32        pre-sized tensors through the model, eager fp32 (the old reference)
+  forward-cl-fp32           the same in channels-last
+  forward-cl-bf16           channels-last with bf16 autocast
+  forward-cl-bf16-compiled  and torch.compile: the fastest of these is the ceiling the ratios use
+  pipeline (defaults)       `pipeline extract --source DIR --output OUT --model M` run as a subprocess with
+                            no runtime flags (Ray started by the command, the planner's choices); steady
+                            state from the slope between N and 3N images, so start-up cancels
+  pipeline <overrides>      the same with --set overrides (--compare), for comparison
+  ray-pattern               Ray Data's documented pattern: read_images (decode in read tasks) -> actor pool
 
 resnet50 and other models without packaged weights: pass --weights none (random init runs at the same
 speed). On a GPU, time is taken after torch.cuda.synchronize(), after a warm-up.
@@ -78,23 +76,26 @@ def _amp(device: str, autocast: str):
     import torch
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast)
-    return torch.autocast(device, dtype=dtype, enabled=dtype is not None and device == "cuda")
+    return torch.autocast(device, dtype=dtype, enabled=dtype is not None)
 
 
 def bench_forward(model: str, weights: str, batch: int, repeats: int, device: str = "cpu",
-                  autocast: str = "none") -> float:
-    """The ceiling: pre-sized tensors already on the device, the Embedder's model settings."""
+                  autocast: str = "none", channels_last: bool = False, compiled: bool = False) -> float:
+    """Pre-sized tensors already on the device through the cut model (final layer, pooled): a ceiling."""
     import torch
 
-    from pipeline.backbones import build_backbone, input_size
+    from pipeline.backbones import build_backbone, compile_backbone, input_size
     from pipeline.config import BackboneConfig
 
+    torch.set_num_threads(os.cpu_count() or 1)
     b = build_backbone(BackboneConfig(model=model, weights=weights), device)
     h, w = input_size(b.preprocessing)
     x = torch.randn(batch, 3, h, w, device=device)
-    if device == "cuda":  # as the Embedder runs it there
+    if channels_last:
         b.model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
+    if compiled:
+        compile_backbone(b)
 
     def run():
         with torch.inference_mode(), _amp(device, autocast):
@@ -102,31 +103,32 @@ def bench_forward(model: str, weights: str, batch: int, repeats: int, device: st
     return _median_rate(run, batch, repeats)
 
 
-def bench_embedder(model: str, weights: str, files: list[Path], batch: int, repeats: int,
-                   device: str = "cpu", autocast: str = "none", decoder: str = "pil") -> float:
-    from pipeline.embed import Embedder
-    from pipeline.sources import rows_from_bytes
-
-    e = Embedder({"model": model, "weights": weights},
-                 {"device": device, "autocast": autocast, "decoder": decoder})
-    table = rows_from_bytes([f.read_bytes() for f in files[:batch]])
-    return _median_rate(lambda: e(table), batch, repeats)
+FORWARDS = {  # name: (autocast, channels_last, compiled)
+    "forward-eager-fp32": ("none", False, False),
+    "forward-cl-fp32": ("none", True, False),
+    "forward-cl-bf16": ("bf16", True, False),
+    "forward-cl-bf16-compiled": ("bf16", True, True),
+}
 
 
-def bench_pipeline(model: str, weights: str, src: str, out: str, batch: int, cpus: int,
-                   runtime: dict | None = None) -> float:
-    """One extract run; returns its run time (start-up included). ``runtime``: overrides."""
-    from pipeline.commands.extract import extract
-    from pipeline.config import ExtractConfig
+def bench_cli(model: str, weights: str, src: str, out: str, sets: list[str]) -> dict:
+    """`pipeline extract` as a user runs it (Ray started by the command, the planner's defaults; ``sets``:
+    extra --set overrides for comparison rows); returns the run summary."""
+    import json
+    import subprocess
+    import sys
 
-    cfg = ExtractConfig.model_validate({
-        "source": {"uri": src, "files_per_shard": 64},
-        "backbone": {"model": model, "weights": weights},
-        "output": {"uri": out},
-        "runtime": {"batch_size": batch, "cpus_per_actor": cpus, "progress": False, **(runtime or {})},
-    })
-    s = extract(cfg, overwrite=True)
-    return s["timings"]["run_s"]
+    cmd = [sys.executable, "-m", "pipeline", "extract", "--source", src, "--output", out, "--model", model,
+           "--overwrite", "--json", "--set", "runtime.progress=false"]
+    if weights != "packaged":
+        cmd += ["--weights", weights]
+    for kv in sets:
+        cmd += ["--set", kv]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    if r.returncode != 0:
+        raise RuntimeError(f"pipeline extract failed: {r.stderr[-2000:]}")
+    return json.loads(r.stdout)
 
 
 def bench_ray_pattern(model: str, weights: str, src: str, batch: int, cpus: int, device: str = "cpu",
@@ -163,115 +165,85 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tf_efficientnet_lite0")
     ap.add_argument("--weights", default="packaged", help="packaged | none (random init, same speed) | hub")
-    ap.add_argument("--images", type=int, default=256, help="N; the pipeline also runs 2N")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--images", type=int, default=512, help="N; the pipeline also runs 3N")
+    ap.add_argument("--batch-size", type=int, default=None, help="forward rows; default: the planner's")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--source", choices=["local", "s3"], default="local")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--autocast", choices=["none", "bf16", "fp16"], default=None,
-                    help="default: bf16 on cuda, none on cpu")
-    ap.add_argument("--runs", type=int, default=3, help="pipeline runs per size (medians are used)")
+    ap.add_argument("--runs", type=int, default=2, help="pipeline runs per size (medians are used)")
+    ap.add_argument("--compare", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                    help="an extra pipeline row with these --set overrides (repeatable)")
+    ap.add_argument("--no-ray-pattern", action="store_true", help="skip Ray Data's read_images row")
     args = ap.parse_args(argv)
 
-    import ray
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is visible")
-    autocast = args.autocast or ("bf16" if args.device == "cuda" else "none")
-    cpus = os.cpu_count() or 1
     gpu = args.device == "cuda"
-    # CPU: the actor takes every core (read tasks get the extra logical CPU and wait on I/O).
-    # GPU: three quarters of the cores decode in the actor, the rest read and write.
-    actor_cpus = max(1, cpus * 3 // 4) if gpu else cpus
-    base = {"device": args.device, "autocast": autocast, "gpus_per_actor": 1 if gpu else 0}
-    default_calls = 2 if gpu else 1
-    default_decoder = "tensor" if gpu else "pil"
-    other_decoder = "pil" if gpu else "tensor"
-    model, weights, bs = args.model, args.weights, args.batch_size
+    cpus = os.cpu_count() or 1
+    bs = args.batch_size or (256 if gpu else 32)
+    model, weights = args.model, args.weights
 
     work = Path(tempfile.mkdtemp(prefix="bench-"))
-    n1, n2 = args.images, 2 * args.images
+    n1, n2 = args.images, 3 * args.images
     files = make_jpegs(work / "all", n2)
     small = work / "small"
     small.mkdir()
     for f in files[:n1]:
         os.link(f, small / f.name)
 
-    # The machine is shared and noisy: the ceiling and the Embedder are measured before, between and after
-    # the Ray runs, and their medians are used.
-    local: dict[str, list[float]] = {"forward": [], "embedder-pil": [], "embedder-tensor": []}
+    # The machine is shared and noisy: forwards are measured before and after the pipeline runs (medians).
+    forwards: dict[str, list[float]] = {k: [] for k in FORWARDS}
 
-    def measure_local() -> None:
-        local["forward"].append(bench_forward(model, weights, bs, args.repeats, args.device, autocast))
-        for dec in ("pil", "tensor"):
-            local[f"embedder-{dec}"].append(
-                bench_embedder(model, weights, files, bs, args.repeats, args.device, autocast, dec))
+    def measure_forwards() -> None:
+        for name, (amp, cl, comp) in FORWARDS.items():
+            forwards[name].append(bench_forward(model, weights, bs, args.repeats, args.device, amp, cl, comp))
+
+    measure_forwards()
+
+    def steady(sets: list[str]) -> tuple[float, dict]:
+        """Steady-state images/s of `pipeline extract`: the slope of the run seconds between N and 3N images
+        (Ray and actor start-up, the same at both sizes, cancel), medians over --runs; and a run summary."""
+        t, summary = {}, {}
+        for n, src in ((n1, small), (n2, work / "all")):
+            runs = [bench_cli(model, weights, str(src), str(work / "out"), sets) for _ in range(args.runs)]
+            t[n] = statistics.median(r["timings"]["run_s"] for r in runs)
+            summary = runs[-1]
+        return (n2 - n1) / max(t[n2] - t[n1], 1e-9), summary
 
     rows: dict[str, float] = {}
-    measure_local()
+    rows["pipeline (defaults)"], summary = steady([])
+    for extra in args.compare:
+        rows[f"pipeline {extra}"] = steady(extra.split(","))[0]
+    if not args.no_ray_pattern:
+        import ray
 
-    from contextlib import nullcontext
-
-    from pipeline.s3local import local_s3
-
-    with (local_s3() if args.source == "s3" else nullcontext()) as s3:
-        if s3 is not None:
-            bucket = s3.make_bucket("bench")
-            s3.upload_dir(str(work / "all"), f"{bucket}/all")
-            s3.upload_dir(str(small), f"{bucket}/small")
-            src1, src2, out = f"{bucket}/small", f"{bucket}/all", f"{bucket}/out"
-        else:
-            src1, src2, out = str(small), str(work / "all"), str(work / "out")
-        ray.init(num_cpus=cpus + 1, include_dashboard=False, log_to_driver=False)
-
-        def run(src: str, overrides: dict) -> float:
-            return bench_pipeline(model, weights, src, out, bs, actor_cpus, {**base, **overrides})
-
-        # Medians over --runs runs at each size; the slope between the sizes is the steady-state rate.
-        def steady(overrides: dict) -> tuple[float, float, float]:
-            t1 = statistics.median(run(src1, overrides) for _ in range(args.runs))
-            t2 = statistics.median(run(src2, overrides) for _ in range(args.runs))
-            rate = (n2 - n1) / max(t2 - t1, 1e-9)
-            return rate, t1 - n1 / rate, n2 / t2
-
-        # A warm-up run first: Ray's first dataset pays for worker processes and imports, which would
-        # otherwise land in the small size only and inflate the slope.
-        run(src1, {})
-        from bench.memory import MIB, RssSampler
-
-        with RssSampler() as rss:  # peak memory while the default pipeline runs
-            rows["pipeline"], startup, whole = steady({})
-        measure_local()
-        rows[f"pipeline-{other_decoder}"] = steady({"decoder": other_decoder})[0]
-        other_calls = 3 - default_calls
-        rows[f"pipeline-{other_calls}call"] = steady({"calls_per_actor": other_calls})[0]
-        p_small = statistics.median(bench_ray_pattern(model, weights, str(small), bs, actor_cpus, args.device,
-                                                      autocast) for _ in range(args.runs))
-        p_large = statistics.median(bench_ray_pattern(model, weights, str(work / "all"), bs, actor_cpus,
-                                                      args.device, autocast) for _ in range(args.runs))
-        rows["ray-pattern"] = (n2 - n1) / max(p_large - p_small, 1e-9)
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        p = [statistics.median(bench_ray_pattern(model, weights, str(src), bs, max(1, cpus - 1), args.device,
+                                                 "bf16" if gpu else "none") for _ in range(args.runs))
+             for src in (small, work / "all")]
+        rows["ray-pattern"] = (n2 - n1) / max(p[1] - p[0], 1e-9)
         ray.shutdown()
-    measure_local()
-    rows = {k: statistics.median(v) for k, v in local.items()} | rows
+    measure_forwards()
 
-    ceiling = rows["forward"]
+    fwd = {k: statistics.median(v) for k, v in forwards.items()}
+    fastest_name = max(fwd, key=fwd.get)
+    fastest = fwd[fastest_name]
     card = torch.cuda.get_device_name() if gpu else f"{cpus} CPU cores"
-    print(f"model {model} (weights {weights}), batch {bs}, {args.device} ({card}), autocast {autocast}, "
-          f"torch {torch.__version__}, ray {ray.__version__}, source {args.source}, images {n1}/{n2} "
-          f"(500x375 JPEG); pipeline defaults: decoder {default_decoder}, {default_calls} call(s) per actor, "
-          f"{actor_cpus} CPUs per actor")
-    print(f"{'row':<16} {'images/s':>9} {'x ceiling':>10}")
-    for name, rate in rows.items():
-        print(f"{name:<16} {rate:>9.1f} {rate / ceiling:>10.2f}")
-    for name, vals in local.items():
-        print(f"{name} samples: {', '.join(f'{v:.1f}' for v in vals)}")
-    actor_mib = max((m.rss for role, m in rss.role_peak.items() if role.startswith("MapWorker")), default=0)
-    print(f"peak RSS during the default pipeline runs: driver {rss.driver_peak / MIB:.0f} MiB, Embedder "
-          f"actor {actor_mib / MIB:.0f} MiB, all of this Ray's workers {rss.workers_peak / MIB:.0f} MiB")
-    print(f"pipeline start-up (actor + model load), excluded above: {startup:.1f}s; whole {n2}-image run "
-          f"with start-up: {whole:.1f} images/s; pipeline vs ray-pattern: "
-          f"{rows['pipeline'] / rows['ray-pattern']:.2f}x")
+    import ray
+
+    print(f"model {model} (weights {weights}), {args.device} ({card}), torch {torch.__version__}, "
+          f"ray {ray.__version__}, images {n1}/{n2} (500x375 JPEG), forward batch {bs}")
+    print(f"planned by `pipeline extract` with no runtime flags: {'; '.join(summary['plan']['reasons'])}")
+    print(f"{'row':<34} {'images/s':>9} {'x fastest':>10}")
+    for name, rate in {**fwd, **rows}.items():
+        print(f"{name:<34} {rate:>9.1f} {rate / fastest:>10.2f}")
+    print(f"fastest forward: {fastest_name}; samples: "
+          + "; ".join(f"{k} {', '.join(f'{v:.1f}' for v in vals)}" for k, vals in forwards.items()))
+    at = summary["actor_time_s"]
+    print(f"last default run: {summary['counts']['embedded']} images, actor time decode "
+          f"{at['decode']:.1f}s + model {at['forward']:.1f}s, run {summary['timings']['run_s']:.1f}s, "
+          f"total {summary['timings']['total_s']:.1f}s")
     return 0
 
 

@@ -52,8 +52,12 @@ def extract(
     weights: str | None = typer.Option(None, help="none | hub | packaged | PATH_OR_URI (.safetensors/.pth)"),
     layer: str | None = typer.Option(None, help="final | logits | a name from `pipeline layers`"),
     pool: str | None = typer.Option(None, help="avg | max | gem | flatten (maps); cls | mean (tokens)"),
-    format: str | None = typer.Option(None, "--format", help="auto | files | webdataset | parquet"),
+    format: str | None = typer.Option(None, "--format", help="auto|files|webdataset|parquet|manifest"),
     labels: str | None = typer.Option(None, help="none | folder | <column or member name>"),
+    root: str | None = typer.Option(None, help="source root the ids are relative to (default: --source); "
+                                    "runs over different folders under it write one output"),
+    on_removed: str | None = typer.Option(None, help="delete | keep: rows of images that left the source "
+                                          "(default delete: the output mirrors the source)"),
     batch_size: int | None = typer.Option(None, help="images per model forward"),
     actors: str | None = typer.Option(None, help="N, or MIN,MAX for an autoscaling pool"),
     gpus_per_actor: float | None = typer.Option(None, help="GPUs per Embedder actor (fractions allowed)"),
@@ -76,6 +80,7 @@ def extract(
     flags = {
         "source.uri": source, "output.uri": output, "backbone.model": model, "backbone.weights": weights,
         "backbone.layer": layer, "backbone.pool": pool, "source.format": format, "source.labels": labels,
+        "source.root": root, "source.on_removed": on_removed,
         "runtime.batch_size": batch_size, "runtime.actors": actors, "runtime.gpus_per_actor": gpus_per_actor,
         "output.dtype": dtype, "backbone.normalize": normalize,
     }
@@ -98,7 +103,9 @@ def classify(
     model: str | None = typer.Option(None, help="timm model name, or tv:<torchvision name>"),
     weights: str | None = typer.Option(None, help="none | hub | packaged | PATH_OR_URI"),
     top_k: int | None = typer.Option(None, help="classes kept per image (default 5)"),
-    format: str | None = typer.Option(None, "--format", help="auto | files | webdataset | parquet"),
+    format: str | None = typer.Option(None, "--format", help="auto|files|webdataset|parquet|manifest"),
+    root: str | None = typer.Option(None, help="source root the ids are relative to (default: --source)"),
+    on_removed: str | None = typer.Option(None, help="delete | keep: rows of images that left the source"),
     batch_size: int | None = typer.Option(None, help="images per model forward"),
     actors: str | None = typer.Option(None, help="N, or MIN,MAX for an autoscaling pool"),
     gpus_per_actor: float | None = typer.Option(None, help="GPUs per actor (fractions allowed)"),
@@ -118,6 +125,7 @@ def classify(
     flags = {
         "source.uri": source, "output.uri": output, "backbone.model": model, "backbone.weights": weights,
         "top_k": top_k, "source.format": format, "runtime.batch_size": batch_size,
+        "source.root": root, "source.on_removed": on_removed,
         "runtime.actors": actors, "runtime.gpus_per_actor": gpus_per_actor,
     }
 
@@ -322,6 +330,119 @@ def nightly(
         typer.echo(json.dumps(result, indent=2, default=str) if as_json else format_nightly(result))
 
     _run(go, rerun_hint=True)
+
+
+index_app = typer.Typer(no_args_is_help=True,
+                        help="Nearest-neighbour indexes (faiss) over stored embeddings.")
+app.add_typer(index_app, name="index")
+
+
+@index_app.command("build")
+def index_build(
+    embeddings: str | None = typer.Option(None, help="an extract OUTPUT (or its embeddings/) URI"),
+    output: str | None = typer.Option(None, help="the index folder (local or s3://...)"),
+    metric: str | None = typer.Option(None, help="cosine (default) | l2"),
+    kind: str | None = typer.Option(None, help="auto (exact up to 100k vectors, IVF-PQ above) | flat | ivfpq "
+                                    "| hnsw"),
+    max_memory: str | None = typer.Option(None, help="memory budget of the index, e.g. 4GB"),
+    config: str | None = typer.Option(None, "--config", "-c", help="YAML config file"),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print the run summary as JSON"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+) -> None:
+    """Build a faiss index over stored embeddings; writes index.faiss, ids.parquet, index.json."""
+    from pipeline.config import IndexBuildConfig, merge_sources
+
+    flags = {"embeddings": embeddings, "output": output, "metric": metric, "kind": kind,
+             "max_memory": max_memory}
+
+    def go():
+        from pipeline.commands.index import build, format_build
+
+        s = build(merge_sources(IndexBuildConfig, config, flags, set_))
+        typer.echo(json.dumps(s, indent=2, default=str) if as_json else format_build(s))
+
+    _run(go)
+
+
+@index_app.command("add")
+def index_add(
+    index: str | None = typer.Option(None, help="the index folder `index build` wrote"),
+    embeddings: str | None = typer.Option(None, help="the table to add from (default: the one it was built "
+                                          "from)"),
+    config: str | None = typer.Option(None, "--config", "-c", help="YAML config file"),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print the run summary as JSON"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+) -> None:
+    """Add the embedding files the index does not hold yet (no retraining); replaced files' rows leave it."""
+    from pipeline.config import IndexAddConfig, merge_sources
+
+    def go():
+        from pipeline.commands.index import add, format_add
+
+        s = add(merge_sources(IndexAddConfig, config, {"index": index, "embeddings": embeddings}, set_))
+        typer.echo(json.dumps(s, indent=2, default=str) if as_json else format_add(s))
+
+    _run(go)
+
+
+@app.command()
+def neighbors(
+    index: str | None = typer.Option(None, help="the index folder `index build` wrote"),
+    output: str | None = typer.Option(None, help="neighbours go to OUTPUT/neighbors/"),
+    images: str | None = typer.Option(None, help="query images (embedded with the index's model and layer)"),
+    ids: str | None = typer.Option(None, help="Parquet file or folder with an id column: rows of the index's "
+                                   "table"),
+    embeddings: str | None = typer.Option(None, help="an embeddings table of the index's spec"),
+    k: int | None = typer.Option(None, "-k", "--k", help="neighbours per query (default 10)"),
+    actors: str | None = typer.Option(None, help="N, or MIN,MAX searcher actors"),
+    config: str | None = typer.Option(None, "--config", "-c", help="YAML config file"),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print the run summary as JSON"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+) -> None:
+    """The k nearest rows of an index for each query image, id or embedding: query_id, rank, id, score."""
+    from pipeline.config import NeighborsConfig, merge_sources
+
+    flags = {"index": index, "output": output, "images.uri": images, "ids": ids, "embeddings": embeddings,
+             "k": k, "runtime.actors": actors}
+
+    def go():
+        from pipeline.commands.neighbors import format_neighbors
+        from pipeline.commands.neighbors import neighbors as run_neighbors
+
+        s = run_neighbors(merge_sources(NeighborsConfig, config, flags, set_))
+        typer.echo(json.dumps(s, indent=2, default=str) if as_json else format_neighbors(s))
+
+    _run(go)
+
+
+@app.command()
+def dedup(
+    embeddings: str | None = typer.Option(None, help="an extract OUTPUT (or its embeddings/) URI"),
+    output: str | None = typer.Option(None, help="folder for duplicates, keep, clusters (.parquet), "
+                                      "dedup.json, dedup.png"),
+    threshold: float | None = typer.Option(None, help="cosine similarity of near-duplicates (default 0.8)"),
+    clusters: int | None = typer.Option(None, help="k-means clusters (default: about sqrt(rows))"),
+    config: str | None = typer.Option(None, "--config", "-c", help="YAML config file"),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print dedup.json"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+) -> None:
+    """Semantic near-duplicates, clusters and outliers of stored embeddings (k-means, pairwise cosine)."""
+    from pipeline.config import DedupConfig, merge_sources
+
+    flags = {"embeddings": embeddings, "output": output, "threshold": threshold, "clusters": clusters}
+
+    def go():
+        from pipeline.commands.dedup import dedup as run_dedup
+        from pipeline.commands.dedup import format_dedup
+
+        s = run_dedup(merge_sources(DedupConfig, config, flags, set_))
+        typer.echo(json.dumps(s, indent=2, default=str) if as_json else format_dedup(s))
+
+    _run(go)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -31,16 +31,28 @@ class StrictModel(BaseModel):
 class SourceConfig(StrictModel):
     """Where the images are and how to read them."""
 
-    uri: str = Field(description="local path, file://, s3://... prefix or single shard file")
-    format: Literal["auto", "files", "webdataset", "parquet"] = "auto"
+    uri: str = Field(description="local path, file://, s3://... prefix or single shard file; or a manifest "
+                     "(CSV/Parquet of object URIs, an S3 Inventory manifest.json)")
+    format: Literal["auto", "files", "webdataset", "parquet", "manifest"] = "auto"
+    root: str | None = Field(None, description="the root ids are relative to (default: uri); a run may read "
+                             "any folder under it; runs over different folders accumulate into one output")
+    split_depth: int | None = Field(None, ge=0, description="loose-file shards never span two folders this "
+                                    "many levels below root (default: the output's, else the depth of uri "
+                                    "below root)")
+    on_removed: Literal["delete", "keep"] = Field(
+        "delete", description="rows of images that left the source: delete (the output mirrors the source) "
+        "or keep (marked in the ledger, never embedded again)")
+    uri_column: str | None = Field(None, description="a manifest's column of object URIs (auto-detected)")
     labels: str = Field(
         "none",
         description="none | folder (parent folder of a file; .cls/.txt member of a WebDataset sample; the "
         "'label' column of Parquet) | <name> (a Parquet column or WebDataset member extension)",
     )
     image_column: str | None = Field(None, description="Parquet column with image bytes (auto-detected)")
-    id_column: str | None = Field(None, description="Parquet column with ids (else <file>#<row>)")
-    files_per_shard: int = Field(256, ge=1, description="loose image files grouped into one read task")
+    id_column: str | None = Field(None, description="Parquet or manifest column with ids (else <file>#<row>, "
+                                  "or the object's path below root)")
+    files_per_shard: int = Field(256, ge=1, description="at most this many loose image files in one read "
+                                 "task (shards are cut by path: about 110 on average for 256)")
     max_bytes: int = Field(MAX_BYTES, ge=1, description="larger encoded images become error rows")
 
 
@@ -67,6 +79,12 @@ class RayRuntime(StrictModel):
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray started by this run")
     max_pixels: int = Field(MAX_PIXELS, ge=1, description="larger images are refused (decompression bombs)")
     progress: bool = True
+    autoscaling: bool | None = Field(None, description="whether the cluster can start nodes; default: read "
+                                     "from the autoscaler's node groups")
+    resource_wait_s: float = Field(600.0, gt=0, description="on an autoscaling cluster, how long to wait for "
+                                   "a node that fits one actor (or worker) before giving up")
+    stall_timeout_s: float = Field(600.0, gt=0, description="a run that makes no progress for this long ends "
+                                   "with the operator that stalled and what it waits for")
 
 
 class RuntimeConfig(RayRuntime):
@@ -75,9 +93,11 @@ class RuntimeConfig(RayRuntime):
     batch_size: int | None = Field(
         None, ge=1, description="images per model forward; default from the model's input size: 256 at 224 "
         "px on a GPU (64 at 448 px: the same pixels), 32 on CPU")
-    actors: str = Field("1", description="N, or MIN,MAX for an autoscaling actor pool")
-    gpus_per_actor: float = Field(0.0, ge=0)
-    cpus_per_actor: float = Field(1.0, gt=0)
+    actors: str | None = Field(None, description="N, or MIN,MAX for an autoscaling actor pool; default: "
+                               "planned from the cluster (one per GPU; on CPUs, enough to fill the nodes)")
+    gpus_per_actor: float | None = Field(None, ge=0, description="default: 1 when the cluster has GPUs")
+    cpus_per_actor: float | None = Field(None, gt=0, description="default: planned from the nodes' CPUs")
+    threads: int | None = Field(None, ge=1, description="torch threads in each actor; default: its CPUs")
     calls_per_actor: int | None = Field(None, ge=1, description="batches an actor works on at once: one "
                                         "decodes while another is in the model; default 2 with a GPU, 1 "
                                         "without (on CPU both would compete for the same cores)")
@@ -85,7 +105,9 @@ class RuntimeConfig(RayRuntime):
         default_factory=dict, description="custom Ray resources each actor needs, e.g. {embed: 1} to keep "
         "actors on the nodes that advertise them (ray start --resources)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    autocast: Literal["none", "bf16", "fp16"] = Field("none", description="mixed precision on GPU")
+    autocast: Literal["auto", "none", "bf16", "fp16"] = Field(
+        "auto", description="mixed precision; auto: bf16 where the device computes it natively (GPUs since "
+        "Ampere, CPUs with AVX-512 BF16 or AMX), fp16 on older GPUs, else none (exact fp32)")
     jpeg_draft: bool = Field(False, description="decode large JPEGs at a reduced scale that still covers the "
                              "model's resize: faster on photos, not bit-equal to the full decode")
     decoder: Literal["auto", "pil", "tensor"] = Field(
@@ -93,9 +115,10 @@ class RuntimeConfig(RayRuntime):
         "(nvjpeg, batched, on a GPU) and resize/crop/normalize as batched tensor ops on the actor's device; "
         "auto: tensor on CUDA, pil on CPU")
     channels_last: bool | None = Field(None, description="run the model in channels-last memory format; "
-                                       "default: on for CUDA actors")
-    compile: bool = Field(False, description="torch.compile the model (final/logits layers): faster on GPUs "
-                          "after a compile of seconds (about a minute on CPU) in each actor")
+                                       "default: on for CUDA actors and bf16 on CPU")
+    compile: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile the cut model in each actor; auto: when the listed images repay "
+        "the compile (seconds on a GPU, about a minute on CPU)")
     @field_validator("decoder", mode="before")
     @classmethod
     def _check_decoder(cls, v: Any) -> Any:
@@ -103,20 +126,23 @@ class RuntimeConfig(RayRuntime):
             raise ValueError(f"decoder must be auto, pil or tensor, got '{v}' (--set runtime.decoder=...)")
         return v
 
-    @field_validator("actors")
+    @field_validator("actors", mode="before")
     @classmethod
-    def _check_actors(cls, v: str) -> str:
-        parse_actors(v)
+    def _check_actors(cls, v: Any) -> Any:
+        if v is not None:
+            parse_actors(v)
+            return str(v)
         return v
 
     def actor_range(self) -> tuple[int, int]:
-        return parse_actors(self.actors)
+        """(min, max) actors; (1, 1) while the planner has not chosen."""
+        return parse_actors(self.actors or "1")
 
     def batch_for(self, input_hw: tuple[int, int]) -> int:
         """The batch size: the setting, else sized from the model's input (h, w) for a GPU or CPU actor."""
         if self.batch_size is not None:
             return self.batch_size
-        if self.gpus_per_actor > 0 and self.device != "cpu":
+        if (self.gpus_per_actor or 0) > 0 and self.device != "cpu":
             pixels = 256 * 224 * 224 / max(input_hw[0] * input_hw[1], 1)  # 256 images of 224 px
             return int(min(1024, max(8, 2 ** round(math.log2(pixels)))))
         return 32
@@ -125,7 +151,7 @@ class RuntimeConfig(RayRuntime):
         """Concurrent batches per actor: the setting, else 2 for a GPU actor and 1 for a CPU one."""
         if self.calls_per_actor is not None:
             return self.calls_per_actor
-        return 2 if self.gpus_per_actor > 0 and self.device != "cpu" else 1
+        return 2 if (self.gpus_per_actor or 0) > 0 and self.device != "cpu" else 1
 
 
 def into_backbone(data: dict[str, Any], old_keys: tuple[str, ...]) -> dict[str, Any]:
@@ -184,6 +210,8 @@ class NightlyConfig(ExtractConfig):
     predictions: str | None = Field(None, description="predictions go to <this>/predictions/run_date=.../ "
                                     "(default: output.uri)")
     top_k: int = Field(1, ge=1)
+    index: str | None = Field(None, description="an index folder (`pipeline index build`): the night's new "
+                              "embedding files are added to it after the extract")
 
 
 class ClassifyConfig(StrictModel):
@@ -298,10 +326,14 @@ class TrainConfig(StrictModel):
 class FinetuneRuntime(RayRuntime):
     """How Ray Train runs fine-tuning."""
 
-    workers: int = Field(2, ge=1, description="Ray Train workers (DDP processes)")
-    cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker; > 0 trains on GPUs")
-    autocast: Literal["none", "bf16", "fp16"] = Field("bf16", description="mixed precision on GPU")
+    workers: int | None = Field(None, ge=1, description="Ray Train workers (DDP processes); default: one per "
+                                "GPU, on CPUs 1-4 by the CPUs")
+    cpus_per_worker: float | None = Field(None, gt=0, description="default: planned so that CPUs stay free "
+                                          "for the Ray Data tasks that feed the workers")
+    gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per worker; default: 1 when the "
+                                          "cluster has GPUs")
+    autocast: Literal["auto", "none", "bf16", "fp16"] = Field(
+        "auto", description="mixed precision on GPU; auto: bf16 (fp16 on GPUs without bf16), none on CPU")
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint (-1: "
                               "unlimited)")
 
@@ -336,6 +368,81 @@ class FinetuneConfig(StrictModel):
                        "output.uri must differ from source.uri: write the fine-tuned model elsewhere")
         return self
 
+
+
+class IndexBuildConfig(StrictModel):
+    """`pipeline index build`: a nearest-neighbour index over an embeddings table."""
+
+    embeddings: str = Field(description="an extract OUTPUT folder, or its embeddings/ folder")
+    output: str = Field(description="the index folder: index.faiss, ids.parquet, index.json")
+    metric: Literal["cosine", "l2"] = "cosine"
+    kind: Literal["auto", "flat", "ivfpq", "hnsw"] = Field(
+        "auto", description="auto: exact search up to 100k vectors, IVF-PQ above")
+    max_memory: str = Field("4GB", description="memory budget of the index (sizes the IVF-PQ codes)")
+    recall_queries: int = Field(1000, ge=0, description="held-out queries for recall@10 (0: not measured)")
+    seed: int = 0
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> IndexBuildConfig:
+        check_distinct(self.embeddings, self.output,
+                       "output must differ from embeddings: write the index somewhere else")
+        return self
+
+
+class IndexAddConfig(StrictModel):
+    """`pipeline index add`: the embedding files an index does not hold yet, without retraining."""
+
+    index: str = Field(description="an index folder made by `pipeline index build`")
+    embeddings: str | None = Field(None, description="the table to add from (default: the one it was built "
+                                   "from)")
+    recall_queries: int | None = Field(None, ge=0, description="held-out queries for recall@10 (default: "
+                                       "as at build)")
+    runtime: RuntimeConfig = RuntimeConfig()
+
+
+class NeighborsConfig(StrictModel):
+    """`pipeline neighbors`: the k nearest rows of an index for each query (images, ids or embeddings)."""
+
+    index: str = Field(description="an index folder made by `pipeline index build`")
+    output: str = Field(description="neighbours go to OUTPUT/neighbors/*.parquet")
+    k: int = Field(10, ge=1, description="neighbours per query")
+    images: SourceConfig | None = Field(None, description="query images (embedded with the index's spec)")
+    ids: str | None = Field(None, description="Parquet file or folder with an id column: rows of the index's "
+                            "table")
+    embeddings: str | None = Field(None, description="an embeddings table of the index's spec")
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> NeighborsConfig:
+        given = [n for n in ("images", "ids", "embeddings") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError("pass exactly one of --images URI, --ids FILE or --embeddings URI"
+                             + (f" (got {', '.join(given)})" if given else ""))
+        return self
+
+
+class DedupConfig(StrictModel):
+    """`pipeline dedup`: semantic near-duplicates, clusters and outliers of an embeddings table."""
+
+    embeddings: str = Field(description="an extract OUTPUT folder, or its embeddings/ folder")
+    output: str = Field(description="duplicates.parquet, keep.parquet, clusters.parquet, dedup.json, "
+                        "dedup.png")
+    threshold: float = Field(0.8, gt=0, le=1, description="cosine similarity at or above which two rows "
+                             "are near-duplicates")
+    clusters: int | None = Field(None, ge=1, description="k-means clusters (default: about sqrt(rows))")
+    groups: int | None = Field(None, ge=1, description="clusters are spread over this many tasks "
+                               "(default: 4 per CPU, at most the clusters)")
+    sample: int = Field(100_000, ge=1, description="rows sampled to train k-means")
+    seed: int = 0
+    report_pairs: int = Field(8, ge=0, description="duplicate pairs shown in dedup.png")
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> DedupConfig:
+        check_distinct(self.embeddings, self.output,
+                       "output must differ from embeddings: write the dedup results somewhere else")
+        return self
 
 # --------------------------------------------------------------------------------------------------
 # Building configs from files, flags and --set overrides

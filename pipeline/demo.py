@@ -1,5 +1,6 @@
 """End-to-end demo on embedded defaults: a small real image set served from a loopback S3 server, embedded
-with packaged ImageNet weights by a local Ray, read back from Parquet.
+with packaged ImageNet weights by a local Ray, read back from Parquet; then real photos with planted copies:
+an index over their embeddings queried with new altered photos, and a dedup of the photos.
 
     python -m pipeline.demo [--workdir demo-output] [--per-class 24]
 """
@@ -47,6 +48,73 @@ def show_output(out: Path) -> None:
     duckdb.sql(query).show()
 
 
+def similar_images(s3, work: Path, model: str) -> bool:
+    """Steps 6 and 7 on real photos (scikit-image's, with planted re-encoded, resized and cropped copies):
+    an index over their embeddings, queried with fresh altered copies of photos that have none stored, and a
+    dedup of the photos. True when every query finds its original first and dedup reports no false pair."""
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from pipeline import samples, storage
+    from pipeline.commands.dedup import dedup, format_dedup
+    from pipeline.commands.extract import extract
+    from pipeline.commands.index import build, format_build
+    from pipeline.commands.neighbors import format_neighbors, neighbors
+    from pipeline.config import DedupConfig, ExtractConfig, IndexBuildConfig, NeighborsConfig
+
+    rt = {"batch_size": 32, "progress": False}
+    local = work / "photos"
+    planted = samples.make_near_copies(local, copies_of=8, seed=0)
+    src = s3.make_bucket("demo-photos") + "/photos"
+    n = s3.upload_dir(str(local), src)
+    features = f"{s3.make_bucket('demo-analytics')}/{model}"
+    print(f"[6/7] {n} photos ({n - len(planted)} distinct, {len(planted)} planted copies) uploaded to {src}; "
+          f"pipeline extract --source {src} --output {features} --model {model}")
+    extract(ExtractConfig.model_validate({"source": {"uri": src}, "backbone": {"model": model},
+                                          "output": {"uri": features}, "runtime": rt}))
+    index = f"{features}-index"
+    print(f"      pipeline index build --embeddings {features} --output {index}")
+    print(format_build(build(IndexBuildConfig.model_validate(
+        {"embeddings": features, "output": index, "runtime": rt}))))
+    queries = work / "query"
+    queries.mkdir(parents=True, exist_ok=True)
+    stored = {f"originals/{p.name}" for p in (local / "originals").iterdir()}
+    fresh = sorted(stored - set(planted.values()))  # photos with no planted copy: only the original is right
+    originals = {}
+    rng = np.random.default_rng(1)
+    for rel, variant in zip(fresh[::7], samples.COPY_VARIANTS):
+        img, quality = samples.altered_copy(Image.open(local / rel).convert("RGB"), variant, rng)
+        name = f"{Path(rel).stem}-{variant}.jpg"
+        img.save(queries / name, quality=quality)
+        originals[name] = rel
+    qsrc = s3.make_bucket("demo-query") + "/new"
+    s3.upload_dir(str(queries), qsrc)
+    out = f"{features}-neighbors"
+    print(f"      pipeline neighbors --index {index} --images {qsrc} -k 3 --output {out}")
+    print(format_neighbors(neighbors(NeighborsConfig.model_validate(
+        {"index": index, "images": {"uri": qsrc}, "k": 3, "output": out, "runtime": rt}))))
+    fs, path = storage.get_fs(f"{out}/neighbors")
+    rows = pads.dataset(path, filesystem=fs, format="parquet").to_table().to_pylist()
+    ok = True
+    for q in sorted(originals):
+        top = sorted((r for r in rows if r["query_id"] == q), key=lambda r: r["rank"])
+        ok &= top[0]["id"] == originals[q]
+        print(f"      {q:<34} -> {top[0]['id']:<30} cosine {top[0]['score']:.3f}"
+              + ("  (its original)" if top[0]["id"] == originals[q] else f"  (not {originals[q]})"))
+    out = f"{features}-dedup"
+    print(f"[7/7] pipeline dedup --embeddings {features} --output {out}")
+    print(format_dedup(dedup(DedupConfig.model_validate({"embeddings": features, "output": out,
+                                                         "runtime": rt}))))
+    with storage.open_input(f"{out}/duplicates.parquet") as f:
+        rep = {r["id"]: r["duplicate_of"] for r in pq.read_table(f).to_pylist()}
+    found = sum(rep.get(c, c) == rep.get(o, o) for c, o in planted.items())
+    false = sum(planted.get(a, a) != planted.get(b, b) for a, b in rep.items())
+    print(f"      planted copies grouped with their original: {found} of {len(planted)}; "
+          f"pairs that are not copies: {false} of {len(rep)}")
+    return ok and false == 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="demo-output")
@@ -67,14 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     data = work / "textures"
     files = samples.make_textures(data, per_class=args.per_class, patch=96, seed=0)
-    print(f"[1/5] built {len(files)} texture patches ({', '.join(samples.TEXTURES)}; random scale, rotation "
+    print(f"[1/7] built {len(files)} texture patches ({', '.join(samples.TEXTURES)}; random scale, rotation "
           f"and contrast) under {data}")
 
     with local_s3() as s3:
         src = s3.make_bucket("demo-images") + "/textures"
         features = s3.make_bucket("demo-features")
         n = s3.upload_dir(str(data), src)
-        print(f"[2/5] loopback S3 at {s3.endpoint}: uploaded {n} files to {src}")
+        print(f"[2/7] loopback S3 at {s3.endpoint}: uploaded {n} files to {src}")
 
         accuracy = {}
         for weights in ("packaged", "none"):
@@ -85,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                 "output": {"uri": out},
                 "runtime": {"batch_size": 32, "num_cpus": 2},
             })
-            print(f"[3/5] pipeline extract --source {src} --output {out} --model {args.model} "
+            print(f"[3/7] pipeline extract --source {src} --output {out} --model {args.model} "
                   f"--weights {weights} --layer final --labels folder")
             summary = extract(cfg)
             print(format_summary(summary))
@@ -97,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             val = head["metrics"]["validation"]
             accuracy[weights] = (nn_agree, val["accuracy"], val["macro_f1"])
 
-        print("[4/5] standalone feature extractor + linear head (pipeline heads train):")
+        print("[4/7] standalone feature extractor + linear head (pipeline heads train):")
         print(f"      {'weights':<22} {'NN agreement':>12} {'val accuracy':>12} {'macro-F1':>9}")
         for w, (nn_a, acc, f1) in accuracy.items():
             name = "ImageNet (packaged)" if w == "packaged" else "random init (none)"
@@ -107,17 +175,19 @@ def main(argv: list[str] | None = None) -> int:
             "source": {"uri": src, "labels": "folder"}, "output": {"uri": f"{features}/probe"},
             "runtime": {"batch_size": 32, "progress": False}, "models": [args.model], "layers": ["all"],
         })
-        print(f"[5/5] pipeline probe --source {src} --output {features}/probe --model {args.model} "
+        print(f"[5/7] pipeline probe --source {src} --output {features}/probe --model {args.model} "
               "--layers all")
         report = probe(probe_cfg, progress=False)
         print(format_probe(report))
+        query_ok = similar_images(s3, work, args.model)
         local = work / "features"
         copied = storage.copy_tree(features, str(local))  # the loopback S3 server ends with the demo
+        copied += storage.copy_tree("s3://demo-analytics", str(work / "analytics"))
     print(f"demo finished in {time.perf_counter() - t0:.0f}s; its outputs ({copied} files) are mirrored "
-          f"under {local}/")
+          f"under {local}/ and {work / 'analytics'}/")
     show_output(local / f"{args.model}-packaged")
     pretrained, random_init = accuracy["packaged"][1], accuracy["none"][1]
-    return 0 if pretrained > random_init else 1
+    return 0 if pretrained > random_init and query_ok else 1
 
 
 if __name__ == "__main__":

@@ -77,6 +77,37 @@ def resolve_device(device: str, fix: str = ACTOR_DEVICE_FIX) -> torch.device:
     return torch.device(device)
 
 
+def bf16_agreement(backbone: Backbone) -> float:
+    """The lowest cosine between bf16-autocast and fp32 embeddings of sample photos through this backbone (on
+    CPU): how much of the features bf16 keeps. ResNets keep 0.99999; depthwise-separable networks
+    (EfficientNet-Lite, MobileNet) 0.997-0.999, their rounding carried from the first layer to the last."""
+    try:
+        from pipeline import samples
+
+        images = [samples.photo(n).convert("RGB") for n in samples.PHOTOS]
+        x = torch.stack([backbone.transform(im) for im in images])
+    except ImportError:  # scikit-image (the sample photos) is not installed: a seeded noise image
+        from pipeline.backbones import _test_image
+
+        x = _test_image(backbone.preprocessing).repeat(4, 1, 1, 1)
+    with torch.inference_mode():
+        ref = backbone.embed_all(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = backbone.embed_all(x)
+    cos = [torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=1).min().item()
+           for a, b in zip(low, ref)]
+    return float(min(cos))
+
+
+def resolve_autocast(autocast: str, device: torch.device) -> str:
+    """auto (unplanned) -> bf16 on a CUDA device that computes it, none elsewhere; the rest as given."""
+    if autocast != "auto":
+        return autocast
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "none"
+
+
 def resolve_decoder(decoder: str, device: torch.device) -> str:
     """auto -> tensor on a CUDA device (nvjpeg + batched GPU preprocessing), pil on CPU."""
     if decoder not in ("auto", "pil", "tensor"):
@@ -194,8 +225,11 @@ class Embedder:
             cfg = cfg.model_copy(update={"layer": "logits", "normalize": False})
         self.task = task
         self.device = resolve_device(rt.device)
+        if rt.threads:  # the actor's CPU share, set explicitly (Ray's OMP_NUM_THREADS rounds it down)
+            torch.set_num_threads(rt.threads)
+            threads = threads or rt.threads
         self.backbone: Backbone = build_backbone(cfg, self.device, layers)
-        self.autocast = rt.autocast
+        self.autocast = resolve_autocast(rt.autocast, self.device)
         self.dtype = dtype
         self.schema = output_schema(list(self.backbone.dims), dtype, task)
         if task == "classify":
@@ -205,11 +239,14 @@ class Embedder:
         self.prep = Preprocessor(self.backbone.transform, self.device, decoder=rt.decoder,
                                  max_pixels=rt.max_pixels, max_bytes=max_bytes, resize_side=side,
                                  jpeg_draft=rt.jpeg_draft, threads=threads)
-        self.channels_last = self.device.type == "cuda" if rt.channels_last is None else rt.channels_last
+        if rt.channels_last is None:  # unplanned: on for CUDA and for bf16
+            self.channels_last = self.device.type == "cuda" or self.autocast == "bf16"
+        else:
+            self.channels_last = rt.channels_last
         if self.channels_last:
             self.backbone.model.to(memory_format=torch.channels_last)
         self.compiled_batch = 0  # the batch size the compiled graph was built for; 0: not compiled
-        if rt.compile:
+        if rt.compile is True:
             compile_backbone(self.backbone, compile_backend)
             self.compiled_batch = -1  # set by the first batch
         # Calls may run concurrently (one decoding while another is in the model): per-call state is
@@ -243,9 +280,9 @@ class Embedder:
                 x = torch.cat([x, x.new_zeros((self.compiled_batch - n, *x.shape[1:]))])
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        use_amp = self.autocast != "none" and self.device.type == "cuda"
         amp_dtype = torch.bfloat16 if self.autocast == "bf16" else torch.float16
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=amp_dtype, enabled=use_amp):
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=amp_dtype,
+                                                    enabled=self.autocast != "none"):
             outs = self.backbone.embed_all(x)
         return [o[:n].float().cpu().numpy() for o in outs]
 

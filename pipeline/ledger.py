@@ -2,8 +2,12 @@
 
 Ray-free. Layout under an output URI:
 
-    _ledger/output.json             what the output holds: source URI and the spec of each table
-    _ledger/shards/<key>.json       one per committed shard: version, row counts, the files that hold its rows
+    _ledger/output.json             what the output holds: source root, the spec of each table, how loose
+                                    files are cut into shards (scheme and folder depth)
+    _ledger/committed.parquet       the committed shards, compacted: one row per shard (key, version, first
+                                    path, row counts, gone, and the whole entry as JSON)
+    _ledger/shards/<key>.json       one per shard committed since the last compaction: version, row counts,
+                                    the files that hold its rows, its first path
     _ledger/parts/<key>/total.json  written by the read task once it has read the whole shard: row count
     _ledger/parts/<key>/<row>.json  written by a write task: the rows (intervals) a staged file holds
     _staging/<table>/...            files written but not yet visible
@@ -15,27 +19,52 @@ end of a run); every step is idempotent, so a commit interrupted anywhere is fin
 A shard without a ledger entry has no visible rows except in the window of an interrupted commit, which
 the next run completes before it starts work.
 
+The committed entries are what ``committed.parquet`` holds with the ``shards/*.json`` written since folded
+over it (a JSON entry wins). The driver folds them at the end of each run and after planning, so starting a
+run reads one Parquet file and the few JSON entries of an interrupted run, not one object per shard. Outputs
+written before compaction existed hold JSON entries only; they are read as they are and folded by the next
+run.
+
 The protocol has exactly four steps, each a method here: ``plan`` (the driver, before a run: what is done,
-what to redo, what to refuse), ``shard_read`` (the read task, when it has read a whole shard),
-``parts_written`` (a write task, after its staged files are written) and ``finish`` (the driver, after the
-run: every shard it ran must be committed).
+what to redo, what to refuse, what to remove or keep of what left the source), ``shard_read`` (the read
+task, when it has read a whole shard), ``parts_written`` (a write task, after its staged files are written)
+and ``finish`` (the driver, after the run: every shard it ran must be committed; then the ledger is folded).
 """
 
 from __future__ import annotations
 
+import io
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+import pyarrow as pa
+
 from pipeline import storage
 from pipeline.config import ConfigError
-from pipeline.spec import dict_differences
+from pipeline.spec import EmbeddingSpec, dict_differences
 
 LEDGER_DIR = "_ledger"
 STAGING_DIR = "_staging"
+COMPACT = "committed.parquet"
 _TOTAL = "total.json"
+_COMPACT_SCHEMA = pa.schema([
+    pa.field("key", pa.string(), nullable=False), pa.field("version", pa.string()),
+    pa.field("first", pa.string()), pa.field("embedded", pa.int64()), pa.field("failed", pa.int64()),
+    pa.field("gone", pa.string()), pa.field("entry", pa.string(), nullable=False),
+])
+
+
+def _entries_table(entries: list[dict[str, Any]]) -> pa.Table:
+    return pa.table({
+        "key": [e["key"] for e in entries], "version": [e.get("version") for e in entries],
+        "first": [e.get("first") for e in entries], "embedded": [e.get("embedded", 0) for e in entries],
+        "failed": [e.get("failed", 0) for e in entries], "gone": [e.get("gone") for e in entries],
+        "entry": [json.dumps(e, sort_keys=True) for e in entries],
+    }, schema=_COMPACT_SCHEMA)
 
 
 def intervals(rows: list[int]) -> list[list[int]]:
@@ -86,10 +115,13 @@ class Plan:
     recovered: int  # shards of an interrupted run committed from their staged parts
     removed_stale: int  # committed shards that changed or left the source, their rows removed
     rows_before: dict[str, int]  # rows (embedded, failed) the output held before this run
+    kept: int = 0  # shards that left the source whose rows stay (on_removed=keep), marked gone this run
+    scope: str = ""  # the prefix under the source root this run read ('' for all of it)
 
     def counts(self) -> dict[str, Any]:
         return {"listed": self.listed, "to_run": len(self.todo), "done_before": self.done_before,
-                "recovered": self.recovered, "removed_stale": self.removed_stale}
+                "recovered": self.recovered, "removed_stale": self.removed_stale, "kept_removed": self.kept,
+                "scope": self.scope}
 
 
 class LedgerError(RuntimeError):
@@ -129,37 +161,98 @@ class Ledger:
     def write_state(self, state: dict[str, Any]) -> None:
         self._write_json(self.uri(LEDGER_DIR, "output.json"), state)
 
-    def committed(self, threads: int = 16) -> dict[str, dict[str, Any]]:
-        """Every committed shard's entry, by key."""
+    def _loose(self, threads: int = 16) -> dict[str, dict[str, Any]]:
+        """The JSON entries written since the last fold, by key."""
         root = self.uri(LEDGER_DIR, "shards")
         if not storage.exists(root):
             return {}
         files = [f for f in storage.list_files(root) if f.rel.endswith(".json")]
+        if not files:
+            return {}
         with ThreadPoolExecutor(max(1, min(threads, len(files)))) as pool:
             entries = list(pool.map(lambda f: self._read_json(f.uri), files))
         return {e["key"]: e for e in entries}
 
+    def _compact(self) -> pa.Table:
+        import pyarrow.parquet as pq
+
+        uri = self.uri(LEDGER_DIR, COMPACT)
+        if not storage.exists(uri):
+            return _COMPACT_SCHEMA.empty_table()
+        with storage.open_input(uri) as f:
+            return pq.read_table(f).cast(_COMPACT_SCHEMA)
+
+    def index(self, loose: dict[str, dict[str, Any]] | None = None) -> pa.Table:
+        """Every committed shard, one row each (the compacted table's columns): the compacted table with
+        the JSON entries committed since folded over it."""
+        import pyarrow.compute as pc
+
+        table = self._compact()
+        loose = self._loose() if loose is None else loose
+        if loose:
+            extra = _entries_table(list(loose.values()))
+            table = pa.concat_tables([table.filter(pc.invert(pc.is_in(table["key"], extra["key"]))), extra])
+        return table
+
+    def committed(self) -> dict[str, dict[str, Any]]:
+        """Every committed shard's entry, by key."""
+        t = self.index()
+        return {k: json.loads(e) for k, e in zip(t["key"].to_pylist(), t["entry"].to_pylist(), strict=True)}
+
     def entry(self, key: str) -> dict[str, Any] | None:
         uri = self._shard_uri(key)
-        return self._read_json(uri) if storage.exists(uri) else None
+        if storage.exists(uri):
+            return self._read_json(uri)
+        import pyarrow.compute as pc
+
+        rows = self._compact().filter(pc.equal(pc.field("key"), key))
+        return json.loads(rows["entry"][0].as_py()) if rows.num_rows else None
+
+    def fold(self, drop: set[str] | frozenset[str] = frozenset()) -> pa.Table:
+        """Write the committed entries (less ``drop``) into ``committed.parquet``, then delete the JSON
+        entries folded into it; only the driver calls it, when no task can commit. Returns the table
+        written."""
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        loose = self._loose()
+        table = self.index(loose)
+        if drop:
+            table = table.filter(pc.invert(pc.is_in(table["key"], pa.array(sorted(drop), pa.string()))))
+        if loose or drop or not storage.exists(self.uri(LEDGER_DIR, COMPACT)):
+            buf = io.BytesIO()
+            pq.write_table(table.sort_by("key"), buf, compression="zstd")
+            storage.write_bytes(self.uri(LEDGER_DIR, COMPACT), buf.getvalue())
+            for key in loose:
+                storage.remove(self._shard_uri(key))
+        return table
 
     # -- step 1, the driver: plan a run -----------------------------------------------------------------
 
     def plan(self, source_uri: str, tables: dict[str, dict[str, Any]], shards: list[Any], *,
-             overwrite: bool) -> Plan:
+             overwrite: bool, scope: str = "", on_removed: str = "delete",
+             sharding: dict[str, Any] | None = None) -> Plan:
         """Decide what a run has to do here. ``tables``: subdir -> the spec its rows are made with
-        (without library versions).
+        (without library versions); ``scope``: the prefix under the source root this run listed (committed
+        shards outside it are left alone); ``sharding``: how loose files were cut into shards (scheme and
+        folder depth), None for one shard per file.
 
         A rerun resumes: committed shards whose version is unchanged are skipped, and leftovers of an
-        interrupted run are committed when complete or dropped. Shards that changed or left the source lose
-        their old rows. An output made from another source or with another spec is refused unless
-        ``overwrite``, which clears it first.
+        interrupted run are committed when complete or dropped. Shards that changed lose their old rows;
+        rows of images that left the source are deleted, or kept and marked gone with
+        ``on_removed="keep"``. An output made from another source, with another spec or with shards cut
+        another way is refused unless ``overwrite``, which clears it first.
         """
+        import pyarrow.compute as pc
+
         from pipeline.sink import ERRORS_DIR
 
         storage.check_writable(self.output_uri)
         want = {"source": source_uri, "tables": tables}
         state = self.state()
+        if state is not None:  # the stored specs read as the current version reads them (defaults filled)
+            state = {**state, "tables": {k: EmbeddingSpec.parse(v).table_key()
+                                         for k, v in (state.get("tables") or {}).items()}}
         subdirs = [*tables, ERRORS_DIR]
         if overwrite:
             self.clear()
@@ -167,39 +260,153 @@ class Ledger:
         elif state is None:
             clear_or_refuse(self.output_uri, subdirs, overwrite=False,
                             what=" that no run of this tool recorded")
-        elif state != want:
-            diff = dict_differences(state, want)
+        elif {k: state.get(k) for k in want} != want:
+            diff = dict_differences({k: state.get(k) for k in want}, want)
             raise ConfigError(
                 f"output '{self.output_uri}' holds rows made differently ({'; '.join(diff[:3])}"
                 f"{'; ...' if len(diff) > 3 else ''}): pass --overwrite to replace them, or choose a new "
                 "--output")
-        self.write_state(want)
+        recorded = (state or {}).get("sharding")
+        if not overwrite and state is not None and sharding is not None and recorded != sharding:
+            if recorded is None and self.index().num_rows:
+                raise ConfigError(
+                    f"output '{self.output_uri}' was written with loose files cut into fixed runs of "
+                    "consecutive paths, under which one added file redoes every later shard: pass "
+                    "--overwrite once to rebuild it with shards cut by path, or choose a new --output")
+            if recorded is not None:
+                raise ConfigError(
+                    f"output '{self.output_uri}' cuts loose files into shards at folder depth "
+                    f"{recorded.get('depth')}, this run at {sharding.get('depth')} (source.split_depth): "
+                    "drop source.split_depth to use the output's, or pass --overwrite to rebuild it")
+        self.write_state({**want, **({"sharding": sharding or recorded} if sharding or recorded else {})})
 
         listed = {s.key: s for s in shards}
-        committed = {} if overwrite else self.committed()
         recovered = 0
-        for key in self.leftover_keys():
-            if key in listed and key not in committed:
-                entry = self.try_commit(key, version=listed[key].version)
-                if entry:
-                    committed[key] = entry
-                    recovered += 1
+        if not overwrite:
+            known = set(self.index()["key"].to_pylist())
+            for key in self.leftover_keys():
+                if key in listed and key not in known:
+                    entry = self.try_commit(key, version=listed[key].version)
+                    if entry:
+                        recovered += 1
         self.clear_staging()
-        stale = [e for k, e in committed.items() if k not in listed or e["version"] != listed[k].version]
-        for entry in stale:
-            self.remove_shard(entry)
-            del committed[entry["key"]]
-        done = list(committed.values())
-        return Plan(todo=[s for s in shards if s.key not in committed], listed=len(shards),
-                    done_before=len(done), recovered=recovered, removed_stale=len(stale),
-                    rows_before={"embedded": sum(e["embedded"] for e in done),
-                                 "failed": sum(e["failed"] for e in done)})
+        table = _COMPACT_SCHEMA.empty_table() if overwrite else self.index()
+        done, stale, gone = self._sort_out(table, listed, scope)
+        removed: set[str] = set()
+        kept = 0
+        if on_removed == "keep":
+            todo = [s for s in shards if s.key not in done]
+            removed, kept = self._keep_removed(stale, gone, todo)
+        else:
+            for entry in [*stale, *gone]:
+                self.remove_shard(entry)
+                removed.add(entry["key"])
+        after = self.fold(drop=removed)
+        return Plan(todo=[s for s in shards if s.key not in done], listed=len(shards),
+                    done_before=len(done), recovered=recovered,
+                    removed_stale=len(removed), kept=kept, scope=scope,
+                    rows_before={"embedded": int(pc.sum(after["embedded"]).as_py() or 0),
+                                 "failed": int(pc.sum(after["failed"]).as_py() or 0)})
+
+    @staticmethod
+    def _sort_out(table: pa.Table, listed: dict[str, Any], scope: str
+                  ) -> tuple[set[str], list[dict[str, Any]], list[dict[str, Any]]]:
+        """(keys done, stale entries, gone entries) among the committed shards inside ``scope``: done when
+        listed with the same version; stale when changed or no longer listed; gone when kept after their
+        images left the source (such an entry never counts as done)."""
+        done: set[str] = set()
+        stale, gone = [], []
+        cols = [table[c].to_pylist() for c in ("key", "version", "first", "gone", "entry")]
+        for key, version, first, left, entry in zip(*cols, strict=True):
+            if scope and (first is None or not first.startswith(scope)):
+                continue  # outside this run's prefix (entries from before scopes were recorded: a root run's)
+            if left is not None:
+                gone.append(json.loads(entry))
+            elif key in listed and listed[key].version == version:
+                done.add(key)
+            else:
+                stale.append(json.loads(entry))
+        return done, stale, gone
+
+    def _keep_removed(self, stale: list[dict[str, Any]], gone: list[dict[str, Any]], todo: list[Any]
+                      ) -> tuple[set[str], int]:
+        """on_removed=keep: a stale shard's rows of images still listed (they run again, in another shard)
+        are removed; the rows of images that left the source stay, and the entry is marked gone with their
+        ids. A gone entry whose images come back loses their rows the same way. Returns (keys whose entry
+        was removed, entries newly marked gone)."""
+        ids = {e["key"]: self._ids(e) for e in stale}
+        ids.update({e["key"]: list(e.get("ids") or []) for e in gone})
+        wanted = {i for v in ids.values() for i in v}
+        present = {m.rel for s in todo for m in s.members() if m.rel in wanted} if wanted else set()
+        removed: set[str] = set()
+        kept = 0
+        for entry in [*stale, *gone]:
+            mine = ids[entry["key"]]
+            stay = [i for i in mine if i not in present]
+            if not stay:
+                self.remove_shard(entry)
+                removed.add(entry["key"])
+            elif len(stay) < len(mine) or entry.get("gone") is None:
+                kept += entry.get("gone") is None
+                self._keep_rows(entry, stay, mine)
+        return removed, kept
+
+    def _ids(self, entry: dict[str, Any]) -> list[str]:
+        import pyarrow.parquet as pq
+
+        out: list[str] = []
+        for rel in entry["files"]:
+            with storage.open_input(self.uri(rel)) as f:
+                out += pq.read_table(f, columns=["id"])["id"].to_pylist()
+        return out
+
+    def _keep_rows(self, entry: dict[str, Any], stay: list[str], mine: list[str]) -> None:
+        """Mark a committed shard gone, keeping the rows of ``stay``; when that is fewer than all its rows
+        (``mine``), its files are rewritten to those rows (renamed ``...-keptN``). Order: new files, then the
+        entry, then the old files are deleted; a crash in between leaves rows that the next plan, finding
+        the entry unchanged, rewrites again under the same names."""
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        from pipeline.sink import ERRORS_DIR
+
+        stamp = entry.get("gone") or self.run_id or datetime.now(timezone.utc).isoformat()
+        if len(stay) == len(mine):
+            self._write_json(self._shard_uri(entry["key"]), {**entry, "ids": sorted(stay), "gone": stamp})
+            return
+        generation = int(entry.get("kept_generation", 0)) + 1
+        keep = pa.array(stay, pa.string())
+        files, embedded, failed, kinds = [], 0, 0, {}
+        for rel in entry["files"]:
+            with storage.open_input(self.uri(rel)) as f:
+                table = pq.read_table(f)
+            table = table.filter(pc.is_in(table["id"], keep))
+            if not table.num_rows:
+                continue
+            name = re.sub(r"(-kept\d+)?\.parquet$", f"-kept{generation}.parquet", rel)
+            buf = io.BytesIO()
+            pq.write_table(table, buf)
+            storage.write_bytes(self.uri(name), buf.getvalue())
+            files.append(name)
+            if rel.startswith(ERRORS_DIR + "/"):
+                failed += table.num_rows
+                for k in table["error"].to_pylist():
+                    kinds[k] = kinds.get(k, 0) + 1
+            else:
+                embedded += table.num_rows
+        new = {**entry, "files": files, "embedded": embedded, "failed": failed, "error_kinds": kinds,
+               "rows": embedded + failed, "ids": sorted(stay), "kept_generation": generation, "gone": stamp}
+        self._write_json(self._shard_uri(entry["key"]), new)
+        for rel in entry["files"]:
+            if rel not in files:
+                storage.remove(self.uri(rel))
 
     # -- steps 2 and 3, in Ray tasks: record work and commit what is complete ----------------------------
 
-    def shard_read(self, key: str, version: str, rows: int) -> None:
-        """The read task has read the whole shard: its row count is final; commit if all rows are in."""
-        self.record_total(key, version, rows)
+    def shard_read(self, key: str, version: str, rows: int, first: str | None = None) -> None:
+        """The read task has read the whole shard: its row count is final; commit if all rows are in.
+        ``first``: the shard's first path, which places it under a prefix of the source root."""
+        self.record_total(key, version, rows, first)
         self.try_commit(key, version)
 
     def parts_written(self, parts: list[dict[str, Any]]) -> None:
@@ -213,8 +420,11 @@ class Ledger:
     # -- step 4, the driver: check the run ------------------------------------------------------------
 
     def finish(self, keys: list[str]) -> None:
-        """Commit what is complete of the shards a run ran; RuntimeError naming the rerun for the rest."""
-        unfinished = [k for k in keys if self.entry(k) is None and self.try_commit(k) is None]
+        """Commit what is complete of the shards a run ran, then fold the ledger; RuntimeError naming the
+        rerun for the rest."""
+        loose = self._loose()
+        unfinished = [k for k in keys if k not in loose and self.try_commit(k) is None]
+        self.fold()
         if unfinished:
             raise RuntimeError(
                 f"{len(unfinished)} of {len(keys)} shards did not commit (first: {unfinished[0]}); "
@@ -222,9 +432,10 @@ class Ledger:
 
     # -- recording work ------------------------------------------------------------------------------
 
-    def record_total(self, key: str, version: str, rows: int) -> None:
+    def record_total(self, key: str, version: str, rows: int, first: str | None = None) -> None:
         """Called by the read task after it has read the whole shard."""
-        self._write_json(storage.join(self._parts_uri(key), _TOTAL), {"version": version, "rows": rows})
+        total = {"version": version, "rows": rows, **({"first": first} if first is not None else {})}
+        self._write_json(storage.join(self._parts_uri(key), _TOTAL), total)
 
     def record_part(self, part: dict[str, Any]) -> None:
         """Called by a write task after its staged files are written (see ParquetSink.write)."""
@@ -274,6 +485,7 @@ class Ledger:
         entry = {
             "key": key,
             "version": total["version"],
+            **({"first": total["first"]} if "first" in total else {}),
             "rows": total["rows"],
             "embedded": sum(p["embedded"] for p in parts),
             "failed": sum(p["failed"] for p in parts),
@@ -301,7 +513,8 @@ class Ledger:
         storage.remove_tree(self.uri(STAGING_DIR))
 
     def remove_shard(self, entry: dict[str, Any]) -> None:
-        """Remove a committed shard's rows and its entry (the shard changed or left the source)."""
+        """Remove a committed shard's rows and its JSON entry (the shard changed or left the source); the
+        caller folds the ledger without it."""
         for rel in entry["files"]:
             storage.remove(self.uri(rel))
         storage.remove(self._shard_uri(entry["key"]))

@@ -3,8 +3,9 @@ ROW_SCHEMA tables, streamed with bounded memory.
 
 `pipeline.sources.read_shard` picks the reader by ``Shard.format``; each reader adds rows to a `_Rows`
 batcher. A bad file, member or cell is a row with an error kind (read_error, too_large, unsafe_name, no_image,
-duplicate_key, shard_corrupt, schema_mismatch, missing), never an exception that stops the read. Every read
-goes through ``storage`` (looked up at call time, so tests can patch ``storage.read_bytes``).
+duplicate_key, shard_corrupt, schema_mismatch, missing: an object a manifest names that does not exist, or a
+null Parquet cell), never an exception that stops the read. Every read goes through ``storage`` (looked up at
+call time, so tests can patch ``storage.read_bytes``).
 """
 
 from __future__ import annotations
@@ -101,29 +102,36 @@ def _ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], window: int) ->
             yield result
 
 
-def _fetch(uri: str, listed_size: int | None, max_bytes: int) -> tuple[bytes | None, str | None, str | None]:
-    """(bytes, error kind, message) of one loose file."""
+def _fetch(uri: str, listed_size: int | None, max_bytes: int,
+           missing: str = "read_error") -> tuple[bytes | None, str | None, str | None]:
+    """(bytes, error kind, message) of one loose file; an object that does not exist is ``missing``."""
     if listed_size is not None and listed_size > max_bytes:
         return None, "too_large", f"file is {_too_large(listed_size, max_bytes)}; not read"
     try:
         data = storage.read_bytes(uri)
     except (StorageError, OSError) as e:
-        return None, "read_error", _error_text(e)
+        gone = isinstance(e, FileNotFoundError) or isinstance(e.__cause__, FileNotFoundError)
+        return None, missing if gone else "read_error", _error_text(e)
     if len(data) > max_bytes:
         return None, "too_large", f"file is {_too_large(len(data), max_bytes)}"
     return data, None, None
 
 
 def _read_files(shard: Shard, cfg: SourceConfig, rows: _Rows) -> Iterator[pa.Table | None]:
-    if cfg.labels not in ("none", "folder"):
+    """Loose files of a listed chunk, or the objects a manifest names (one that does not exist: missing)."""
+    manifest = shard.format == "manifest"
+    if not manifest and cfg.labels not in ("none", "folder"):
         raise ConfigError(f"--labels {cfg.labels} does not apply to loose image files: use folder or none")
-    sizes = shard.sizes if len(shard.sizes) == len(shard.uris) else (None,) * len(shard.uris)
-    window = _PREFETCH if storage.protocol_of(shard.uris[0]) != "file" else 4
-    items = zip(shard.uris, sizes, strict=True)
-    fetched = _ordered_map(lambda item: _fetch(item[0], item[1], cfg.max_bytes), items, window)
-    for uri, rel, (data, kind, message) in zip(shard.uris, shard.rels, fetched, strict=True):
-        label = _folder_label(rel) if cfg.labels == "folder" else None
-        yield rows.add(rel, uri, label, data, kind, message)
+    members = shard.members()
+    window = _PREFETCH if storage.protocol_of(members[0].uri) != "file" else 4
+    missing = "missing" if manifest else "read_error"
+    fetched = _ordered_map(lambda m: _fetch(m.uri, m.size or None, cfg.max_bytes, missing), members, window)
+    for m, (data, kind, message) in zip(members, fetched, strict=True):
+        if manifest:
+            label = m.label if cfg.labels != "folder" else _folder_label(m.uri.split("://", 1)[-1])
+        else:
+            label = _folder_label(m.rel) if cfg.labels == "folder" else None
+        yield rows.add(m.rel, m.uri, label, data, kind, message)
 
 
 # -- WebDataset ---------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""The PNG charts written next to results: a head's ``report.png``, fine-tuning's ``report.png`` and the
-probe's ``probe.png``.
+"""The PNG charts written next to results: a head's ``report.png``, fine-tuning's ``report.png``, the
+probe's ``probe.png`` and dedup's ``dedup.png``.
 
 matplotlib's object-oriented API on an Agg canvas (no pyplot, no global backend switch); matplotlib is
 imported when a chart is drawn.
@@ -119,4 +119,40 @@ def probe_png(results: list[dict[str, Any]], best: dict[str, Any]) -> bytes:
     ax2.set_xlabel("forward cost to the cut (ms/image, CPU)")
     ax2.set_ylabel("validation accuracy")
     ax2.set_title("accuracy vs extraction cost")
+    return _png(fig)
+
+
+def dedup_png(pairs: list[tuple[Any, Any, str, str, float]], summary: dict[str, Any]) -> bytes:
+    """Sample near-duplicate pairs side by side (kept | removed, with their similarity) and the share of rows
+    removed per threshold. ``pairs``: (kept image or None, removed image or None, kept id, removed id,
+    similarity); images are PIL thumbnails, None where the source could not be read."""
+    rows = max(1, len(pairs))
+    fig = _figure(11, 2.2 * rows + 1)
+    grid = fig.add_gridspec(rows, 3, width_ratios=[1, 1, 2.2])
+    for r, (a, b, id_a, id_b, sim) in enumerate(pairs):
+        for c, (img, name, role) in enumerate(((a, id_a, "kept"), (b, id_b, "removed"))):
+            ax = fig.add_subplot(grid[r, c])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if img is not None:
+                ax.imshow(np.asarray(img))
+            else:
+                ax.text(0.5, 0.5, "no thumbnail\n(not an image file)", ha="center", va="center", fontsize=8)
+            short = name if len(name) <= 34 else "..." + name[-31:]
+            ax.set_title(f"{role}: {short}" + (f"\ncosine {sim:.3f}" if c == 1 else ""), fontsize=8)
+    if not pairs:
+        ax = fig.add_subplot(grid[0, :2])
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"no near-duplicates at cosine >= {summary['threshold']}", ha="center", va="center")
+    ax = fig.add_subplot(grid[:, 2])
+    by = summary["by_threshold"]
+    ts = [float(t) for t in by]
+    frac = [100 * v["removed_fraction"] for v in by.values()]
+    ax.plot(ts, frac, "-o")
+    ax.axvline(summary["threshold"], color="gray", ls="--", lw=1, label=f"threshold {summary['threshold']}")
+    ax.set_xlabel("cosine similarity threshold")
+    ax.set_ylabel("rows removed (%)")
+    ax.set_title(f"{summary['rows']} rows, {summary['clusters']} clusters: "
+                 f"{summary['removed_fraction']:.1%} removed at {summary['threshold']}")
+    ax.legend()
     return _png(fig)

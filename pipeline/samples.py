@@ -2,7 +2,8 @@
 
 - textures: scikit-image's brick, grass and gravel photos cut into random patches, one folder per class
   (ImageFolder layout). Pretrained features separate them clearly; random features do much worse.
-- photos: scikit-image's bundled photos (chelsea the cat, coffee, astronaut...).
+- photos: scikit-image's bundled photos (chelsea the cat, coffee, astronaut...); near-copies: distinct photos
+  with planted re-encoded, resized and cropped copies (similarity search and dedup checks).
 Also writers that repack a folder of images as WebDataset tars or a Parquet file with image bytes.
 """
 
@@ -125,3 +126,61 @@ def pack_parquet(root: str | os.PathLike, out_file: str | os.PathLike, rows_per_
     Path(out_file).parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, out_file, row_group_size=rows_per_group)
     return Path(out_file)
+
+
+# scikit-image's bundled photos that need no download, each a distinct scene
+DISTINCT_PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "coins", "hubble_deep_field",
+                   "immunohistochemistry", "moon", "page", "rocket", "retina", "clock", "text", "cell",
+                   "colorwheel", "logo")
+TILED_PHOTOS = ("astronaut", "camera", "chelsea", "coffee")  # scenes whose quadrants differ (not sky)
+COPY_VARIANTS = ("jpeg40", "resize60", "crop90")  # re-encoded at quality 40, resized to 60 %, 90 % crop
+
+
+def altered_copy(img: Image.Image, variant: str, rng: np.random.Generator) -> tuple[Image.Image, int]:
+    """(the altered image, JPEG quality to save it at)."""
+    w, h = img.size
+    if variant == "jpeg40":
+        return img, 40
+    if variant == "resize60":
+        return img.resize((max(1, w * 3 // 5), max(1, h * 3 // 5)), Image.BICUBIC), 90
+    if variant == "crop90":
+        cw, ch = int(w * 0.9), int(h * 0.9)
+        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        return img.crop((x, y, x + cw, y + ch)), 90
+    raise ValueError(f"unknown copy variant '{variant}': use one of {', '.join(COPY_VARIANTS)}")
+
+
+def make_near_copies(root: str | os.PathLike, copies_of: int = 24, tiles: bool = True, seed: int = 0,
+                     variants: tuple[str, ...] = COPY_VARIANTS) -> dict[str, str]:
+    """Distinct real photos plus planted near-copies, for similarity search and dedup checks.
+
+    ``root/originals/``: each of DISTINCT_PHOTOS, and with ``tiles`` the four quadrants of each of
+    TILED_PHOTOS (other parts of one scene: related, but not copies). ``root/copies/``: for ``copies_of``
+    originals (drawn with ``seed``), one file per variant (re-encoded at JPEG quality 40, resized to 60 %,
+    cropped to 90 % a side). Returns {copy path relative to root: its original's path relative to root}.
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    (root / "originals").mkdir(parents=True, exist_ok=True)
+    (root / "copies").mkdir(parents=True, exist_ok=True)
+    originals: dict[str, Image.Image] = {}
+    for name in DISTINCT_PHOTOS:
+        img = photo(name)
+        originals[name] = img
+        w, h = img.size
+        if tiles and name in TILED_PHOTOS:
+            for q, (x, y) in enumerate(((0, 0), (w // 2, 0), (0, h // 2), (w // 2, h // 2))):
+                originals[f"{name}_q{q}"] = img.crop((x, y, x + w // 2, y + h // 2))
+    for name, img in originals.items():
+        img.save(root / "originals" / f"{name}.jpg", quality=92)
+    names = sorted(originals)
+    picked = sorted(rng.choice(len(names), min(copies_of, len(names)), replace=False))
+    manifest = {}
+    for i in picked:
+        name = names[i]
+        for v in variants:
+            img, quality = altered_copy(originals[name], v, rng)
+            rel = f"copies/{name}__{v}.jpg"
+            img.save(root / rel, quality=quality)
+            manifest[rel] = f"originals/{name}.jpg"
+    return manifest

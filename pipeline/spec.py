@@ -43,6 +43,7 @@ class EmbeddingSpec(BaseModel):
     normalize: bool = False  # older files omit it; the extractor's default is off
     dim: int | None = None
     dtype: str | None = None
+    precision: str = "fp32"  # the forward's arithmetic: fp32 | bf16 | fp16 (autocast); older files: fp32
     preprocessing: dict[str, Any] | None = None
     versions: dict[str, str] = Field(default_factory=dict)
     top_k: int | None = None  # classify: the classes kept per image

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import posixpath
 import uuid
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,6 +162,62 @@ def list_files(uri: str) -> list[FileInfo]:
         out.append(FileInfo(_to_uri(fs, path, uri), rel, int(info.get("size") or 0), _version(info)))
     out.sort(key=lambda f: f.rel)
     return out
+
+
+def _entries(fs: fsspec.AbstractFileSystem, path: str) -> list[tuple[str, str, bool, dict[str, Any]]]:
+    """One folder's visible entries (sort key, path, is_dir, info), in the order of their full paths."""
+    try:
+        found = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    out = []
+    for info in found:
+        name = str(info["name"]).rstrip("/")
+        base = name.rsplit("/", 1)[-1]
+        if name == path.rstrip("/") or base.startswith((".", "_")):
+            continue
+        is_dir = info.get("type") == "directory"
+        out.append((base + "/" if is_dir else base, name, is_dir, info))
+    out.sort(key=lambda e: e[0])
+    return out
+
+
+def walk_files(uri: str, threads: int = 16, ahead: int = 8) -> Iterator[FileInfo]:
+    """Every file under a prefix, as `list_files` finds them (sorted by relative path, hidden names
+    skipped), streamed: each folder is listed once, up to ``ahead`` sibling folders in parallel ahead of the
+    one being read, so only the folders in flight are held in memory; a file URI yields itself."""
+    fs, root = get_fs(uri)
+    try:
+        fs.invalidate_cache(root)
+        if fs.isfile(root):
+            info = fs.info(root)
+            yield FileInfo(uri, posixpath.basename(root), int(info.get("size") or 0), _version(info))
+            return
+        prefix = root.rstrip("/") + "/"
+        with ThreadPoolExecutor(threads) as pool:
+            yield from _walk(fs, pool, _entries(fs, root), prefix, uri, ahead)
+    except StorageError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise explain(uri, e) from e
+
+
+def _walk(fs: fsspec.AbstractFileSystem, pool: ThreadPoolExecutor, entries: list[Any], prefix: str,
+          like: str, ahead: int) -> Iterator[FileInfo]:
+    dirs = [e[1] for e in entries if e[2]]
+    pending: dict[str, Future] = {}
+    submitted = 0
+    for _, path, is_dir, info in entries:
+        if not is_dir:
+            if path.startswith(prefix):
+                yield FileInfo(_to_uri(fs, path, like), path[len(prefix):].replace(os.sep, "/"),
+                               int(info.get("size") or 0), _version(info))
+            continue
+        while submitted < len(dirs) and len(pending) < ahead:
+            pending[dirs[submitted]] = pool.submit(_entries, fs, dirs[submitted])
+            submitted += 1
+        sub = pending.pop(path).result()
+        yield from _walk(fs, pool, sub, prefix, like, ahead)
 
 
 def read_bytes(uri: str) -> bytes:

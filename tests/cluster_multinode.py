@@ -30,7 +30,7 @@ from collections import Counter
 from pathlib import Path
 
 PER_CLASS = 8            # 3 classes -> 24 images
-FILES_PER_SHARD = 2      # -> 12 shards (read tasks), one ledger entry each
+FILES_PER_SHARD = 2      # -> at least 12 shards (read tasks), one ledger entry each
 WORKER_CPUS = 2
 ACTOR_CPUS = 1           # the other CPU of each worker reads and writes
 
@@ -107,7 +107,10 @@ def main(workdir: str) -> int:
     n_images = len(list(images.rglob("*.jpg")))
     # Unix socket paths under the temp dir must stay short (~107 characters).
     temp_dir = tempfile.mkdtemp(prefix="rmn", dir="/tmp")
-    result: dict = {"images": n_images, "shards": -(-n_images // FILES_PER_SHARD)}
+    from pipeline.sources import list_shards
+
+    shards = len(list_shards(_config(images, work / "unused", "1").source)[0])
+    result: dict = {"images": n_images, "shards": shards}
     t0 = time.perf_counter()
     node_args = {"temp_dir": temp_dir, "object_store_memory": 100 * 1024 * 1024}
     cluster = Cluster(initialize_head=True, head_node_args={

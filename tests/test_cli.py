@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.dataset as pads
@@ -122,6 +123,48 @@ def test_every_job_takes_its_commands_flags(ray_session, images, tmp_path):
         h = subprocess.run([sys.executable, f"jobs/{job}.py", "--help"], capture_output=True, text=True,
                            cwd=ROOT, timeout=60)
         assert h.returncode == 0 and flag in h.stdout, (job, h.stdout, h.stderr)
+
+
+def _last_error(r) -> str:
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("error: "), r.stderr[-3000:]
+    return lines[-1]
+
+
+def test_a_gpu_request_without_gpus_exits_2_in_seconds_naming_the_flag(ray_session, images, tmp_path):
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    t = time.monotonic()
+    r = _pipeline("extract", "--source", images, "--output", str(tmp_path / "o"), "--model",
+                  "tf_efficientnet_lite0", "--gpus-per-actor", "1", env=env)
+    assert r.returncode == 2 and time.monotonic() - t < 90
+    assert "--gpus-per-actor" in _last_error(r) and not (tmp_path / "o" / "embeddings").exists()
+
+
+def test_a_resource_no_node_has_on_an_autoscaling_cluster_is_waited_for_then_refused(ray_session, images,
+                                                                                     tmp_path):
+    """The forced stall of a cluster marked autoscaling: the run says what it waits for and gives up after
+    runtime.resource_wait_s with the settings to change, instead of waiting forever."""
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    r = _pipeline("extract", "--source", images, "--output", str(tmp_path / "o"), "--model",
+                  "tf_efficientnet_lite0", "--set", "runtime.autoscaling=true",
+                  "--set", "runtime.actor_resources={nowhere: 1}", "--set", "runtime.resource_wait_s=3",
+                  env=env)
+    assert r.returncode == 2
+    line = _last_error(r)
+    assert "nowhere: 1" in line and "runtime.resource_wait_s=3" in line and "runtime.actor_resources" in line
+    assert "waiting for the autoscaler" in r.stderr
+
+
+def test_a_run_that_stops_making_progress_ends_with_what_it_waits_for(ray_session, images, tmp_path):
+    """An actor that takes every CPU leaves none for the read tasks: Ray Data would wait forever; the run
+    ends after runtime.stall_timeout_s naming the stalled operator and the request, and exits 1."""
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    r = _pipeline("extract", "--source", images, "--output", str(tmp_path / "o"), "--model",
+                  "tf_efficientnet_lite0", "--set", "runtime.cpus_per_actor=2",
+                  "--set", "runtime.stall_timeout_s=20", env=env)
+    assert r.returncode == 1
+    line = _last_error(r)
+    assert "no progress for 20s" in line and "CPU: 2" in line and "rerunning resumes" in line
 
 
 def test_nightly_command_errors_before_ray(tmp_path):

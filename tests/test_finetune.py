@@ -3,7 +3,7 @@ and resume (also after a killed driver), and the fine-tuned backbone and head go
 and `heads predict`.
 
 The Ray tests share runs (module fixtures) to stay small: 24 texture patches (16 train, 8 validation), two
-CPU workers with half a CPU each, batch 4 (two steps per worker per epoch).
+CPU workers with the CPUs the planner gives them, batch 4 (two steps per worker per epoch).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def _cfg(source, output, **train) -> FinetuneConfig:
         "model": "tf_efficientnet_lite0",
         "weights": "packaged",
         "train": {"epochs": 1, "batch_size": 4, "lr": 1e-3, "freeze_until": "blocks.3", **train},
-        "runtime": {"workers": 2, "cpus_per_worker": 0.5, "progress": False},
+        "runtime": {"workers": 2, "progress": False},
     })
 
 

@@ -10,6 +10,7 @@ from pipeline import ledger as ledger_mod
 from pipeline import storage
 from pipeline.ledger import Ledger, LedgerError, coverage, intervals
 from pipeline.sink import ParquetSink
+from pipeline.spec import EmbeddingSpec
 
 
 def _rows(shard: str, rows: list[int], bad: tuple[int, ...] = ()) -> pa.Table:
@@ -142,3 +143,109 @@ def test_ledger_on_s3(bucket):
     assert entry["embedded"] == 3
     assert [f.rel for f in storage.list_files(storage.join(out, "embeddings"))] == ["s1-000000000.parquet"]
     assert not storage.exists(storage.join(out, "_staging", "embeddings", "s1-000000000.parquet"))
+
+
+# -- planning: compaction, scopes, removed inputs, the sharding scheme -------------------------------------
+
+TABLES = {"embeddings": EmbeddingSpec.parse({"dim": 4}).table_key()}
+
+
+def _listing(rels: list[str], max_files: int = 2) -> list:
+    from pipeline.sources import Chunker, Member, chunk_shard
+
+    chunker = Chunker(max_files, 1, lambda ms: chunk_shard(ms, "/src"))
+    return [s for r in sorted(rels) for s in chunker.add(Member(r, 1, "v"))] + chunker.close()
+
+
+def _run(out, shards, run_id: str, **plan_kw) -> dict:
+    """What a run does to the ledger: plan, write and commit every shard to run, finish."""
+    sharding = {"scheme": "content-defined-1", "depth": 1}
+    led = Ledger(str(out), run_id)
+    plan = led.plan("/src", TABLES, shards, overwrite=False, sharding=sharding, **plan_kw)
+    sink = ParquetSink(str(out), spec={"dim": 4}, staged=True)
+    for s in plan.todo:
+        t = _rows(s.key, list(range(s.count)))
+        t = t.set_column(0, "id", pa.array(list(s.rels)))
+        _write(sink, led, t)
+        led.shard_read(s.key, s.version, s.count, s.first)
+    led.finish([s.key for s in plan.todo])
+    return plan.counts()
+
+
+def test_the_ledger_is_compacted_and_old_json_only_ledgers_still_read(tmp_path):
+    out = tmp_path / "out"
+    rels = [f"a/{i}.jpg" for i in range(9)]
+    shards = _listing(rels)
+    _run(out, shards, "r1")
+    assert (out / "_ledger" / "committed.parquet").exists()
+    assert not list((out / "_ledger" / "shards").glob("*.json"))  # folded
+    committed = Ledger(str(out)).committed()
+    assert sorted(committed) == sorted(s.key for s in shards)
+    assert all(e["first"] == s.first for s in shards for e in [committed[s.key]])
+    assert _visible(out) == sorted(rels)
+    # an output from before compaction: JSON entries only
+    (out / "_ledger" / "committed.parquet").unlink()
+    for e in committed.values():
+        Ledger(str(out))._write_json(Ledger(str(out))._shard_uri(e["key"]), e)
+    assert _run(out, shards, "r2")["done_before"] == len(shards)
+    assert (out / "_ledger" / "committed.parquet").exists() and Ledger(str(out)).committed() == committed
+
+
+def test_a_run_changes_only_the_prefix_it_read(tmp_path):
+    out = tmp_path / "out"
+    night1 = _listing([f"2026-11-28/{i}.jpg" for i in range(5)])
+    night2 = _listing([f"2026-11-29/{i}.jpg" for i in range(4)])
+    _run(out, night1, "n1", scope="2026-11-28/")
+    c = _run(out, night2, "n2", scope="2026-11-29/")
+    assert c["done_before"] == 0 and c["removed_stale"] == 0 and c["to_run"] == len(night2)
+    assert len(_visible(out)) == 9
+    # the second night loses a file: only its prefix is touched
+    c = _run(out, _listing([f"2026-11-29/{i}.jpg" for i in range(3)]), "n2b", scope="2026-11-29/")
+    assert c["removed_stale"] >= 1
+    assert _visible(out) == sorted([f"2026-11-28/{i}.jpg" for i in range(5)]
+                                   + [f"2026-11-29/{i}.jpg" for i in range(3)])
+
+
+def test_removed_inputs_are_kept_when_asked_and_never_embedded_again(tmp_path):
+    out = tmp_path / "out"
+    rels = [f"a/{i:02d}.jpg" for i in range(12)]
+    _run(out, _listing(rels), "r1", on_removed="keep")
+    left = {"a/03.jpg", "a/07.jpg", "a/08.jpg"}
+    now = [r for r in rels if r not in left]
+    c = _run(out, _listing(now), "r2", on_removed="keep")
+    assert c["kept_removed"] >= 1
+    assert _visible(out) == sorted(rels)  # every row once: the gone ones kept, the rest redone once
+    gone = {k: e for k, e in Ledger(str(out)).committed().items() if e.get("gone")}
+    assert {i for e in gone.values() for i in e["ids"]} == left
+    assert all(e["gone"] == "r2" for e in gone.values())
+    c = _run(out, _listing(now), "r3", on_removed="keep")
+    assert c["to_run"] == 0 and _visible(out) == sorted(rels)  # nothing runs again
+    # one gone image comes back: its kept row gives way to the new one
+    c = _run(out, _listing([*now, "a/07.jpg"]), "r4", on_removed="keep")
+    assert _visible(out) == sorted(rels)
+    gone = {i for e in Ledger(str(out)).committed().values() if e.get("gone") for i in e["ids"]}
+    assert gone == left - {"a/07.jpg"}
+    # delete mirrors the source: the kept rows go
+    _run(out, _listing(now), "r5", on_removed="delete")
+    assert _visible(out) == sorted(now)
+    assert not any(e.get("gone") for e in Ledger(str(out)).committed().values())
+
+
+def test_an_output_of_the_old_sharding_is_refused_with_the_fix(tmp_path):
+    from pipeline.config import ConfigError
+
+    out = tmp_path / "out"
+    shards = _listing([f"a/{i}.jpg" for i in range(4)])
+    _run(out, shards, "r1")
+    led = Ledger(str(out))
+    state = led.state()
+    led.write_state({k: v for k, v in state.items() if k != "sharding"})
+    cut = {"scheme": "content-defined-1", "depth": 1}
+    with pytest.raises(ConfigError, match="--overwrite"):
+        led.plan("/src", TABLES, shards, overwrite=False, sharding=cut)
+    led.write_state(state)
+    with pytest.raises(ConfigError, match="split_depth"):
+        Ledger(str(out)).plan("/src", TABLES, shards, overwrite=False,
+                              sharding={"scheme": "content-defined-1", "depth": 2})
+    plan = led.plan("/src", TABLES, shards, overwrite=True, sharding=cut)
+    assert plan.done_before == 0 and len(plan.todo) == len(shards)

@@ -24,6 +24,7 @@ from pipeline.config import ExtractConfig, NightlyConfig
 from pipeline.embed import Embedder
 from pipeline.ledger import Ledger
 from pipeline.samples import make_textures
+from pipeline.sources import list_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,8 +54,12 @@ def _assert_accounted_for(out: Path) -> None:
 @pytest.fixture(scope="module")
 def many_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("many")
-    make_textures(root, per_class=12, patch=64, seed=3)  # 36 images -> 12 shards of 3
+    make_textures(root, per_class=12, patch=64, seed=3)  # 36 images -> shards of at most 3
     return root
+
+
+def _n_shards(source) -> int:
+    return len(list_shards(_cfg(source, "unused").source)[0])
 
 
 def test_driver_killed_mid_run_then_rerun_has_each_image_once(ray_session, many_dir, tmp_path):
@@ -74,14 +79,16 @@ def test_driver_killed_mid_run_then_rerun_has_each_image_once(ray_session, many_
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     time.sleep(3)  # Ray reaps the dead driver's workers
-    at_kill = len(Ledger(str(out)).committed())
-    assert 2 <= at_kill < 12, f"the kill should land mid-run ({at_kill} of 12 shards committed)"
+    n = _n_shards(many_dir)
+    committed = Ledger(str(out)).committed()
+    at_kill = len(committed)
+    assert 2 <= at_kill < n, f"the kill should land mid-run ({at_kill} of {n} shards committed)"
     _assert_accounted_for(out)  # readers see whole shards only
-    assert len(_ids(out)) == 3 * at_kill
+    assert len(_ids(out)) == sum(e["rows"] for e in committed.values())
 
     s = extract(_cfg(many_dir, out))
     assert s["ledger"]["done_before"] >= at_kill
-    assert s["ledger"]["ran"] + s["ledger"]["done_before"] == 12
+    assert s["ledger"]["ran"] + s["ledger"]["done_before"] == n
     assert s["ledger"]["output_rows"] == {"embedded": 36, "failed": 0}
     ids = _ids(out)
     assert len(ids) == len(set(ids)) == 36
@@ -111,7 +118,7 @@ def test_an_actor_dying_mid_run_loses_and_duplicates_nothing(ray_session, many_d
     out = tmp_path / "out"
     s = extract(_cfg(many_dir, out))
     assert (tmp_path / "crashed").exists(), "the actor should have crashed once"
-    assert s["counts"]["embedded"] == 36 and s["ledger"]["ran"] == 12
+    assert s["counts"]["embedded"] == 36 and s["ledger"]["ran"] == _n_shards(many_dir)
     ids = _ids(out)
     assert len(ids) == len(set(ids)) == 36
     _assert_accounted_for(out)
@@ -124,7 +131,8 @@ def test_nightly_increments_and_changed_shards(ray_session, textures_dir, tmp_pa
     cfg = _cfg(src, out).model_copy(deep=True)
     cfg.source.files_per_shard = 4
     s1 = extract(cfg, incremental=True, run_date="2026-11-27")
-    assert s1["ledger"]["ran"] == 4 and s1["counts"]["embedded"] == 16
+    first = list_shards(cfg.source)[0]
+    assert s1["ledger"]["ran"] == len(first) and s1["counts"]["embedded"] == 16
 
     from pipeline.heads import HeadTrainConfig, train_head
 
@@ -139,17 +147,24 @@ def test_nightly_increments_and_changed_shards(ray_session, textures_dir, tmp_pa
     result = nightly(ncfg, "2026-11-28")
     s2 = result["extract"]
     pred = pads.dataset(tmp_path / "pred" / "predictions" / "run_date=2026-11-28").to_table()
-    assert result["predict"]["rows"] == pred.num_rows == 12
+    before = {f.key: f.version for f in first}
+    second = list_shards(cfg.source)[0]
+    after = {s.key: s.version for s in second}
+    new = [s for s in second if before.get(s.key) != s.version]  # the changed shard and the new ones
+    stale = [f for f in first if after.get(f.key) != f.version]
+    assert any("brick/001.jpg" in f.rels for f in stale) and len(stale) <= 2
+    assert result["predict"]["rows"] == pred.num_rows == sum(s.count for s in new)
     assert set(pred.column("label").to_pylist()) <= {"brick", "grass"}  # the head knows two classes
-    assert s2["ledger"]["ran"] == 3 and s2["ledger"]["done_before"] == 3
-    assert s2["ledger"]["removed_stale"] == 1
+    assert s2["ledger"]["ran"] == len(new) and s2["ledger"]["done_before"] == len(first) - len(stale)
+    assert s2["ledger"]["removed_stale"] == len(stale)
     assert s2["ledger"]["output_rows"] == {"embedded": 24, "failed": 0}
 
     t = pads.dataset(out / "embeddings", partitioning="hive").to_table()
     ids = t.column("id").to_pylist()
     assert len(ids) == len(set(ids)) == 24
     night2 = sorted(i for i, d in zip(ids, t.column("run_date").to_pylist()) if d == "2026-11-28")
-    assert night2 == [f"brick/00{i}.jpg" for i in range(4)] + [f"gravel/{i:03d}.jpg" for i in range(8)]
+    assert night2 == sorted(r for s in new for r in s.rels)
+    assert {f"gravel/{i:03d}.jpg" for i in range(8)} <= set(night2) and len(night2) <= 8 + 2 * 4
     _assert_accounted_for(out)
 
     s3 = extract(cfg, incremental=True, run_date="2026-11-29")  # nothing new: no Ray work
@@ -205,3 +220,61 @@ def test_flaky_s3_run_completes_with_identical_output(ray_session, s3_server, bu
     a = np.stack(clean.column("embedding").to_numpy(zero_copy_only=False))
     b = np.stack(flaky.column("embedding").to_numpy(zero_copy_only=False))
     assert np.allclose(a, b, atol=1e-4)
+
+
+def test_nightly_dated_prefixes_accumulate_into_one_output(ray_session, textures_dir, tmp_path):
+    """Three nights, each under its own dated prefix of one root, into one output: every image once, ids
+    relative to the root, one run_date partition per night; the third night through `pipeline nightly` with
+    a {run_date} source; a run over the whole root then finds nothing to do."""
+    root, out = tmp_path / "photos", tmp_path / "out"
+    nights = {"2026-11-28": "brick", "2026-11-29": "grass", "2026-11-30": "gravel"}
+    for day, cls in nights.items():
+        shutil.copytree(textures_dir / cls, root / day / cls)
+
+    def cfg(uri):
+        c = _cfg(uri, out).model_copy(deep=True)
+        c.source.root = str(root)
+        return c
+
+    s1 = extract(cfg(root / "2026-11-28"), incremental=True, run_date="2026-11-28")
+    s2 = extract(cfg(root / "2026-11-29"), incremental=True, run_date="2026-11-29")
+    assert s1["counts"]["embedded"] == s2["counts"]["embedded"] == 8
+    assert s2["ledger"]["done_before"] == 0 and s2["ledger"]["removed_stale"] == 0
+    assert s2["ledger"]["scope"] == "2026-11-29/"
+    again = extract(cfg(root / "2026-11-29"), incremental=True, run_date="2026-11-29")
+    assert again["counts"]["inputs"] == 0
+    ncfg = NightlyConfig.model_validate({**cfg(f"{root}/{{run_date}}/").model_dump()})
+    s3 = nightly(ncfg, "2026-11-30")["extract"]
+    assert s3["counts"]["embedded"] == 8 and s3["source"].rstrip("/") == str(root / "2026-11-30")
+
+    t = pads.dataset(out / "embeddings", partitioning="hive").to_table()
+    ids = t.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 24
+    by_day = {}
+    for i, d in zip(ids, t.column("run_date").to_pylist(), strict=True):
+        by_day.setdefault(str(d), set()).add(i)
+    assert by_day == {day: {f"{day}/{cls}/{k:03d}.jpg" for k in range(8)} for day, cls in nights.items()}
+    _assert_accounted_for(out)
+    whole = extract(cfg(root))  # the root itself: the same shards, all done
+    assert whole["ledger"]["ran"] == 0 and whole["ledger"]["done_before"] == whole["ledger"]["listed"]
+
+
+def test_a_manifest_runs_like_a_listing(ray_session, textures_dir, tmp_path):
+    from pipeline.config import ConfigError
+
+    out = tmp_path / "out"
+    files = sorted(p for p in textures_dir.rglob("*.jpg"))
+    missing = [textures_dir / "brick" / f"gone{i}.jpg" for i in range(3)]
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("uri\n" + "".join(f"{p}\n" for p in sorted([*files, *missing])))
+    cfg = _cfg(manifest, out).model_copy(deep=True)
+    cfg.source.root = str(textures_dir)
+    s = extract(cfg)
+    assert s["counts"] == {"inputs": 27, "embedded": 24, "failed": 3, "skipped": 0}
+    assert s["error_kinds"] == {"missing": 3}
+    ids = _ids(out)
+    assert sorted(ids) == sorted(str(p.relative_to(textures_dir)) for p in files)
+    assert extract(cfg)["ledger"]["ran"] == 0
+    cfg.source.uri = str(textures_dir / "{run_date}.csv")
+    with pytest.raises(ConfigError, match="--incremental"):
+        extract(cfg)

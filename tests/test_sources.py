@@ -80,14 +80,13 @@ def test_files_listing_chunks_keys_and_skipped(folders):
     cfg = SourceConfig(uri=str(folders), labels="folder", files_per_shard=3)
     shards, skipped = list_shards(cfg)
     assert skipped == 1  # README.txt
-    assert [s.format for s in shards] == ["files"] * 3
-    assert [len(s.uris) for s in shards] == [3, 3, 1]
+    assert {s.format for s in shards} == {"files"} and all(1 <= s.count <= 3 for s in shards)
     assert [r for s in shards for r in s.rels] == sorted(
         ["cats/000.jpg", "cats/001.jpg", "cats/002.jpg", "dogs/000.png", "dogs/001.png", "dogs/002.png",
          "top.JPG"])
     keys = [s.key for s in shards]
-    assert len(set(keys)) == 3 and all(KEY_RE.match(k) for k in keys)
-    assert keys[0].startswith("cats_000.jpg-")
+    assert len(set(keys)) == len(keys) and all(KEY_RE.match(k) for k in keys)
+    assert keys[0].startswith("cats_000.jpg-") and shards[0].first == "cats/000.jpg"
     assert shards[0].size == sum((folders / r).stat().st_size for r in shards[0].rels)
     again, _ = list_shards(cfg)
     assert [s.key for s in again] == keys and [s.version for s in again] == [s.version for s in shards]
@@ -97,7 +96,91 @@ def test_files_listing_chunks_keys_and_skipped(folders):
     os.utime(target, (1, 1))
     changed, _ = list_shards(cfg)
     assert [s.key for s in changed] == keys
-    assert [a.version != b.version for a, b in zip(shards, changed, strict=True)] == [False, True, False]
+    assert [a.version != b.version for a, b in zip(shards, changed, strict=True)] == [
+        "dogs/001.png" in s.rels for s in shards]
+
+
+def _names(n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return sorted({f"{rng.choice(list('abcd'))}/{rng.integers(10**6):06d}.jpg" for _ in range(n)})
+
+
+def _chunks(rels: list[str], max_files: int, depth: int = 0) -> list[sources.Shard]:
+    chunker = sources.Chunker(max_files, depth, lambda ms: sources.chunk_shard(ms, "/root"))
+    out = [s for r in rels for s in chunker.add(sources.Member(r, 1, "v"))]
+    return out + chunker.close()
+
+
+def _redone(old: list[sources.Shard], new: list[sources.Shard]) -> int:
+    """Files in shards that a rerun runs: shards of the new listing that the output does not hold."""
+    held = {(s.key, s.version) for s in old}
+    return sum(s.count for s in new if (s.key, s.version) not in held)
+
+
+def test_chunks_are_cut_by_path_so_one_file_changes_at_most_two_shards():
+    rng = np.random.default_rng(0)
+    for max_files, n in ((256, 2000), (8, 400), (3, 120)):
+        rels = _names(n, max_files)
+        base = _chunks(rels, max_files)
+        assert [r for s in base for r in s.rels] == rels  # every file once, in order
+        assert all(1 <= s.count <= max_files for s in base)
+        for _ in range(60 if max_files < 256 else 10):
+            added = sorted({*rels, f"{rng.choice(list('abcd'))}/{rng.integers(10**6):06d}x.jpg"})
+            assert _redone(base, _chunks(added, max_files)) <= 2 * max_files
+            gone = list(rels)
+            gone.pop(int(rng.integers(len(gone))))
+            assert _redone(base, _chunks(gone, max_files)) <= 2 * max_files
+    sizes = [s.count for s in _chunks(_names(20000, 1), 256)]
+    assert 90 <= np.mean(sizes) <= 140 and max(sizes) <= 256  # about 0.44 x files_per_shard
+
+
+def test_chunks_never_span_folders_at_the_split_depth():
+    rels = [f"{d}/{c}/{i:03d}.jpg" for d in ("2026-11-28", "2026-11-29") for c in "ab" for i in range(40)]
+    for depth, groups in ((1, 1), (2, 2)):
+        for s in _chunks(rels, 1000, depth):
+            assert len({tuple(r.split("/")[:groups]) for r in s.rels}) == 1
+    assert len(_chunks(rels, 1000, 0)) < len(_chunks(rels, 1000, 1))
+
+
+def test_shards_pickle_and_unpack(folders):
+    import pickle
+
+    shards, _ = list_shards(SourceConfig(uri=str(folders), files_per_shard=4))
+    back = pickle.loads(pickle.dumps(shards))
+    assert [(s.key, s.version, s.uris, s.rels, s.sizes, s.first) for s in back] == [
+        (s.key, s.version, s.uris, s.rels, s.sizes, s.first) for s in shards]
+    assert all(u == str(folders / r) for s in back for u, r in zip(s.uris, s.rels, strict=True))
+
+
+def test_walk_files_streams_list_files_order(tmp_path):
+    names = ["a.jpg", "a/x.jpg", "a-b/y.jpg", "a0.jpg", "a/b/c/z.jpg", "b/_hidden/q.jpg", "b/.dot.jpg",
+             "b/k.jpg", "A/upper.jpg"]
+    for n in names:
+        _write(tmp_path / "w" / n, b"1")
+    walked = [(f.uri, f.rel, f.size) for f in storage.walk_files(str(tmp_path / "w"), ahead=1)]
+    assert walked == [(f.uri, f.rel, f.size) for f in storage.list_files(str(tmp_path / "w"))]
+    assert [r for _, r, _ in walked] == sorted(r for r in names if "_" not in r and "/." not in r)
+
+
+def test_root_and_prefix_make_ids_relative_to_the_root(tmp_path):
+    for day in ("2026-11-28", "2026-11-29"):
+        for i in range(3):
+            _write(tmp_path / "photos" / day / "cam" / f"{i}.jpg", _jpeg(i))
+    root = str(tmp_path / "photos")
+    cfg = SourceConfig(uri=f"{root}/2026-11-29/", root=root)
+    layout = sources.layout_of(cfg)
+    assert (layout.prefix, layout.depth) == ("2026-11-29/", 1)
+    shards, _ = list_shards(cfg)
+    assert [r for s in shards for r in s.rels] == [f"2026-11-29/cam/{i}.jpg" for i in range(3)]
+    assert shards[0].uris[0] == str(tmp_path / "photos" / "2026-11-29" / "cam" / "0.jpg")
+    whole, _ = list_shards(SourceConfig(uri=root), depth=1)  # the root, cut as the output records
+    assert {s.key for s in shards} <= {s.key for s in whole}
+    with pytest.raises(ConfigError, match="not under source.root"):
+        sources.layout_of(SourceConfig(uri=str(tmp_path / "elsewhere"), root=root))
+    with pytest.raises(ConfigError, match="split_depth"):
+        sources.layout_of(SourceConfig(uri=f"{root}/2026-11-29/cam", root=root), recorded_depth=1)
+    with pytest.raises(ConfigError, match="not a folder"):
+        list_shards(SourceConfig(uri=f"{root}/2026-11-29/cam/0.jpg", root=root, split_depth=3))
 
 
 def test_files_rows_ids_labels_bytes(folders):

@@ -23,8 +23,9 @@ def test_round_trip_through_parquet_metadata_keeps_the_stored_form():
     assert EmbeddingSpec.from_schema(schema) == spec
     stored = json.loads(spec.to_metadata())
     assert stored == read_spec(schema) and "top_k" not in stored  # unset optional fields are left out
-    assert set(stored) == {"model", "weights", "layer", "pool", "normalize", "dim", "dtype",
+    assert set(stored) == {"model", "weights", "layer", "pool", "normalize", "dim", "dtype", "precision",
                            "preprocessing", "versions"}
+    assert EmbeddingSpec.parse({"model": "m"}).precision == "fp32"  # files written before precision
     with pytest.raises(ValueError, match="not written by `pipeline extract`"):
         EmbeddingSpec.from_schema(pa.schema([("id", pa.string())]))
 

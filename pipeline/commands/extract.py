@@ -8,14 +8,34 @@ import time
 from typing import Any
 
 from pipeline.backbones import build_backbone
-from pipeline.commands.run import ImageRun, partition_for, runtime_for, versions
-from pipeline.config import ClassifyConfig, ExtractConfig
+from pipeline.commands.run import ImageRun, estimated_images, partition_for, plan_for, versions
+from pipeline.config import ClassifyConfig, ConfigError, ExtractConfig
 from pipeline.embed import Embedder
 from pipeline.ledger import Ledger
+from pipeline.plan import precision_of
 from pipeline.sink import EMBEDDING_COLUMNS, EMBEDDINGS_DIR, PREDICTIONS_DIR, Output
-from pipeline.sources import check_source, list_shards
+from pipeline.sources import SHARDING, Layout, Shard, check_source, layout_of, list_shards
 
 CLASSIFY_COLUMNS = ("id", "source", "labels", "scores", "classes")
+RUN_DATE = "{run_date}"
+
+
+def _inputs(cfg: Any, partition: str | None, overwrite: bool) -> tuple[Any, Layout, list[Shard], int]:
+    """(cfg with source.uri's {run_date} filled in, the run's layout under the source root, its shards,
+    skipped files): listed as the output records its shards to be cut, checked before any work."""
+    if RUN_DATE in cfg.source.uri:
+        if partition is None:
+            raise ConfigError(f"source.uri '{cfg.source.uri}' holds {RUN_DATE}: run it with --incremental "
+                              "(or `pipeline nightly`), whose run date fills it in")
+        day = partition.split("=", 1)[1]
+        source = cfg.source.model_copy(update={"uri": cfg.source.uri.replace(RUN_DATE, day)})
+        cfg = cfg.model_copy(update={"source": source})
+    state = None if overwrite else Ledger(cfg.output.uri).state()
+    depth = ((state or {}).get("sharding") or {}).get("depth")
+    layout = layout_of(cfg.source, depth)
+    shards, skipped = list_shards(cfg.source, depth)
+    check_source(cfg.source, shards)
+    return cfg, layout, shards, skipped
 
 
 def _run(kind: str, cfg: ExtractConfig | ClassifyConfig, backbone_cfg: Any, table: str,
@@ -24,20 +44,24 @@ def _run(kind: str, cfg: ExtractConfig | ClassifyConfig, backbone_cfg: Any, tabl
     t_start = time.perf_counter()
     # Validate everything on the driver, before Ray does any work.
     partition = partition_for(incremental, run_date)
-    shards, skipped = list_shards(cfg.source)
-    check_source(cfg.source, shards)
+    cfg, layout, shards, skipped = _inputs(cfg, partition, overwrite)
     backbone = build_backbone(backbone_cfg, "cpu")
-    runtime = runtime_for(cfg.runtime, backbone)
-    spec = backbone.spec(versions=versions(), **spec_extra)
+    decision = plan_for(cfg.runtime, backbone, estimated_images(shards))
+    runtime = decision.runtime
+    spec = backbone.spec(versions=versions(), precision=precision_of(runtime.autocast), **spec_extra)
     del backbone
     outputs = [Output(table, columns, spec)]
-    plan = Ledger(cfg.output.uri).plan(cfg.source.uri, {table: spec.table_key()}, shards, overwrite=overwrite)
+    loose = shards[0].format in ("files", "manifest")
+    sharding = {"scheme": SHARDING, "depth": layout.depth} if loose else None
+    plan = Ledger(cfg.output.uri).plan(layout.root or cfg.source.uri, {table: spec.table_key()}, shards,
+                                       overwrite=overwrite, scope=layout.prefix,
+                                       on_removed=cfg.source.on_removed, sharding=sharding)
     run = ImageRun(
         kind=kind, source=cfg.source, runtime=runtime, output_uri=cfg.output.uri, stage=Embedder,
         stage_kwargs={"backbone": backbone_cfg.model_dump(), "runtime": runtime.model_dump(),
                       "max_bytes": cfg.source.max_bytes, **stage_extra},
         outputs=outputs, config=json.loads(cfg.model_dump_json()), extra={"spec": spec.to_dict()},
-        rows_per_file=cfg.output.rows_per_file, plan=plan, partition=partition)
+        rows_per_file=cfg.output.rows_per_file, plan=plan, partition=partition, decision=decision)
     return run.run(plan.todo, skipped, t_start)
 
 

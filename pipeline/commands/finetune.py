@@ -12,6 +12,7 @@ from pipeline import finetune as F
 from pipeline import storage
 from pipeline.commands.run import new_run_id, versions
 from pipeline.config import ConfigError
+from pipeline.plan import plan_finetune
 from pipeline.sink import merge_error_rows, write_run_record
 from pipeline.sources import Shard, check_source, list_shards
 
@@ -75,6 +76,12 @@ def finetune(cfg: Any, *, overwrite: bool = False, progress: bool = True) -> dic
                 "; nothing left to train, the artifacts are written from it"
             print(f"finetune: resuming from {latest[0]} (epoch {latest[1]['epoch']} of "
                   f"{cfg.train.epochs}{todo})", file=sys.stderr)
+    from pipeline.ray.cluster import cluster_shape, wait_for
+
+    decision = plan_finetune(cluster_shape(cfg.runtime), cfg.runtime)
+    if decision.waits_for:
+        wait_for(decision.waits_for, decision.runtime, "worker", "--gpus-per-worker or --cpus-per-worker")
+    cfg = cfg.model_copy(update={"runtime": decision.runtime})
     rt = cfg.runtime
     if split.train_rows < rt.workers:
         raise ConfigError(f"only {split.train_rows} training images for {rt.workers} workers: add "
@@ -102,6 +109,7 @@ def finetune(cfg: Any, *, overwrite: bool = False, progress: bool = True) -> dic
         "frozen": state.get("frozen"),
         "trainable_parameters": state.get("trainable_parameters"),
         "workers": rt.workers,
+        "plan": decision.record(),
         "steps_per_epoch": steps_per_epoch,
         "checkpoints": storage.join(out, F.CHECKPOINTS_DIR),
         "last_checkpoint": F.checkpoint_name(state["epoch"]),

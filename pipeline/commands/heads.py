@@ -21,6 +21,9 @@ def predict(head_uri: str, embeddings_uri: str, output_uri: str, *, top_k: int =
     from pipeline.sink import EmbeddingReader
 
     runtime = runtime or RuntimeConfig()
+    # a head is a matrix product: one single-CPU actor unless asked for more
+    runtime = runtime.model_copy(update={k: v for k, v in (("actors", "1"), ("cpus_per_actor", 1.0))
+                                         if getattr(runtime, k) is None})
     t_start = time.perf_counter()
     predictor = HeadPredictor(head_uri, top_k=top_k)  # loads and validates the head on the driver
     reader = EmbeddingReader(embeddings_uri)

@@ -5,6 +5,8 @@ head to that night's rows.
    changed ones run, and their rows land in OUTPUT/embeddings/run_date=YYYY-MM-DD/. Shards that changed
    lose their old rows, so the output keeps exactly one row per image.
 2. `heads predict` with `head:` over that night's partition -> PREDICTIONS/predictions/run_date=YYYY-MM-DD/.
+3. `index add` with `index:`: the night's new embedding files join the index (no retraining); rows of
+   replaced shards leave it.
 
 A failed night is finished by running the same command again (same --run-date): finished shards are skipped.
 """
@@ -22,8 +24,10 @@ from pipeline.sink import EMBEDDINGS_DIR
 
 
 def nightly(cfg: NightlyConfig, run_date: str | None = None) -> dict[str, Any]:
-    """Returns {"extract": the extract summary, "predict": the predict summary or None}."""
-    extract_cfg = ExtractConfig.model_validate(cfg.model_dump(exclude={"head", "predictions", "top_k"}))
+    """Returns {"extract": the extract summary, "predict": the predict summary or None, "index": the index
+    add summary or None}."""
+    extract_cfg = ExtractConfig.model_validate(
+        cfg.model_dump(exclude={"head", "predictions", "top_k", "index"}))
     summary = extract(extract_cfg, incremental=True, run_date=run_date)
     result: dict[str, Any] = {"extract": summary, "predict": None}
     partition = summary["partition"]
@@ -31,6 +35,12 @@ def nightly(cfg: NightlyConfig, run_date: str | None = None) -> dict[str, Any]:
     if cfg.head and storage.exists(night):
         result["predict"] = predict(cfg.head, night, cfg.predictions or cfg.output.uri, top_k=cfg.top_k,
                                     runtime=cfg.runtime, partition=partition)
+    result["index"] = None
+    if cfg.index:
+        from pipeline.commands.index import add
+        from pipeline.config import IndexAddConfig
+
+        result["index"] = add(IndexAddConfig(index=cfg.index, embeddings=cfg.output.uri, runtime=cfg.runtime))
     return result
 
 
@@ -39,4 +49,8 @@ def format_nightly(result: dict[str, Any]) -> str:
     p = result["predict"]
     if p:
         lines.append(f"  predictions: {p['predictions']} ({p['rows']} rows)")
+    if result.get("index"):
+        from pipeline.commands.index import format_add
+
+        lines.append("  index add:  " + format_add(result["index"]).replace("\n", "\n  "))
     return "\n".join(lines)

@@ -10,12 +10,13 @@ from typing import Any
 
 from pipeline import storage
 from pipeline.backbones import build_backbone
-from pipeline.commands.run import ImageRun, runtime_for, versions
+from pipeline.commands.run import ImageRun, estimated_images, plan_for, versions
 from pipeline.config import ConfigError, HeadTrainConfig, ProbeConfig
 from pipeline.cuts import make_capture, stage_names
 from pipeline.embed import Embedder, embedding_column
 from pipeline.ledger import clear_or_refuse
 from pipeline.models import create_model, input_size
+from pipeline.plan import precision_of
 from pipeline.sink import EMBEDDING_COLUMNS, EMBEDDINGS_DIR, ERRORS_DIR, Output
 from pipeline.sources import check_source, list_shards, sample_shards
 
@@ -72,11 +73,13 @@ def probe(cfg: ProbeConfig, *, overwrite: bool = False, progress: bool = True) -
         else:
             layers = list(cfg.layers)
         backbone = build_backbone(bcfg, "cpu", layers)  # validates every layer and pooling up front
-        runtime = runtime_for(cfg.runtime, backbone)
+        decision = plan_for(cfg.runtime, backbone, estimated_images(shards) if limit is None else limit)
+        runtime = decision.runtime
         outputs = [
             Output(f"{_slug(model)}/{layer}/{EMBEDDINGS_DIR}",
                    {**EMBEDDING_COLUMNS, "embedding": embedding_column(i, len(layers))},
-                   backbone.spec(i, dtype="float32", versions=versions()))
+                   backbone.spec(i, dtype="float32", versions=versions(),
+                                 precision=precision_of(runtime.autocast)))
             for i, layer in enumerate(layers)
         ]
         run = ImageRun(kind="probe-extract", source=cfg.source, runtime=runtime, output_uri=cfg.output.uri,
@@ -84,7 +87,7 @@ def probe(cfg: ProbeConfig, *, overwrite: bool = False, progress: bool = True) -
                                                      "runtime": runtime.model_dump(),
                                                      "max_bytes": cfg.source.max_bytes},
                        outputs=outputs, config=json.loads(cfg.model_dump_json()),
-                       extra={"model": model, "layers": layers}, limit=limit)
+                       extra={"model": model, "layers": layers}, limit=limit, decision=decision)
         runs_to_do.append((run, model, layers, backbone.dims, forward_cost_ms(backbone, layers)))
         del backbone
     storage.check_writable(cfg.output.uri)

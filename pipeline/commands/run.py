@@ -4,6 +4,7 @@ partition, the runtime resolved for a model, one run from shards to a run record
 from __future__ import annotations
 
 import sys
+import textwrap
 import time
 import uuid
 from dataclasses import dataclass
@@ -15,7 +16,8 @@ from pipeline.backbones import Backbone
 from pipeline.config import ConfigError, RuntimeConfig, SourceConfig
 from pipeline.cuts import check_compilable
 from pipeline.ledger import Ledger, Plan
-from pipeline.models import input_size
+from pipeline.models import BackboneError, input_size
+from pipeline.plan import Decision, plan_images
 from pipeline.sink import (
     EMBEDDINGS_DIR,
     ERRORS_DIR,
@@ -66,13 +68,37 @@ def partition_for(incremental: bool, run_date: str | None) -> str | None:
     return f"run_date={day}"
 
 
-def runtime_for(runtime: RuntimeConfig, backbone: Backbone) -> RuntimeConfig:
-    """The runtime for this model, checked on the driver: the batch size resolved from the model's input size
-    (when runtime.batch_size is unset), and a cut that runtime.compile cannot compile refused here rather
-    than in every actor."""
-    if runtime.compile:
+def estimated_images(shards: list[Shard]) -> int:
+    """Images the shards hold: counted for loose files, estimated from the bytes for .tar/Parquet shards."""
+    return sum(s.count if s.format in ("files", "manifest") else max(1, s.size // 100_000) for s in shards)
+
+
+def plan_for(runtime: RuntimeConfig, backbone: Backbone, images: int) -> Decision:
+    """The runtime for this model on this cluster (pipeline/plan.py), checked on the driver before any work:
+    a request the cluster can never satisfy, or a cut that runtime.compile cannot compile, is refused here;
+    on an autoscaling cluster this waits for a node that fits one actor."""
+    from pipeline.ray.cluster import cluster_shape, wait_for
+
+    compilable = True
+    if runtime.compile is True:
         check_compilable(backbone)
-    return runtime.model_copy(update={"batch_size": runtime.batch_for(input_size(backbone.preprocessing))})
+    else:
+        try:
+            check_compilable(backbone)
+        except BackboneError:
+            compilable = False
+    cluster = cluster_shape(runtime)
+    bf16_cosine = None
+    if runtime.autocast == "auto" and (cluster.cpu_bf16 or cluster.gpu_nodes()):
+        from pipeline.embed import bf16_agreement
+
+        bf16_cosine = bf16_agreement(backbone)
+    decision = plan_images(cluster, runtime, images=images, input_hw=input_size(backbone.preprocessing),
+                           compilable=compilable, bf16_cosine=bf16_cosine)
+    if decision.waits_for:
+        wait_for(decision.waits_for, decision.runtime, "actor",
+                 "--gpus-per-actor, --set runtime.cpus_per_actor or --set runtime.actor_resources")
+    return decision
 
 
 @dataclass
@@ -88,6 +114,7 @@ class ImageRun:
     outputs: list[Output]
     config: dict[str, Any]
     extra: dict[str, Any]
+    decision: Decision | None = None  # the resource plan, recorded in the run summary
     rows_per_file: int = 1024
     plan: Plan | None = None  # from the ledger; None: files written in place (the probe)
     partition: str | None = None
@@ -148,6 +175,7 @@ class ImageRun:
                                 if at.get("gpu_util_rows") else None),
             "actors": {"min": lo, "max": hi, "cpus_per_actor": self.runtime.cpus_per_actor,
                        "gpus_per_actor": self.runtime.gpus_per_actor, "batch_size": self.runtime.batch_size},
+            **({"plan": self.decision.record()} if self.decision else {}),
             **self.extra,
             "config": self.config,
         }
@@ -197,5 +225,8 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append(f"  ledger:     {note}; the output now holds {rows['embedded']} rows, "
                      f"{rows['failed']} errors" + (f"; this run under {s['partition']}/" if s.get("partition")
                                                    else ""))
+    if s.get("plan"):
+        lines.append(textwrap.fill("; ".join(s["plan"]["reasons"]), 110, initial_indent="  plan:       ",
+                                   subsequent_indent=" " * 14))
     lines.append(f"  run record: {s['run_record']}")
     return "\n".join(lines)

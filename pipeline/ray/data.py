@@ -8,6 +8,7 @@ sums the typed ``WriteStats`` once. ``map_images`` connects them around a stage 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from collections.abc import Iterator
@@ -18,14 +19,14 @@ import ray
 from ray.data import ActorPoolStrategy, DataContext
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasink, Datasource, ReadTask
+from ray.data.exceptions import ExecutionTimeoutError
 
 from pipeline import storage
 from pipeline.ledger import Ledger
+from pipeline.plan import READ_TASK_CPUS
 from pipeline.ray import init_ray
 from pipeline.sink import ParquetSink, WriteStats
 from pipeline.sources import Shard, read_shard
-
-READ_TASK_CPUS = 0.25  # read tasks wait on storage: a quarter CPU each lets several run beside the actors
 
 
 def _read_shard(shard: Shard, source_cfg: Any, ledger_uri: str | None) -> Iterator[pa.Table]:
@@ -34,7 +35,7 @@ def _read_shard(shard: Shard, source_cfg: Any, ledger_uri: str | None) -> Iterat
         rows += table.num_rows
         yield table
     if ledger_uri is not None:  # the whole shard was read: its row count is final
-        Ledger(ledger_uri).shard_read(shard.key, shard.version, rows)
+        Ledger(ledger_uri).shard_read(shard.key, shard.version, rows, shard.first)
 
 
 class ShardDatasource(Datasource):
@@ -107,7 +108,7 @@ def map_images(stage: type, stage_kwargs: dict[str, Any], shards: list[Shard], s
     ``stage_kwargs``) over the shards' rows on an actor pool, into ``sink``; returns (the summed write
     stats, the perf_counter time the run started)."""
     init_ray(runtime)
-    DataContext.get_current().enable_progress_bars = runtime.progress
+    _context(runtime)
     lo, hi = runtime.actor_range()
     calls = runtime.actor_calls()
     ds = read_shards(shards, source_cfg, sink.output_uri if sink.staged else None)
@@ -127,8 +128,41 @@ def map_images(stage: type, stage_kwargs: dict[str, Any], shards: list[Shard], s
     )
     datasink = ParquetDatasink(sink, rows_per_file)
     t_run = time.perf_counter()
-    ds.write_datasink(datasink)
+    need = {"CPU": runtime.cpus_per_actor, "GPU": runtime.gpus_per_actor or 0, **runtime.actor_resources}
+    with stall_guard(runtime, f"the {stage.__name__} actors", need):
+        ds.write_datasink(datasink)
     return datasink.result, t_run
+
+
+def _context(runtime: Any) -> None:
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = runtime.progress
+    ctx.execution_no_progress_timeout_s = runtime.stall_timeout_s
+
+
+@contextlib.contextmanager
+def stall_guard(runtime: Any, what: str, need: dict[str, float]) -> Iterator[None]:
+    """Turn Ray Data's no-progress timeout into one error that names the stalled operator, what one of its
+    workers asks for, what the cluster has free, and the settings to change; a rerun resumes."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - Ray Data may wrap the timeout
+        cause = e
+        while cause is not None and not isinstance(cause, ExecutionTimeoutError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        text = str(cause)
+        running = [ln.strip(" -") for ln in text.splitlines() if ln.startswith("  - ")]
+        asks = ", ".join(f"{k}: {v:g}" for k, v in need.items() if v)
+        free = ", ".join(f"{k}: {v:g}" for k, v in sorted(ray.available_resources().items())
+                         if not k.startswith(("node:", "memory", "object_store", "accelerator_type")))
+        raise RuntimeError(
+            f"no progress for {runtime.stall_timeout_s:g}s (runtime.stall_timeout_s): "
+            f"{'; '.join(running) or 'the pipeline'} waiting; one of {what} asks for {{{asks}}}, the cluster "
+            f"has {{{free or 'nothing'}}} free. Check `ray status`, lower the request "
+            "(--set runtime.cpus_per_actor / --gpus-per-actor / runtime.actor_resources) or raise "
+            "runtime.stall_timeout_s; rerunning resumes") from None
 
 
 def predict(stage: type, stage_kwargs: dict[str, Any], files: list[storage.FileInfo], out_uri: str,
@@ -137,7 +171,7 @@ def predict(stage: type, stage_kwargs: dict[str, Any], files: list[storage.FileI
     import pyarrow.dataset as pads
 
     init_ray(runtime)
-    DataContext.get_current().enable_progress_bars = runtime.progress
+    _context(runtime)
     fs, _ = storage.get_fs(files[0].uri)
     lo, hi = runtime.actor_range()
     ds = ray.data.read_parquet([storage.get_fs(f.uri)[1] for f in files], filesystem=fs,

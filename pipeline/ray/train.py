@@ -174,7 +174,9 @@ def fit(cfg: Any, shards: list[Any], split: Any, *, fingerprint: dict[str, Any],
 
     rt = cfg.runtime
     init_ray(rt)
-    DataContext.get_current().enable_progress_bars = rt.progress and progress
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = rt.progress and progress
+    ctx.execution_no_progress_timeout_s = rt.stall_timeout_s
     rows = read_shards(F.mixed_shards(shards, cfg.source.files_per_shard), cfg.source)
     datasets = {"train": rows.map_batches(F.select_rows, fn_kwargs={"which": "train", "split": split},
                                           batch_format="pyarrow", num_cpus=READ_TASK_CPUS)}

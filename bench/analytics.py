@@ -1,0 +1,193 @@
+"""Analytics benchmark: `pipeline index build` and `pipeline neighbors` against faiss called directly with
+the same parameters, and recall@10, on clustered synthetic vectors.
+
+    python -m bench.analytics [--sizes 100000,200000,1000000] [--dim 256] [--files 8] [--queries 10000]
+
+For each size and each index kind (auto's choice, and ivfpq):
+  build     the command over Parquet files in a local folder (sampling, training, a Ray task per file to
+            encode, merge; the recall measurement and the write are reported apart), vs faiss: the same
+            factory string trained on a sample of the same size and `add` of the whole in-memory matrix
+  query     `neighbors --embeddings` of a queries table (-k 10; Ray Data read -> searcher actors ->
+            Parquet), vs faiss: `index.search` of the same in-memory queries with the tuned settings; run
+            at Q and 5Q queries: the ratio over 5Q, and in parentheses the steady state (the 4Q queries
+            between the two runs, start-up and index load left out) against faiss's rate
+  recall    recall@10 as index.json reports it (held-out rows, tuned) and recomputed on fresh rows against
+            faiss's exact knn on the whole matrix (independent of the pipeline's code)
+  add       ivfpq: `index add` of a second file of n/4 new rows (no retraining), recall again
+Ratios are faiss's seconds over the pipeline's (1.0 = as fast as faiss directly). Ray is started once; the
+pipeline's query seconds include the actors loading the index (memory-mapped) and writing the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _exact(xn: np.ndarray, q: np.ndarray) -> np.ndarray:
+    import faiss
+
+    _, i = faiss.knn(xn[q], xn, 11)
+    out = np.zeros((len(q), 10), np.int64)
+    for r, row in enumerate(i):
+        out[r] = row[row != q[r]][:10]
+    return out
+
+
+def run(n: int, dim: int, files: int, n_queries: int, kind: str, work: Path) -> dict:
+    import faiss
+
+    from pipeline.analytics import index as ix
+    from pipeline.analytics import store
+    from pipeline.analytics.vectors import clustered_vectors, write_embeddings
+    from pipeline.commands.index import add, build
+    from pipeline.commands.neighbors import neighbors
+    from pipeline.config import IndexAddConfig, IndexBuildConfig, NeighborsConfig
+
+    x = clustered_vectors(n, dim, seed=0)
+    emb = work / f"emb-{n}"
+    if not emb.exists():
+        bounds = np.linspace(0, n, files + 1).astype(int)
+        for f, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            write_embeddings(str(emb / "embeddings" / f"part-{f:03d}.parquet"), x[a:b],
+                             [f"v{i:08d}" for i in range(a, b)])
+    qx = clustered_vectors(5 * n_queries, dim, seed=0)
+    qdirs = {}
+    for m in (1, 5):  # two sizes: their difference is the steady state, start-up left out
+        qdirs[m] = work / f"queries-{m * n_queries}"
+        if not qdirs[m].exists():
+            write_embeddings(str(qdirs[m] / "embeddings" / "q.parquet"), qx[:m * n_queries],
+                             [f"q{i:07d}" for i in range(m * n_queries)])
+    idx = work / f"idx-{n}-{kind}"
+    rt = {"progress": False}
+    s = build(IndexBuildConfig(embeddings=str(emb), output=str(idx), kind=kind, runtime=rt))
+    t = s["timings"]
+    build_s = t["sample_s"] + t["train_s"] + t["encode_s"] + t["merge_s"]
+    meta = store.read_meta(str(idx))
+    params = ix.IndexParams.from_dict(meta["params"])
+
+    # faiss directly, same factory and search settings, on the in-memory matrix
+    xn = ix.prepare(x, params.metric)
+    t0 = time.perf_counter()
+    direct = faiss.index_factory(dim, params.factory(), faiss.METRIC_L2)
+    if params.kind == "ivfpq":
+        direct.train(xn[np.random.default_rng(0).choice(n, params.train_size, replace=False)])
+    direct.add(xn) if params.kind != "flat" else direct.add_with_ids(xn, np.arange(n, dtype=np.int64))
+    direct_build_s = time.perf_counter() - t0
+    ix.configure(direct, params)
+    qn = ix.prepare(qx, params.metric)
+    t0 = time.perf_counter()
+    direct.search(qn, 10)
+    direct_query_s = time.perf_counter() - t0  # all 5Q queries
+    del direct
+
+    query_s = {}
+    for m, qdir in qdirs.items():
+        out = work / f"nn-{n}-{kind}-{m}"
+        t0 = time.perf_counter()
+        q = neighbors(NeighborsConfig(index=str(idx), output=str(out), embeddings=str(qdir), k=10,
+                                      runtime=rt))
+        query_s[m] = time.perf_counter() - t0
+        assert q["queries"] == m * n_queries
+    steady_s = max(query_s[5] - query_s[1], 1e-9)  # 4Q queries past start-up
+
+    recomputed = _recomputed(str(idx), xn)
+    after_add = {}
+    if params.kind == "ivfpq":  # a second file of n/4 new rows, added without retraining
+        x2 = clustered_vectors(n // 4, dim, seed=0)
+        write_embeddings(str(emb / "embeddings" / "zz-added.parquet"), x2,
+                         [f"v{i:08d}" for i in range(n, n + len(x2))])
+        a = add(IndexAddConfig(index=str(idx), runtime=rt))
+        both = ix.prepare(np.concatenate([x, x2]), params.metric)
+        after_add = {"added": a["added"], "add_s": a["total_s"],
+                     "recall_index_json": a["recall"]["recall_at_10"],
+                     "recall_recomputed": _recomputed(str(idx), both)}
+        (emb / "embeddings" / "zz-added.parquet").unlink()
+    return {
+        "n": n, "dim": dim, "kind": params.kind, "factory": params.factory(),
+        "search": {k: getattr(params, k) for k in ("nprobe", "k_factor", "ef_search") if getattr(params, k)},
+        "build_s": round(build_s, 2), "faiss_build_s": round(direct_build_s, 2),
+        "build_ratio": round(direct_build_s / build_s, 2), "build_timings": t,
+        "query_s": round(query_s[5], 2), "faiss_query_s": round(direct_query_s, 2),
+        "query_ratio": round(direct_query_s / query_s[5], 2), "queries": 5 * n_queries,
+        "query_small_s": round(query_s[1], 2),
+        "query_steady_ratio": round((4 * n_queries / steady_s) / (5 * n_queries / direct_query_s), 2),
+        "recall_index_json": meta["recall"].get("recall_at_10"), "recall_recomputed": recomputed,
+        "after_add": after_add,
+    }
+
+
+def _recomputed(idx: str, xn: np.ndarray, n_queries: int = 500) -> float:
+    """recall@10 of the stored index on fresh rows (their own row left out) against faiss's exact knn on the
+    whole matrix, ids mapped back through ids.parquet."""
+    from pipeline.analytics import index as ix
+    from pipeline.analytics import store
+
+    meta = store.read_meta(idx)
+    params = ix.IndexParams.from_dict(meta["params"])
+    index = store.load_index(idx, meta)
+    names = store.id_lookup(store.read_ids(idx), meta["next_label"]).to_pylist()
+    rows = np.random.default_rng(7).choice(len(xn), n_queries, replace=False)
+    _, labels = ix.search(index, params, xn[rows], 11)
+    exact = _exact(xn, rows)
+    hits = 0
+    for r, row in enumerate(labels):
+        found = [int(names[lab][1:]) for lab in row if lab >= 0 and int(names[lab][1:]) != rows[r]][:10]
+        hits += len(set(found) & set(exact[r].tolist()))
+    return round(hits / (10 * n_queries), 4)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="100000,200000,1000000")
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--files", type=int, default=8)
+    ap.add_argument("--queries", type=int, default=10000, help="Q: queries are run at Q and 5Q")
+    ap.add_argument("--kinds", default="auto,ivfpq")
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args(argv)
+
+    import faiss
+    import ray
+
+    from pipeline.analytics import index as ix
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-analytics-"))
+    print(f"# {platform.node()} {os.cpu_count()} CPUs, faiss {faiss.__version__} "
+          f"({faiss.omp_get_max_threads()} threads), ray {ray.__version__}; work dir {work}")
+    print("| vectors | kind (factory) | search | build s (faiss) | build ratio | query s for "
+          f"{5 * args.queries} (faiss) | query ratio (steady state) | recall@10 index.json / recomputed |")
+    print("|---|---|---|---|---|---|---|---|")
+    results = []
+    for n in [int(v) for v in args.sizes.split(",")]:
+        seen = set()
+        for kind in args.kinds.split(","):
+            chosen = ix.choose_params(n, args.dim, kind).kind
+            if chosen in seen:
+                continue
+            seen.add(chosen)
+            r = run(n, args.dim, args.files, args.queries, kind, work)
+            results.append(r)
+            search = ", ".join(f"{k} {v}" for k, v in r["search"].items()) or "exact"
+            print(f"| {n:,} | {r['kind']} (`{r['factory']}`) | {search} | {r['build_s']} "
+                  f"({r['faiss_build_s']}) | {r['build_ratio']} | {r['query_s']} ({r['faiss_query_s']}) | "
+                  f"{r['query_ratio']} ({r['query_steady_ratio']}) | "
+                  f"{r['recall_index_json']} / {r['recall_recomputed']} |", flush=True)
+            if r["after_add"]:
+                a = r["after_add"]
+                print(f"|   + index add of {a['added']:,} | | | {a['add_s']} s | | | | "
+                      f"{a['recall_index_json']} / {a['recall_recomputed']} |", flush=True)
+    (work / "results.json").write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,385 @@
+"""`pipeline index build` and `pipeline index add`: a faiss index over an embeddings table, in object storage.
+
+build: sample every file (a Ray task each) -> train the quantizers on the driver -> encode each file into an
+index part (a task each; the same task finds the exact nearest neighbours of the held-out queries among its
+rows) -> merge the parts in label order -> tune the search setting to recall@10 >= 0.95 -> write.
+add: the files the index does not hold yet (new, or replaced since: the replaced rows leave the index) are
+encoded with the trained quantizers and merged; recall@10 is measured again with the same settings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import __version__, storage
+from pipeline.analytics import index as ix
+from pipeline.analytics import store
+from pipeline.commands.run import new_run_id
+from pipeline.config import IndexAddConfig, IndexBuildConfig, RuntimeConfig
+from pipeline.sink import EmbeddingReader, write_run_record
+from pipeline.spec import EmbeddingSpec
+
+TRAINED_FILE = "trained.faiss"  # the empty trained index: new files are encoded with it
+QUERIES_FILE = "recall_queries.parquet"  # held-out queries (label, vector) for recall@10
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def _faiss_version() -> str:
+    return str(getattr(ix.faiss_module(), "__version__", "unknown"))
+
+
+def _reader(uri: str) -> EmbeddingReader:
+    reader = EmbeddingReader(uri)
+    if reader.num_rows == 0:
+        raise ValueError(f"the embeddings table '{reader.uri}' has no rows: run `pipeline extract` into it "
+                         "first, or point --embeddings at a table with rows")
+    if not reader.dim:
+        raise ValueError(f"the embeddings at '{reader.uri}' record no dimension: re-extract them")
+    return reader
+
+
+def _firsts(rows: list[int], start: int) -> list[int]:
+    return [int(x) for x in start + np.concatenate([[0], np.cumsum(rows)[:-1]])] if rows else []
+
+
+def _proportional(total: int, rows: list[int]) -> list[int]:
+    n = sum(rows)
+    return [min(r, math.ceil(total * r / n)) if n else 0 for r in rows]
+
+
+def _queries_table(labels: np.ndarray, x: np.ndarray) -> pa.Table:
+    dim = x.shape[1]
+    return pa.table({"label": pa.array(labels, pa.int64()),
+                     "vector": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), dim)})
+
+
+def _write_table(uri: str, table: pa.Table) -> None:
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf, compression="zstd")
+    storage.write_bytes(uri, buf.getvalue().to_pybytes())
+
+
+def _read_queries(index_uri: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    uri = storage.join(index_uri, QUERIES_FILE)
+    if not storage.exists(uri):
+        return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+    t = pq.read_table(storage.open_input(uri))
+    x = np.asarray(t.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False), np.float32)
+    return t.column("label").to_numpy(), np.ascontiguousarray(x.reshape(-1, dim))
+
+
+def _recall(index: Any, params: ix.IndexParams, reader: EmbeddingReader, firsts: dict[str, int],
+            q_labels: np.ndarray, queries: np.ndarray, truth: ix.TopK | None, runtime: RuntimeConfig,
+            tune: bool) -> dict[str, Any]:
+    """recall@10 on the held-out queries; the exact neighbours are computed per file unless given."""
+    if params.kind == "flat":
+        return {"recall_at_10": 1.0, "queries": 0, "exact": True}
+    if len(queries) == 0:
+        return {"recall_at_10": None, "queries": 0}
+    if truth is None:
+        from pipeline.ray.analytics import map_files
+
+        parts = map_files(store.truth_file,
+                          [((f.uri, reader.dim, params.metric, firsts[f.rel]), {}) for f in reader.files],
+                          runtime, "exact search for recall", shared={"queries": queries})
+        truth = ix.TopK.empty(len(queries), ix.RECALL_K + 1)
+        for p in parts:
+            truth = truth.merge(p)
+    rep = ix.measure(index, params, queries, q_labels, truth, tune=tune)
+    return {**rep.to_dict(), "target": ix.TARGET_RECALL, "floor": ix.RECALL_FLOOR}
+
+
+def _counts(index: Any, params: ix.IndexParams, meta_files: dict[str, Any], next_label: int
+            ) -> dict[str, int]:
+    live = ix.live_count(index, params)
+    return {"vectors": live, "files": len(meta_files), "labels": next_label,
+            "unused_codes": next_label - live if params.kind == "ivfpq" and params.refine else 0}
+
+
+def build(cfg: IndexBuildConfig) -> dict[str, Any]:
+    """Build an index over the embeddings table; returns the run summary (index.json holds the rest)."""
+    from pipeline.ray.analytics import map_files
+
+    t0 = time.perf_counter()
+    started = _now()
+    reader = _reader(cfg.embeddings)
+    n, dim = reader.num_rows, reader.dim
+    params = ix.choose_params(n, dim, cfg.kind, cfg.metric, cfg.max_memory)
+    storage.check_writable(cfg.output)
+    files = reader.files
+    firsts = _firsts(reader.rows, 0)
+    times: dict[str, float] = {}
+
+    # 1. a sample: training vectors for the quantizers and held-out queries for recall@10
+    n_queries = 0 if params.kind == "flat" else min(cfg.recall_queries, n)
+    n_sample = max(params.train_size if params.kind == "ivfpq" else 0, n_queries)
+    t = time.perf_counter()
+    sample_labels, sample_x = np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+    if n_sample:
+        counts = _proportional(n_sample, reader.rows)
+        samples = map_files(store.sample_file, [((f.uri, f.rel, dim, params.metric, first, c, cfg.seed), {})
+                                                for f, first, c in zip(files, firsts, counts) if c],
+                            cfg.runtime, "sampling")
+        sample_labels = np.concatenate([s.labels for s in samples])
+        sample_x = np.concatenate([s.x for s in samples])
+    pick = np.random.default_rng(cfg.seed).permutation(len(sample_labels))[:n_queries]
+    q_labels, queries = sample_labels[pick], np.ascontiguousarray(sample_x[pick])
+    times["sample_s"] = time.perf_counter() - t
+
+    # 2. train on the driver (GPUs when faiss has them)
+    t = time.perf_counter()
+    template = ix.train(params, sample_x[:params.train_size] if params.kind == "ivfpq" else sample_x[:0])
+    del sample_x
+    times["train_s"] = time.perf_counter() - t
+
+    # 3. encode each file into a part (and its exact neighbours of the queries), a task each
+    t = time.perf_counter()
+    parts = map_files(store.encode_file,
+                      [((f.uri, f.rel, dim, params.to_dict(), first, rows), {})
+                       for f, first, rows in zip(files, firsts, reader.rows)],
+                      cfg.runtime, "encoding files", shared={"template": template,
+                                                             "queries": queries if n_queries else None})
+    times["encode_s"] = time.perf_counter() - t
+
+    # 4. merge in label order
+    t = time.perf_counter()
+    index = ix.deserialize(template)
+    truth = ix.TopK.empty(len(queries), ix.RECALL_K + 1)
+    id_parts: list[pa.Table] = []
+    for p in parts:
+        ix.merge_part(index, params, p.part, p.labels)
+        p.part = b""
+        if p.truth is not None:
+            truth = truth.merge(p.truth)
+        id_parts.append(store.ids_table([p.labels], [p.ids], [p.rel]))
+    del parts
+    next_label = firsts[-1] + reader.rows[-1]
+    times["merge_s"] = time.perf_counter() - t
+
+    # 5. tune the search setting and measure recall@10 against exact search
+    t = time.perf_counter()
+    recall = _recall(index, params, reader, {}, q_labels, queries, truth if n_queries else None, cfg.runtime,
+                     tune=True)
+    times["recall_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    meta_files = {f.rel: {"version": f.version, "size": f.size, "rows": rows, "first_label": first}
+                  for f, rows, first in zip(files, reader.rows, firsts)}
+    build_s = times["sample_s"] + times["train_s"] + times["encode_s"] + times["merge_s"]
+    meta = {
+        "format": 1, "kind": params.kind, "metric": params.metric, "factory": params.factory(),
+        "params": params.to_dict(), "spec": reader.spec.to_dict(), "embeddings": reader.uri,
+        "files": meta_files, "next_label": next_label, "generation": 1,
+        "counts": _counts(index, params, meta_files, next_label),
+        "recall": {**recall, "measured_at": _now(), "generation": 1},
+        "recall_history": [{"generation": 1, "at": _now(), "recall_at_10": recall.get("recall_at_10"),
+                            "vectors": ix.live_count(index, params), "kind": "build"}],
+        "build": {"seconds": {k: round(v, 3) for k, v in times.items()},
+                  "vectors_per_s": round(n / build_s, 1) if build_s > 0 else None, "seed": cfg.seed,
+                  "recall_queries": cfg.recall_queries, "max_memory": cfg.max_memory},
+        "created_at": started, "updated_at": _now(),
+        "versions": {"faiss": _faiss_version(), "pipeline": __version__},
+    }
+    storage.write_bytes(storage.join(cfg.output, TRAINED_FILE), template)
+    if n_queries:
+        _write_table(storage.join(cfg.output, QUERIES_FILE), _queries_table(q_labels, queries))
+    store.write_index(cfg.output, index, pa.concat_tables(id_parts), meta)
+    times["write_s"] = time.perf_counter() - t
+
+    summary = {"kind": "index build", "index": cfg.output, "embeddings": reader.uri, "started_at": started,
+               "index_kind": params.kind, "factory": params.factory(), "reason": params.reason,
+               "vectors": meta["counts"]["vectors"], "files": len(files), "dim": dim, "metric": params.metric,
+               "recall": recall, "timings": {k: round(v, 3) for k, v in times.items()},
+               "total_s": round(time.perf_counter() - t0, 3), "config": json.loads(cfg.model_dump_json())}
+    summary["run_record"] = write_run_record(cfg.output, new_run_id(), summary)
+    return summary
+
+
+def check_spec(meta: dict[str, Any], spec: EmbeddingSpec, index_uri: str, what: str) -> None:
+    """ValueError naming each feature field where ``spec`` differs from the index's."""
+    mine = EmbeddingSpec.parse(meta["spec"])
+    diff = mine.feature_differences(spec, mine="index", theirs=what)
+    if diff:
+        raise ValueError(
+            f"{what} do not match index '{index_uri}': {'; '.join(diff)}. Use {what} made with the index's "
+            f"settings (--model {mine.model} --layer {mine.layer} --pool {mine.pool}, same weights), or "
+            "build an index from them with `pipeline index build`")
+
+
+def plan_add(meta: dict[str, Any], reader: EmbeddingReader) -> tuple[list[int], list[tuple[int, int]], dict]:
+    """(indexes into reader.files to add, label ranges to remove, the files the index keeps): new files are
+    added; a file whose version or size changed is replaced (old rows removed, new ones added); a file gone
+    from the table loses its rows."""
+    held = meta["files"]
+    now = {f.rel: i for i, f in enumerate(reader.files)}
+    todo, remove, keep = [], [], {}
+    for rel, info in held.items():
+        i = now.get(rel)
+        f = reader.files[i] if i is not None else None
+        if f is not None and f.version == info["version"] and f.size == info["size"]:
+            keep[rel] = info
+        else:
+            remove.append((info["first_label"], info["first_label"] + info["rows"]))
+    for rel, i in now.items():
+        if rel not in keep:
+            todo.append(i)
+    return sorted(todo), remove, keep
+
+
+def add(cfg: IndexAddConfig) -> dict[str, Any]:
+    """Add the embedding files the index does not hold yet (no retraining); returns the run summary."""
+    from pipeline.ray.analytics import map_files
+
+    t0 = time.perf_counter()
+    started = _now()
+    meta = store.read_meta(cfg.index)
+    params = ix.IndexParams.from_dict(meta["params"])
+    reader = _reader(cfg.embeddings or meta["embeddings"])
+    check_spec(meta, reader.spec, cfg.index, "embeddings")
+    todo, remove, keep = plan_add(meta, reader)
+    if remove and params.kind == "hnsw":
+        ix.remove_labels(None, params, remove)  # raises: hnsw cannot drop rows
+    summary: dict[str, Any] = {"kind": "index add", "index": cfg.index, "embeddings": reader.uri,
+                               "started_at": started, "added_files": len(todo), "added": 0,
+                               "removed_files": len(remove), "removed": 0}
+    if not todo and not remove:
+        summary.update({"vectors": meta["counts"]["vectors"], "recall": meta.get("recall"),
+                        "note": "nothing to add: the index holds every file of the table",
+                        "total_s": round(time.perf_counter() - t0, 3)})
+        summary["run_record"] = write_run_record(cfg.index, new_run_id(), summary)
+        return summary
+    storage.check_writable(cfg.index)
+    times: dict[str, float] = {}
+    next_label = int(meta["next_label"])
+    new_rows = [reader.rows[i] for i in todo]
+    firsts = _firsts(new_rows, next_label)
+
+    # queries: keep the stored ones still in the index, replace a share by rows of the new files
+    n_queries = 0 if params.kind == "flat" else (
+        cfg.recall_queries if cfg.recall_queries is not None else meta["build"]["recall_queries"])
+    q_labels, queries = _read_queries(cfg.index, params.dim)
+    if len(q_labels) and remove:
+        gone = np.zeros(len(q_labels), bool)
+        for a, b in remove:
+            gone |= (q_labels >= a) & (q_labels < b)
+        q_labels, queries = q_labels[~gone], queries[~gone]
+    total = sum(reader.rows)
+    n_new_q = min(n_queries, math.ceil(n_queries * sum(new_rows) / total)) if total else 0
+    per_file = _proportional(n_new_q, new_rows)
+
+    t = time.perf_counter()
+    template = storage.read_bytes(storage.join(cfg.index, TRAINED_FILE))
+    seed = int(meta["build"].get("seed", 0)) + int(meta["generation"])
+    parts = map_files(store.encode_file,
+                      [((reader.files[i].uri, reader.files[i].rel, params.dim, params.to_dict(), first, rows),
+                        {"sample_count": c, "seed": seed})
+                       for i, first, rows, c in zip(todo, firsts, new_rows, per_file)],
+                      cfg.runtime, "encoding new files", shared={"template": template})
+    times["encode_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    index = store.load_for_update(cfg.index)
+    removed = ix.remove_labels(index, params, remove)
+    ids = store.read_ids(cfg.index)
+    if remove:
+        dead = pa.array(sorted(set(meta["files"]) - set(keep)), pa.string())
+        ids = ids.filter(pc.invert(pc.is_in(ids.column("file"), value_set=dead)))
+    id_parts = [ids]
+    new_q_labels, new_queries = [], []
+    for p in parts:
+        ix.merge_part(index, params, p.part, p.labels)
+        p.part = b""
+        id_parts.append(store.ids_table([p.labels], [p.ids], [p.rel]))
+        if p.sample is not None and len(p.sample.labels):
+            new_q_labels.append(p.sample.labels)
+            new_queries.append(p.sample.x)
+    added = sum(len(p.labels) for p in parts)
+    next_label = firsts[-1] + new_rows[-1] if todo else next_label
+    times["merge_s"] = time.perf_counter() - t
+    if new_q_labels:
+        rng = np.random.default_rng(seed)
+        keep_old = max(0, n_queries - sum(len(x) for x in new_q_labels))
+        old = np.sort(rng.permutation(len(q_labels))[:keep_old])
+        q_labels = np.concatenate([q_labels[old], *new_q_labels])
+        queries = np.ascontiguousarray(np.concatenate([queries[old], *new_queries]))
+
+    t = time.perf_counter()
+    files_meta = dict(keep)
+    for i, first, rows in zip(todo, firsts, new_rows):
+        f = reader.files[i]
+        files_meta[f.rel] = {"version": f.version, "size": f.size, "rows": rows, "first_label": first}
+    all_firsts = {rel: info["first_label"] for rel, info in files_meta.items()}
+    recall = _recall(index, params, reader, all_firsts, q_labels, queries, None, cfg.runtime, tune=False)
+    times["recall_s"] = time.perf_counter() - t
+
+    generation = int(meta["generation"]) + 1
+    r = recall.get("recall_at_10")
+    meta.update({
+        "files": files_meta, "next_label": next_label, "generation": generation,
+        "counts": _counts(index, params, files_meta, next_label), "embeddings": reader.uri,
+        "recall": {**recall, "measured_at": _now(), "generation": generation},
+        "recall_history": [*meta.get("recall_history", []),
+                           {"generation": generation, "at": _now(), "recall_at_10": r,
+                            "vectors": ix.live_count(index, params), "kind": "add"}],
+        "updated_at": _now(),
+    })
+    meta.setdefault("versions", {})["faiss"] = _faiss_version()
+    t = time.perf_counter()
+    if params.kind != "flat":
+        _write_table(storage.join(cfg.index, QUERIES_FILE), _queries_table(q_labels, queries))
+    store.write_index(cfg.index, index, pa.concat_tables(id_parts), meta)
+    times["write_s"] = time.perf_counter() - t
+
+    summary.update({"added": added, "removed": removed, "vectors": meta["counts"]["vectors"],
+                    "recall": recall,
+                    "timings": {k: round(v, 3) for k, v in times.items()},
+                    "total_s": round(time.perf_counter() - t0, 3)})
+    if r is not None and r < ix.RECALL_FLOOR:
+        summary["warning"] = (
+            f"recall@10 is {r:.3f}, below {ix.RECALL_FLOOR}: the new vectors fit the trained quantizers "
+            f"poorly. Rebuild: pipeline index build --embeddings {reader.uri} --output {cfg.index}")
+    summary["run_record"] = write_run_record(cfg.index, new_run_id(), summary)
+    return summary
+
+
+def _recall_text(r: dict[str, Any] | None) -> str:
+    if not r or r.get("recall_at_10") is None:
+        return "recall@10 not measured"
+    if r.get("exact"):
+        return "exact search (recall@10 = 1)"
+    setting = ", ".join(f"{k} {r[k]}" for k in ("nprobe", "ef_search") if k in r)
+    return f"recall@10 {r['recall_at_10']:.3f} vs exact on {r['queries']} held-out queries ({setting})"
+
+
+def format_build(s: dict[str, Any]) -> str:
+    return "\n".join([
+        f"index {s['index_kind']} ({s['factory']}, {s['metric']}) of {s['vectors']} vectors x {s['dim']} "
+        f"from {s['files']} files in {s['total_s']:.1f}s -> {s['index']}",
+        f"  why:        {s['reason']}",
+        f"  quality:    {_recall_text(s['recall'])}",
+        f"  run record: {s['run_record']}"])
+
+
+def format_add(s: dict[str, Any]) -> str:
+    if s.get("note"):
+        return f"{s['note']} ({s['vectors']} vectors); run record: {s['run_record']}"
+    lines = [f"added {s['added']} vectors from {s['added_files']} files, removed {s['removed']} "
+             f"(replaced or deleted files: {s['removed_files']}); the index holds {s['vectors']} "
+             f"in {s['total_s']:.1f}s",
+             f"  quality:    {_recall_text(s['recall'])}"]
+    if s.get("warning"):
+        lines.append(f"  warning:    {s['warning']}")
+    lines.append(f"  run record: {s['run_record']}")
+    return "\n".join(lines)

@@ -1,0 +1,321 @@
+"""The resource planner: from the cluster's shape and the command, the runtime settings the user did not set.
+
+Ray-free and deterministic: the cluster is plain data (``Cluster``, built from Ray's node table by
+``pipeline.ray.cluster``), so every decision is unit-tested on shapes given by hand. Explicit settings
+always win: only the fields a user left unset (``None`` or ``"auto"``) are chosen here, and each choice
+comes with its reason, which the run record keeps.
+
+Rules, in short (docs/operations.md explains them):
+- GPUs anywhere in the cluster (alive, or in a node group the autoscaler may start): one actor per GPU,
+  half of the node's CPUs per GPU for the actor (the rest for read and write tasks), the tensor decoder,
+  channels-last, two batches in flight, bf16 autocast where the GPU computes it (fp16 on older cards).
+- CPUs only: actors of up to 4 threads each, filling each node's CPUs but the ones kept for read tasks;
+  torch's threads set to the actor's CPUs; bf16 autocast and channels-last where the CPU computes bf16
+  natively (AVX-512 BF16 or AMX), else fp32.
+- bf16 (on GPUs and CPUs) only for a model whose bf16 embeddings of sample photos stay within cosine 0.999
+  of fp32, measured when the run is planned (ResNets do; depthwise-separable networks such as
+  EfficientNet-Lite and MobileNet lose more and stay fp32).
+- ``compile: auto`` compiles when the images listed repay the compile cost (CPU and GPU costs and speed-ups
+  measured on this project's machines, see COMPILE).
+- Fine-tuning: one worker per GPU; on CPUs, workers that leave CPUs for the Ray Data tasks feeding them.
+- A request no node (or node group) can ever satisfy is a ConfigError that names the flag to change.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.config import ConfigError, FinetuneRuntime, RuntimeConfig
+
+READ_TASK_CPUS = 0.25  # read tasks wait on storage: a quarter CPU each lets several run beside the actors
+MAX_THREADS_PER_CPU_ACTOR = 4  # past ~4 threads a CNN forward at batch 32 gains little per extra thread
+# GPUs without native bf16 (compute capability < 8.0); Ray's accelerator_type names.
+NO_BF16_GPUS = ("V100", "T4", "P100", "P4", "K80", "M60", "P40", "K40")
+# torch.compile: (seconds to compile in each actor, forward speed-up once compiled, images/s of an eager
+# forward to price the saving), measured for tf_efficientnet_lite0/resnet50 on the 2-core CI CPU
+# (compile about 60 s, 1.2x) and on an H100 (resnet50 eager bf16 12,880 images/s, compiled 20,836: 1.6x).
+COMPILE = {"cpu": (60.0, 1.2, 120.0), "cuda": (40.0, 1.6, 10_000.0)}
+BF16_MIN_COSINE = 0.999  # bf16 autocast only for models whose embeddings keep this much of fp32's
+
+
+@dataclass(frozen=True)
+class NodeType:
+    """One kind of node: its resources, how many are alive, and how many the autoscaler may run."""
+
+    cpus: float
+    gpus: float = 0.0
+    memory_gib: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)  # custom resources
+    gpu_kind: str | None = None  # Ray's accelerator_type, e.g. "H100"
+    alive: int = 1
+    max_count: int | None = None  # None: fixed at ``alive``; -1: unlimited
+
+    @property
+    def most(self) -> int:
+        if self.max_count is None:
+            return self.alive
+        return 10**6 if self.max_count < 0 else max(self.alive, self.max_count)
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The node types of a Ray cluster, and what the driver's CPU computes natively."""
+
+    nodes: tuple[NodeType, ...]
+    cpu_bf16: bool = False  # AVX-512 BF16 or AMX on the CPUs (read on the driver)
+    autoscaling: bool | None = None  # None: the node types say it (a type may grow past its alive count)
+
+    @property
+    def scales(self) -> bool:
+        if self.autoscaling is not None:
+            return self.autoscaling
+        return any(n.most > n.alive for n in self.nodes)
+
+    def gpu_nodes(self) -> list[NodeType]:
+        return [n for n in self.nodes if n.gpus > 0]
+
+    def total(self, key: str, at_most: bool = False) -> float:
+        return sum(_amount(n, key) * (n.most if at_most else n.alive) for n in self.nodes)
+
+    def fits(self, need: dict[str, float]) -> list[NodeType]:
+        """The node types one bundle of ``need`` fits on."""
+        return [n for n in self.nodes if all(_amount(n, k) >= v for k, v in need.items() if v > 0)]
+
+
+def _amount(node: NodeType, key: str) -> float:
+    if key == "CPU":
+        return node.cpus
+    if key == "GPU":
+        return node.gpus
+    return node.resources.get(key, 0.0)
+
+
+def gpu_bf16(kind: str | None) -> bool:
+    return not (kind and any(old in kind for old in NO_BF16_GPUS))
+
+
+@dataclass
+class Decision:
+    """The resolved runtime and why each unset setting got its value."""
+
+    runtime: Any  # RuntimeConfig | FinetuneRuntime, every setting concrete
+    reasons: list[str]
+    waits_for: dict[str, float] | None = None  # one bundle the cluster must start before the run
+
+    def record(self) -> dict[str, Any]:
+        rt = self.runtime
+        keys = ("actors", "cpus_per_actor", "gpus_per_actor", "threads", "calls_per_actor", "batch_size",
+                "decoder", "channels_last", "autocast", "compile", "workers", "cpus_per_worker",
+                "gpus_per_worker")
+        return {"settings": {k: getattr(rt, k) for k in keys if hasattr(rt, k)},
+                "precision": precision_of(rt.autocast), "reasons": self.reasons}
+
+
+def precision_of(autocast: str) -> str:
+    return {"none": "fp32", "bf16": "bf16", "fp16": "fp16"}.get(autocast, autocast)
+
+
+def _unset(rt: Any, name: str) -> bool:
+    value = getattr(rt, name)
+    return value is None or value == "auto"
+
+
+def _check_bundle(cluster: Cluster, need: dict[str, float], flags: dict[str, str], what: str = "actor"
+                  ) -> dict[str, float] | None:
+    """ConfigError when no node type can ever hold one bundle; the bundle when none can right now (the
+    autoscaler must start a node); None when an alive node can."""
+    fits = cluster.fits(need)
+    if not fits and cluster.autoscaling and not any(n.alive == 0 for n in cluster.nodes):
+        # marked autoscaling, its node groups unknown: wait and see (resource_wait_s)
+        return {k: v for k, v in need.items() if v > 0}
+    if not fits:
+        biggest = {k: max((_amount(n, k) for n in cluster.nodes), default=0) for k in need}
+        missing = [k for k, v in need.items() if v > biggest[k]]
+        k = missing[0]
+        scope = "node or node group" if cluster.scales else "node"
+        have = f"the largest {scope} has {biggest[k]:g}" if biggest[k] else f"no {scope} has any"
+        hint = "" if k in ("CPU", "GPU") else " (or start nodes that advertise it: ray start --resources)"
+        flag = flags.get(k, flags["*"])
+        raise ConfigError(f"each {what} asks for {k}: {need[k]:g} but {have}: change {flag}{hint}")
+    if any(n.alive > 0 for n in fits):
+        return None
+    return {k: v for k, v in need.items() if v > 0}
+
+
+def plan_images(cluster: Cluster, runtime: RuntimeConfig, *, images: int, input_hw: tuple[int, int],
+                compilable: bool = True, bf16_cosine: float | None = None,
+                device_kind: str | None = None) -> Decision:
+    """Settings for a command that maps images through the Embedder (extract, classify, probe).
+
+    ``images``: how many the run lists (for compile: auto); ``compilable``: whether the cut can compile;
+    ``bf16_cosine``: the lowest cosine of this model's bf16 embeddings to its fp32 ones on sample photos
+    (embed.bf16_agreement; None: not measured) — bf16 only where it is at least BF16_MIN_COSINE.
+    """
+    rt = runtime
+    up: dict[str, Any] = {}
+    why: list[str] = []
+    gpu_nodes = cluster.gpu_nodes()
+    use_gpu = (rt.gpus_per_actor or 0) > 0 if not _unset(rt, "gpus_per_actor") else \
+        bool(gpu_nodes) and rt.device != "cpu"
+    if rt.device == "cuda" and not gpu_nodes:
+        raise ConfigError("runtime.device is cuda but no node (or node group) of this cluster has a GPU: "
+                          "use --set runtime.device=auto, or run on a cluster with GPU nodes")
+    if use_gpu and not gpu_nodes:
+        raise ConfigError(f"--gpus-per-actor {rt.gpus_per_actor:g} asks for GPUs but no node (or node group) "
+                          "of this cluster has one: drop --gpus-per-actor (the planner then runs on CPUs)")
+    if use_gpu:
+        node = max(gpu_nodes, key=lambda n: (n.gpus, n.cpus))
+        kind = node.gpu_kind or device_kind
+        if _unset(rt, "gpus_per_actor"):
+            up["gpus_per_actor"] = 1.0
+            most = _count(cluster.total("GPU", True))
+            more = f", up to {most} with the autoscaler" if cluster.scales else ""
+            why.append(f"1 GPU per actor: {_count(cluster.total('GPU'))} GPUs alive{more}")
+        gpa = up.get("gpus_per_actor", rt.gpus_per_actor)
+        per_gpu_cpus = node.cpus / node.gpus
+        if _unset(rt, "cpus_per_actor"):
+            up["cpus_per_actor"] = max(1.0, math.floor(per_gpu_cpus * gpa / 2))
+            why.append(f"{up['cpus_per_actor']:g} CPUs per actor: half of the {per_gpu_cpus:g} CPUs per GPU "
+                       f"of a {kind or 'GPU'} node, the rest for read and write tasks")
+        if _unset(rt, "actors"):
+            lo = max(1, int(cluster.total("GPU") // gpa))
+            hi = max(lo, int(min(cluster.total("GPU", True), 10**4) // gpa))
+            up["actors"] = f"{lo},{hi}" if hi > lo else str(lo)
+        device = "cuda"
+        bf16 = gpu_bf16(kind)
+        amp, amp_why = ("bf16", f"{kind or 'the GPU'} computes bf16") if bf16 else \
+            ("fp16", f"{kind} has no bf16: fp16 autocast")
+    else:
+        cpu_nodes = [n for n in cluster.nodes if n.cpus > 0]
+        node = max(cpu_nodes, key=lambda n: n.cpus) if cpu_nodes else NodeType(cpus=1)
+        if _unset(rt, "gpus_per_actor"):
+            up["gpus_per_actor"] = 0.0
+        usable = max(node.cpus - _read_reserve(node.cpus), 0.5)
+        if _unset(rt, "cpus_per_actor"):
+            per_node = max(1, math.ceil(usable / MAX_THREADS_PER_CPU_ACTOR))
+            up["cpus_per_actor"] = round(usable / per_node, 2)
+            why.append(f"{up['cpus_per_actor']:g} CPUs per actor, {per_node} per {node.cpus:g}-CPU node: "
+                       f"{_read_reserve(node.cpus):g} CPU kept for read tasks")
+        cpa = up.get("cpus_per_actor", rt.cpus_per_actor)
+        if _unset(rt, "actors"):
+            lo = max(1, int(sum(math.floor((n.cpus - _read_reserve(n.cpus)) / cpa + 1e-9) * n.alive
+                                for n in cpu_nodes)))
+            hi = max(lo, int(sum(math.floor((n.cpus - _read_reserve(n.cpus)) / cpa + 1e-9) * n.most
+                                 for n in cpu_nodes)))
+            up["actors"] = f"{lo},{min(hi, 10**4)}" if hi > lo else str(lo)
+        device = "cpu"
+        amp, amp_why = ("bf16", "the CPU has AVX-512 BF16/AMX") if cluster.cpu_bf16 else \
+            ("none", "the CPU has no native bf16: fp32")
+    cpa = up.get("cpus_per_actor", rt.cpus_per_actor)
+    if _unset(rt, "threads"):
+        # a fractional CPU share still runs on whole cores: the read tasks beside it mostly wait on storage
+        up["threads"] = max(1, math.ceil(cpa - 1e-9))
+        why.append(f"{up['threads']} torch threads per actor (its CPUs, set explicitly)")
+    if _unset(rt, "autocast"):
+        if amp == "bf16" and bf16_cosine is not None and bf16_cosine < BF16_MIN_COSINE:
+            amp, amp_why = "none", (f"bf16 embeddings of sample photos measured cosine {bf16_cosine:.4f} to "
+                                    f"fp32 (< {BF16_MIN_COSINE}): this model stays in fp32")
+        elif amp == "bf16" and bf16_cosine is not None:
+            amp_why += f", and this model's bf16 embeddings keep cosine {bf16_cosine:.4f} to fp32"
+        up["autocast"] = amp
+        why.append(f"autocast {amp}: {amp_why}")
+    if _unset(rt, "channels_last"):
+        # measured on the 2-core CPU: tf_efficientnet_lite0 fp32 26.7 -> 48.8 images/s, bf16 needs it
+        up["channels_last"] = True
+        why.append("channels-last: " + ("faster convolutions with tensor cores" if device == "cuda" else
+                                        "oneDNN's CPU convolutions prefer it"))
+    if _unset(rt, "decoder"):
+        up["decoder"] = "tensor" if device == "cuda" else "pil"
+    if rt.calls_per_actor is None:
+        up["calls_per_actor"] = 2 if device == "cuda" else 1
+    if rt.batch_size is None:
+        probe = rt.model_copy(update={"gpus_per_actor": up.get("gpus_per_actor", rt.gpus_per_actor)})
+        up["batch_size"] = probe.batch_for(input_hw)
+    if _unset(rt, "compile"):
+        cost, speedup, rate = COMPILE[device]
+        actors_hi = int(str(up.get("actors", rt.actors)).split(",")[-1])
+        saved = images / (rate * max(1, actors_hi)) * (1 - 1 / speedup)  # wall seconds, actors in parallel
+        up["compile"] = bool(compilable and saved > cost)
+        why.append(f"compile {'on' if up['compile'] else 'off'}: " + (
+            "this cut cannot compile" if not compilable else
+            f"{images} images {'repay' if up['compile'] else 'do not repay'} ~{cost:.0f} s of compiling"))
+    if rt.device == "auto":
+        up["device"] = device
+    resolved = rt.model_copy(update=up)
+    need = {"CPU": resolved.cpus_per_actor, "GPU": resolved.gpus_per_actor or 0.0,
+            **resolved.actor_resources}
+    waits = _check_bundle(cluster, need, {"CPU": "--set runtime.cpus_per_actor", "GPU": "--gpus-per-actor",
+                                          "*": "--set runtime.actor_resources"})
+    lo, hi = resolved.actor_range()
+    why.insert(0, f"{lo if lo == hi else f'{lo}-{hi}'} actor{'s' if hi > 1 else ''} x "
+                  f"{resolved.cpus_per_actor:g} CPU" + (f" + {resolved.gpus_per_actor:g} GPU"
+                                                        if resolved.gpus_per_actor else ""))
+    return Decision(resolved, why, waits)
+
+
+def _read_reserve(cpus: float) -> float:
+    """CPUs a node keeps for read tasks (and write tasks) beside the actors: 0.5 on small nodes, 1/8 on
+    large ones."""
+    return max(0.5, math.floor(cpus / 8))
+
+
+def _count(x: float) -> str:
+    return f"{x:g}" if x < 10**5 else "unlimited"
+
+
+def plan_finetune(cluster: Cluster, runtime: FinetuneRuntime) -> Decision:
+    """Workers and their CPUs and GPUs for Ray Train, leaving CPUs for the Ray Data tasks that feed them."""
+    rt = runtime
+    up: dict[str, Any] = {}
+    why: list[str] = []
+    gpu_nodes = cluster.gpu_nodes()
+    use_gpu = (rt.gpus_per_worker or 0) > 0 if rt.gpus_per_worker is not None else bool(gpu_nodes)
+    if use_gpu and not gpu_nodes:
+        raise ConfigError(f"--gpus-per-worker {rt.gpus_per_worker:g} asks for GPUs but no node (or node "
+                          "group) of this cluster has one: drop --gpus-per-worker")
+    if use_gpu:
+        node = max(gpu_nodes, key=lambda n: (n.gpus, n.cpus))
+        if rt.gpus_per_worker is None:
+            up["gpus_per_worker"] = 1.0
+        gpw = up.get("gpus_per_worker", rt.gpus_per_worker)
+        if rt.workers is None:
+            up["workers"] = max(1, int(max(cluster.total("GPU"), node.gpus) // gpw))
+            why.append(f"{up['workers']} workers: one per GPU")
+        if rt.cpus_per_worker is None:
+            up["cpus_per_worker"] = max(1.0, math.floor(node.cpus / node.gpus * gpw / 2))
+            why.append(f"{up['cpus_per_worker']:g} CPUs per worker: half of each GPU's CPUs, the rest for "
+                       "the Ray Data tasks that read and select rows")
+        if rt.autocast == "auto":
+            up["autocast"] = "bf16" if gpu_bf16(node.gpu_kind) else "fp16"
+    else:
+        if rt.gpus_per_worker is None:
+            up["gpus_per_worker"] = 0.0
+        total = cluster.total("CPU")
+        usable = max(total - max(0.5, total / 4), 0.5)
+        if rt.workers is None:
+            up["workers"] = max(1, min(4, int(usable // MAX_THREADS_PER_CPU_ACTOR)))
+            why.append(f"{up['workers']} worker{'s' if up['workers'] > 1 else ''}: {total:g} CPUs")
+        workers = up.get("workers", rt.workers)
+        if rt.cpus_per_worker is None:
+            up["cpus_per_worker"] = round(usable / workers, 2)
+            why.append(f"{up['cpus_per_worker']:g} CPUs per worker: {total - usable:g} of {total:g} kept "
+                       "for the Ray Data tasks that read and select rows (with none left, training waits "
+                       "forever)")
+        if rt.autocast == "auto":
+            up["autocast"] = "none"  # CPU training stays fp32: bf16 gradients are not worth the drift here
+    resolved = rt.model_copy(update=up)
+    need = {"CPU": resolved.cpus_per_worker, "GPU": resolved.gpus_per_worker or 0.0}
+    waits = _check_bundle(cluster, need, {"CPU": "--cpus-per-worker", "GPU": "--gpus-per-worker",
+                                          "*": "--cpus-per-worker"}, what="worker")
+    total_cpu = cluster.total("CPU", at_most=True)
+    if resolved.workers * resolved.cpus_per_worker > total_cpu - READ_TASK_CPUS + 1e-9:
+        raise ConfigError(
+            f"{resolved.workers} workers x {resolved.cpus_per_worker:g} CPUs leave no CPU of the cluster's "
+            f"{total_cpu:g} for the tasks that read the images (training would wait forever): lower "
+            "--workers or --cpus-per-worker")
+    why.insert(0, f"{resolved.workers} worker{'s' if resolved.workers > 1 else ''} x "
+                  f"{resolved.cpus_per_worker:g} CPU" + (f" + {resolved.gpus_per_worker:g} GPU"
+                                                         if resolved.gpus_per_worker else ""))
+    return Decision(resolved, why, waits)

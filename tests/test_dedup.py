@@ -1,0 +1,73 @@
+"""Similar images and near-duplicates on real photos (scikit-image's) with planted copies: re-encoded,
+resized and cropped copies find their original as the top neighbour through the Embedder; `pipeline dedup`
+groups them with their originals, reports no false pairs, and gives the same groups on a rerun."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.commands.dedup import dedup
+from pipeline.commands.extract import extract
+from pipeline.commands.index import build
+from pipeline.commands.neighbors import neighbors
+from pipeline.config import DedupConfig, ExtractConfig, IndexBuildConfig, NeighborsConfig, SourceConfig
+from pipeline.samples import make_near_copies
+
+RT = {"progress": False, "batch_size": 32}
+
+
+@pytest.fixture(scope="module")
+def photos(ray_session, tmp_path_factory):
+    root = tmp_path_factory.mktemp("photos")
+    planted = make_near_copies(root / "img", copies_of=16, seed=1)
+    for what in ("img", "img/originals"):
+        extract(ExtractConfig.model_validate({
+            "source": {"uri": str(root / what)}, "backbone": {"model": "tf_efficientnet_lite0"},
+            "output": {"uri": str(root / "feat" / what)}, "runtime": RT}))
+    return root, planted
+
+
+def test_copies_find_their_original_as_the_top_neighbour(photos):
+    root, planted = photos
+    idx = str(root / "idx")
+    s = build(IndexBuildConfig(embeddings=str(root / "feat/img/originals"), output=idx, runtime=RT))
+    assert s["index_kind"] == "flat" and s["vectors"] == 32
+    out = root / "nn"
+    copies = SourceConfig(uri=str(root / "img/copies"))
+    s = neighbors(NeighborsConfig(index=idx, output=str(out), images=copies, k=3, runtime=RT))
+    assert s["queries"] == len(planted) and s["failed"] == 0
+    top = {r["query_id"]: r["id"] for r in pads.dataset(out / "neighbors").to_table().to_pylist()
+           if r["rank"] == 0}
+    wrong = {q: i for q, i in top.items() if f"originals/{i}" != planted[f"copies/{q}"]}
+    assert not wrong and len(top) == len(planted)
+
+
+def _groups(out: Path) -> dict[str, str]:
+    return {r["id"]: r["duplicate_of"] for r in pq.read_table(out / "duplicates.parquet").to_pylist()}
+
+
+def test_dedup_finds_planted_copies_without_false_pairs_and_reruns_the_same(photos):
+    root, planted = photos
+    runs = []
+    for i in range(2):
+        out = root / f"dedup{i}"
+        s = dedup(DedupConfig(embeddings=str(root / "feat/img"), output=str(out), runtime=RT))
+        runs.append(_groups(out))
+    assert runs[0] == runs[1]
+    rep = runs[0]
+    found = sum(rep.get(c, c) == rep.get(o, o) for c, o in planted.items())
+    false = [(a, b) for a, b in rep.items() if planted.get(a, a) != planted.get(b, b)]
+    assert found >= 0.95 * len(planted), (found, len(planted))
+    assert len(false) <= 0.01 * len(rep), false
+    meta = json.loads((out / "dedup.json").read_text())
+    assert meta["removed"] == len(rep) and meta["rows"] == 32 + len(planted)
+    assert set(meta["by_threshold"]) >= {"0.8", "0.9", "0.95"} and meta["keep_rule"]
+    kept = pq.read_table(out / "keep.parquet").column("id").to_pylist()
+    clusters = pq.read_table(out / "clusters.parquet")
+    assert sorted(kept + list(rep)) == sorted(clusters.column("id").to_pylist())
+    assert (out / "dedup.png").read_bytes()[:4] == b"\x89PNG" and s["run_record"]

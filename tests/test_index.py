@@ -1,0 +1,183 @@
+"""`pipeline index build/add` and `pipeline neighbors` on synthetic embeddings tables: recall against exact
+search as index.json reports it and as recomputed here, incremental adds, replaced files, object storage,
+and bad input refused with exit 2 before any work."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import storage
+from pipeline.analytics import index as ix
+from pipeline.analytics import store
+from pipeline.analytics.search import Searcher
+from pipeline.analytics.vectors import clustered_vectors, synthetic_spec, write_embeddings
+from pipeline.commands.index import add, build
+from pipeline.commands.neighbors import neighbors
+from pipeline.config import IndexAddConfig, IndexBuildConfig, NeighborsConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+RT = {"progress": False}
+
+
+def _table(uri: str, x: np.ndarray, files: int, prefix: str = "r", start: int = 0) -> list[str]:
+    """x split over ``files`` Parquet files under uri/embeddings/; returns the ids."""
+    ids = [f"{prefix}{i:06d}" for i in range(start, start + len(x))]
+    bounds = np.linspace(0, len(x), files + 1).astype(int)
+    for f, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        write_embeddings(storage.join(uri, "embeddings", f"{prefix}-{f:03d}.parquet"), x[a:b], ids[a:b])
+    return ids
+
+
+def _independent_recall(index_uri: str, x: np.ndarray, ids: list[str], n_queries: int = 300, seed: int = 9
+                        ) -> float:
+    """recall@10 of the stored index on fresh queries (rows of x, their own row left out), against a numpy
+    exact search over x, mapped through ids.parquet."""
+    meta = store.read_meta(index_uri)
+    params = ix.IndexParams.from_dict(meta["params"])
+    index = store.load_index(index_uri, meta)
+    names = store.id_lookup(store.read_ids(index_uri), meta["next_label"]).to_pylist()
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    q = np.random.default_rng(seed).choice(len(x), n_queries, replace=False)
+    _, labels = ix.search(index, params, xn[q], ix.RECALL_K + 1)
+    sims = xn[q] @ xn.T
+    sims[np.arange(len(q)), q] = -np.inf
+    exact = np.argsort(-sims, axis=1)[:, :ix.RECALL_K]
+    hits = 0
+    for r, row in enumerate(labels):
+        found = [names[lab] for lab in row if lab >= 0 and names[lab] != ids[q[r]]][:ix.RECALL_K]
+        hits += len(set(found) & {ids[i] for i in exact[r]})
+    return hits / (len(q) * ix.RECALL_K)
+
+
+def test_ivfpq_build_add_and_replace_through_s3(ray_session, bucket):
+    emb = f"{bucket}/feat"
+    idx = f"{bucket}/idx"
+    x = clustered_vectors(24_000, 32, clusters=120, seed=1)
+    ids = _table(emb, x, 3)
+    s = build(IndexBuildConfig(embeddings=emb, output=idx, kind="ivfpq", runtime=RT))
+    meta = store.read_meta(idx)
+    assert s["index_kind"] == "ivfpq" and meta["counts"]["vectors"] == 24_000 and len(meta["files"]) == 3
+    assert meta["recall"]["recall_at_10"] >= ix.TARGET_RECALL and meta["recall"]["queries"] == 1000
+    assert _independent_recall(idx, x, ids) >= ix.TARGET_RECALL
+    assert storage.exists(storage.join(idx, "_runs", Path(s["run_record"]).name))
+
+    # a new file: added without retraining, recall measured again
+    x2 = clustered_vectors(6_000, 32, clusters=120, seed=1)  # same distribution, other draws
+    ids += _table(emb, x2, 1, prefix="n", start=0)
+    s = add(IndexAddConfig(index=idx, runtime=RT))
+    meta = store.read_meta(idx)
+    assert s["added"] == 6000 and s["removed"] == 0 and meta["counts"]["vectors"] == 30_000
+    assert meta["recall"]["recall_at_10"] >= ix.TARGET_RECALL and len(meta["recall_history"]) == 2
+    both = np.concatenate([x, x2])
+    assert _independent_recall(idx, both, ids) >= ix.TARGET_RECALL
+    assert add(IndexAddConfig(index=idx, runtime=RT))["note"].startswith("nothing to add")
+
+    # a replaced file: its old rows leave the index, its new rows join
+    x3 = clustered_vectors(8_000, 32, clusters=120, seed=1)
+    write_embeddings(storage.join(emb, "embeddings", "r-000.parquet"), x3, [f"z{i:06d}" for i in range(8000)])
+    s = add(IndexAddConfig(index=idx, runtime=RT))
+    assert s["removed"] == 8000 and s["added"] == 8000
+    table = store.read_ids(idx)
+    assert table.num_rows == 30_000
+    gone = {f"r{i:06d}" for i in range(8000)}
+    assert gone.isdisjoint(table.column("id").to_pylist())
+    searcher = Searcher(idx, k=10)
+    query = pa.FixedSizeListArray.from_arrays(pa.array(x[0]), 32)
+    out = searcher(pa.table({"id": ["q"], "embedding": query}))
+    assert gone.isdisjoint(out.column("id").to_pylist()) and out.num_rows == 10
+
+
+def test_neighbors_by_ids_and_by_table_exclude_the_query_itself(ray_session, tmp_path):
+    emb = str(tmp_path / "feat")
+    x = clustered_vectors(3_000, 16, clusters=30, seed=2)
+    _table(emb, x, 2)
+    idx = str(tmp_path / "idx")
+    s = build(IndexBuildConfig(embeddings=emb, output=idx, runtime=RT))
+    assert s["index_kind"] == "flat" and s["recall"]["exact"]
+    pq.write_table(pa.table({"id": ["r000005", "r002999", "missing"]}), tmp_path / "ids.parquet")
+    out = str(tmp_path / "nn")
+    s = neighbors(NeighborsConfig(index=idx, output=out, ids=str(tmp_path / "ids.parquet"), k=5, runtime=RT))
+    assert s["queries"] == 2 and s["ids_not_found"] == 1 and s["rows"] == 10
+    t = pads.dataset(Path(out) / "neighbors").to_table().to_pylist()
+    assert {r["query_id"] for r in t} == {"r000005", "r002999"}
+    assert all(r["id"] != r["query_id"] for r in t)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    best = int(np.argsort(-(xn @ xn[5]))[1])
+    first = [r for r in t if r["query_id"] == "r000005" and r["rank"] == 0][0]
+    assert first["id"] == f"r{best:06d}"
+    assert first["score"] == pytest.approx(float(xn[best] @ xn[5]), abs=1e-4)
+    s = neighbors(NeighborsConfig(index=idx, output=out, embeddings=emb, k=3, runtime=RT))
+    assert s["queries"] == 3000 and s["rows"] == 9000
+    record = json.loads(Path(s["run_record"]).read_text())
+    assert record["query"]["embeddings"].endswith("embeddings")
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True,
+                          env=env or os.environ.copy(), timeout=300, cwd=ROOT)
+
+
+def _error_line(r, *needles):
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr[-2000:])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_bad_input_exits_2_naming_the_fix(ray_session, tmp_path):
+    emb = str(tmp_path / "feat")
+    x = clustered_vectors(400, 16, clusters=4, seed=3)
+    _table(emb, x, 1)
+    idx = str(tmp_path / "idx")
+    build(IndexBuildConfig(embeddings=emb, output=idx, runtime=RT))
+    # another spec: same dimension, another model
+    other = str(tmp_path / "other")
+    write_embeddings(storage.join(other, "embeddings", "a.parquet"), x,
+                     spec=synthetic_spec(16, model="resnet50"))
+    _error_line(_cli("neighbors", "--index", idx, "--embeddings", other, "--output", str(tmp_path / "o")),
+                "model: index 'synthetic', the query embeddings 'resnet50'", "pipeline index build")
+    _error_line(_cli("index", "add", "--index", idx, "--embeddings", other), "model:", "pipeline index build")
+    # another dimension
+    wide = str(tmp_path / "wide")
+    write_embeddings(storage.join(wide, "embeddings", "a.parquet"), np.ones((4, 8), np.float32))
+    _error_line(_cli("index", "add", "--index", idx, "--embeddings", wide), "dim: index 16, embeddings 8")
+    # an empty table
+    empty = str(tmp_path / "empty")
+    write_embeddings(storage.join(empty, "embeddings", "a.parquet"), np.zeros((0, 16), np.float32), ids=[])
+    _error_line(_cli("index", "build", "--embeddings", empty, "--output", str(tmp_path / "i2")),
+                "no rows", "pipeline extract")
+    _error_line(_cli("dedup", "--embeddings", empty, "--output", str(tmp_path / "d2")), "no rows")
+    # not an index; no query named
+    _error_line(_cli("neighbors", "--index", emb, "--ids", "x.parquet", "--output", str(tmp_path / "o")),
+                "no index", "pipeline index build")
+    _error_line(_cli("neighbors", "--index", idx, "--output", str(tmp_path / "o")), "--images", "--ids")
+    _error_line(_cli("index", "build", "--embeddings", emb, "--output", str(tmp_path / "i3"),
+                     "--kind", "lsh"), "kind")
+
+
+@pytest.mark.slow
+def test_ivfpq_recall_on_200k_vectors(ray_session, tmp_path):
+    """The scale check: 200k clustered 256-d vectors, --kind ivfpq, then an add of a second file."""
+    emb = str(tmp_path / "feat")
+    x = clustered_vectors(200_000, 256, seed=0)
+    ids = _table(emb, x, 4)
+    idx = str(tmp_path / "idx")
+    build(IndexBuildConfig(embeddings=emb, output=idx, kind="ivfpq", runtime=RT))
+    assert store.read_meta(idx)["recall"]["recall_at_10"] >= ix.TARGET_RECALL
+    assert _independent_recall(idx, x, ids) >= ix.TARGET_RECALL
+    x2 = clustered_vectors(50_000, 256, seed=0)
+    ids += _table(emb, x2, 1, prefix="n")
+    add(IndexAddConfig(index=idx, runtime=RT))
+    assert store.read_meta(idx)["recall"]["recall_at_10"] >= ix.TARGET_RECALL
+    assert _independent_recall(idx, np.concatenate([x, x2]), ids) >= ix.TARGET_RECALL

@@ -1,0 +1,112 @@
+"""The resource planner on cluster shapes given as plain data: a 2-CPU laptop, a 16-CPU node, one node with
+8 GPUs and 96 CPUs, a CPU head with GPU workers scaling from 0; extract and fine-tune on each."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import ConfigError, FinetuneRuntime, RuntimeConfig
+from pipeline.plan import Cluster, NodeType, plan_finetune, plan_images
+
+LAPTOP = Cluster((NodeType(cpus=2, memory_gib=24),), cpu_bf16=True)
+OLD_LAPTOP = Cluster((NodeType(cpus=2, memory_gib=24),), cpu_bf16=False)
+CPU_NODE = Cluster((NodeType(cpus=16, memory_gib=64),), cpu_bf16=True)
+GPU_BOX = Cluster((NodeType(cpus=96, gpus=8, memory_gib=1024, gpu_kind="H100"),))
+AUTOSCALING = Cluster((NodeType(cpus=0, memory_gib=32),  # cluster.yaml's head: CPU 0
+                       NodeType(cpus=8, gpus=1, gpu_kind="A10G", alive=0, max_count=4),
+                       NodeType(cpus=16, alive=0, max_count=2)))
+T4_NODE = Cluster((NodeType(cpus=4, gpus=1, gpu_kind="T4"),))
+
+
+def _images(cluster: Cluster, images: int = 1000, **runtime):
+    return plan_images(cluster, RuntimeConfig(**runtime), images=images, input_hw=(224, 224))
+
+
+def test_laptop_uses_both_cores_in_bf16_and_keeps_room_for_reads():
+    d = _images(LAPTOP)
+    rt = d.runtime
+    assert rt.actor_range() == (1, 1) and rt.cpus_per_actor == 1.5 and rt.threads == 2
+    assert rt.gpus_per_actor == 0 and rt.device == "cpu" and rt.decoder == "pil" and rt.calls_per_actor == 1
+    assert rt.autocast == "bf16" and rt.channels_last and rt.batch_size == 32 and rt.compile is False
+    assert d.waits_for is None
+    assert any("AVX-512 BF16" in r for r in d.reasons) and any("kept for read tasks" in r for r in d.reasons)
+    assert d.record()["precision"] == "bf16"
+    old = _images(OLD_LAPTOP).runtime
+    assert old.autocast == "none" and old.channels_last  # no native bf16: exact fp32, in channels-last
+
+
+def test_sixteen_cpu_node_runs_several_four_thread_actors():
+    rt = _images(CPU_NODE).runtime
+    lo, hi = rt.actor_range()
+    assert lo == hi == 4 and rt.cpus_per_actor == 3.5 and rt.threads == 4
+    assert lo * rt.cpus_per_actor <= 16 - 2  # two CPUs stay with the read tasks
+    assert _images(CPU_NODE, images=10_000_000).runtime.compile is True  # a long run repays the compile
+    assert _images(CPU_NODE, images=1000).runtime.compile is False
+
+
+def test_eight_gpu_node_one_actor_per_gpu_with_its_share_of_cpus():
+    d = _images(GPU_BOX, images=50_000)
+    rt = d.runtime
+    assert rt.actor_range() == (8, 8) and rt.gpus_per_actor == 1 and rt.cpus_per_actor == 6
+    assert rt.device == "cuda" and rt.decoder == "tensor" and rt.channels_last and rt.calls_per_actor == 2
+    assert rt.autocast == "bf16" and rt.batch_size == 256 and rt.threads == 6
+    assert _images(T4_NODE).runtime.autocast == "fp16"  # no bf16 on a T4
+
+
+def test_autoscaling_gpu_workers_from_zero_wait_for_the_first_node():
+    d = _images(AUTOSCALING, images=100_000)
+    rt = d.runtime
+    assert rt.actor_range() == (1, 4) and rt.gpus_per_actor == 1 and rt.cpus_per_actor == 4
+    assert d.waits_for == {"CPU": 4.0, "GPU": 1.0}  # no GPU node is alive yet: the autoscaler starts one
+    assert rt.autocast == "bf16"
+
+
+def test_explicit_settings_win():
+    rt = _images(GPU_BOX, actors="2", cpus_per_actor=3, autocast="none", compile=False, batch_size=64,
+                 decoder="pil", channels_last=False, threads=2, calls_per_actor=1).runtime
+    assert (rt.actor_range(), rt.cpus_per_actor, rt.autocast, rt.compile, rt.batch_size) == \
+        ((2, 2), 3, "none", False, 64)
+    assert (rt.decoder, rt.channels_last, rt.threads, rt.calls_per_actor) == ("pil", False, 2, 1)
+    cpu = _images(GPU_BOX, device="cpu").runtime
+    assert cpu.gpus_per_actor == 0 and cpu.device == "cpu"  # a CPU run on a GPU node, when asked
+
+
+def test_requests_the_cluster_can_never_satisfy_name_the_flag():
+    with pytest.raises(ConfigError, match="--gpus-per-actor"):
+        _images(LAPTOP, gpus_per_actor=1)
+    with pytest.raises(ConfigError, match="GPU: 2 but the largest node has 1.*--gpus-per-actor"):
+        _images(T4_NODE, gpus_per_actor=2)
+    with pytest.raises(ConfigError, match="nowhere: 1 but no node has any.*runtime.actor_resources"):
+        _images(CPU_NODE, actor_resources={"nowhere": 1})
+    with pytest.raises(ConfigError, match="CPU: 32 .*runtime.cpus_per_actor"):
+        _images(CPU_NODE, cpus_per_actor=32)
+    with pytest.raises(ConfigError, match="runtime.device is cuda"):
+        _images(LAPTOP, device="cuda")
+    marked = Cluster(CPU_NODE.nodes, autoscaling=True)  # marked autoscaling, node groups unknown: wait
+    assert _images(marked, actor_resources={"nowhere": 1}).waits_for == {"CPU": 3.5, "nowhere": 1}
+
+
+def test_finetune_leaves_cpus_for_the_data_tasks():
+    lap = plan_finetune(LAPTOP, FinetuneRuntime(workers=2)).runtime  # the README's example
+    assert lap.workers == 2 and lap.cpus_per_worker == 0.75 and lap.gpus_per_worker == 0
+    assert lap.workers * lap.cpus_per_worker <= 2 - 0.5 and lap.autocast == "none"
+    node = plan_finetune(CPU_NODE, FinetuneRuntime()).runtime
+    assert node.workers == 3 and node.cpus_per_worker == 4 and node.workers * node.cpus_per_worker <= 12
+    box = plan_finetune(GPU_BOX, FinetuneRuntime()).runtime
+    assert (box.workers, box.gpus_per_worker, box.cpus_per_worker, box.autocast) == (8, 1, 6, "bf16")
+    auto = plan_finetune(AUTOSCALING, FinetuneRuntime())
+    assert (auto.runtime.workers, auto.runtime.gpus_per_worker) == (1, 1) and auto.waits_for == \
+        {"CPU": 4.0, "GPU": 1.0}
+    with pytest.raises(ConfigError, match="leave no CPU.*--workers or --cpus-per-worker"):
+        plan_finetune(LAPTOP, FinetuneRuntime(workers=2, cpus_per_worker=1))
+    with pytest.raises(ConfigError, match="--gpus-per-worker"):
+        plan_finetune(LAPTOP, FinetuneRuntime(gpus_per_worker=1))
+
+
+def test_bf16_only_for_models_whose_features_keep_cosine_0999():
+    resnet = plan_images(LAPTOP, RuntimeConfig(), images=100, input_hw=(224, 224), bf16_cosine=0.99999)
+    assert resnet.runtime.autocast == "bf16" and resnet.runtime.channels_last
+    lite = plan_images(LAPTOP, RuntimeConfig(), images=100, input_hw=(224, 224), bf16_cosine=0.9989)
+    assert lite.runtime.autocast == "none" and any("0.9989" in r for r in lite.reasons)
+    gpu = plan_images(GPU_BOX, RuntimeConfig(), images=100, input_hw=(224, 224), bf16_cosine=0.9975)
+    assert gpu.runtime.autocast == "none" and gpu.runtime.channels_last  # tensor cores still like it
