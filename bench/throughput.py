@@ -8,7 +8,11 @@ Rows (same model and machine):
   forward-eager-fp32        pre-sized tensors through the model, eager fp32 (the old reference)
   forward-cl-fp32           the same in channels-last
   forward-cl-bf16           channels-last with bf16 autocast
-  forward-cl-bf16-compiled  and torch.compile: the fastest of these is the ceiling the ratios use
+  forward-cl-bf16-compiled  and torch.compile
+  forward-folded-*          the same with BatchNorm folded into the convolutions (pipeline/inference.py)
+  forward-planned           the model as the pipeline's actors run it: folded, the planner's precision
+                            (e.g. bf16-stem-fp32 for tf_efficientnet_lite0), channels-last, not compiled;
+                            the fastest forward row is the ceiling the ratios use
   pipeline (defaults)       `pipeline extract --source DIR --output OUT --model M` run as a subprocess with
                             no runtime flags (Ray started by the command, the planner's choices); steady
                             state from the slope between N and 3N images, so start-up cancels
@@ -75,20 +79,26 @@ def _median_rate(fn, n_images: int, repeats: int) -> float:
 def _amp(device: str, autocast: str):
     import torch
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast)
-    return torch.autocast(device, dtype=dtype, enabled=dtype is not None)
+    from pipeline.inference import AUTOCAST_MODES
+
+    dtype = AUTOCAST_MODES[autocast][0]
+    return torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def bench_forward(model: str, weights: str, batch: int, repeats: int, device: str = "cpu",
-                  autocast: str = "none", channels_last: bool = False, compiled: bool = False) -> float:
+                  autocast: str = "none", channels_last: bool = False, compiled: bool = False,
+                  folded: bool = False) -> float:
     """Pre-sized tensors already on the device through the cut model (final layer, pooled): a ceiling."""
     import torch
 
     from pipeline.backbones import build_backbone, compile_backbone, input_size
     from pipeline.config import BackboneConfig
+    from pipeline.inference import prepare_for_inference
 
     torch.set_num_threads(os.cpu_count() or 1)
     b = build_backbone(BackboneConfig(model=model, weights=weights), device)
+    if folded:
+        prepare_for_inference(b, autocast)
     h, w = input_size(b.preprocessing)
     x = torch.randn(batch, 3, h, w, device=device)
     if channels_last:
@@ -103,12 +113,32 @@ def bench_forward(model: str, weights: str, batch: int, repeats: int, device: st
     return _median_rate(run, batch, repeats)
 
 
-FORWARDS = {  # name: (autocast, channels_last, compiled)
-    "forward-eager-fp32": ("none", False, False),
-    "forward-cl-fp32": ("none", True, False),
-    "forward-cl-bf16": ("bf16", True, False),
-    "forward-cl-bf16-compiled": ("bf16", True, True),
+FORWARDS = {  # name: (autocast, channels_last, compiled, folded); "planned": the planner's precision
+    "forward-eager-fp32": ("none", False, False, False),
+    "forward-cl-fp32": ("none", True, False, False),
+    "forward-cl-bf16": ("bf16", True, False, False),
+    "forward-cl-bf16-compiled": ("bf16", True, True, False),
+    "forward-folded-cl-fp32": ("none", True, False, True),
+    "forward-folded-cl-bf16": ("bf16", True, False, True),
+    "forward-folded-cl-bf16-compiled": ("bf16", True, True, True),
+    "forward-planned": ("planned", True, False, True),
 }
+
+
+def planned_autocast(model: str, weights: str, device: str) -> str:
+    """The precision `pipeline extract` plans for this model on this machine (pipeline/plan.py)."""
+    from pipeline.backbones import build_backbone
+    from pipeline.config import BackboneConfig, RuntimeConfig
+    from pipeline.inference import precision_agreement
+    from pipeline.plan import Cluster, NodeType, plan_images
+    from pipeline.ray.cluster import cpu_has_bf16
+
+    gpu = device == "cuda"
+    node = NodeType(cpus=os.cpu_count() or 1, gpus=1.0 if gpu else 0.0)
+    cluster = Cluster((node,), cpu_bf16=cpu_has_bf16())
+    agreement = precision_agreement(build_backbone(BackboneConfig(model=model, weights=weights)))
+    return plan_images(cluster, RuntimeConfig(), images=100, input_hw=(224, 224),
+                       agreement=agreement).runtime.autocast
 
 
 def bench_cli(model: str, weights: str, src: str, out: str, sets: list[str]) -> dict:
@@ -195,9 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     # The machine is shared and noisy: forwards are measured before and after the pipeline runs (medians).
     forwards: dict[str, list[float]] = {k: [] for k in FORWARDS}
 
+    planned = planned_autocast(model, weights, args.device)
+
     def measure_forwards() -> None:
-        for name, (amp, cl, comp) in FORWARDS.items():
-            forwards[name].append(bench_forward(model, weights, bs, args.repeats, args.device, amp, cl, comp))
+        for name, (amp, cl, comp, fold) in FORWARDS.items():
+            amp = planned if amp == "planned" else amp
+            forwards[name].append(bench_forward(model, weights, bs, args.repeats, args.device, amp, cl, comp,
+                                                fold))
 
     measure_forwards()
 
@@ -234,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"model {model} (weights {weights}), {args.device} ({card}), torch {torch.__version__}, "
           f"ray {ray.__version__}, images {n1}/{n2} (500x375 JPEG), forward batch {bs}")
+    print(f"forward-planned runs autocast {planned}")
     print(f"planned by `pipeline extract` with no runtime flags: {'; '.join(summary['plan']['reasons'])}")
     print(f"{'row':<34} {'images/s':>9} {'x fastest':>10}")
     for name, rate in {**fwd, **rows}.items():

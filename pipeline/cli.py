@@ -51,7 +51,8 @@ def extract(
     model: str | None = typer.Option(None, help="timm model name, or tv:<torchvision name>"),
     weights: str | None = typer.Option(None, help="none | hub | packaged | PATH_OR_URI (.safetensors/.pth)"),
     layer: str | None = typer.Option(None, help="final | logits | a name from `pipeline layers`"),
-    pool: str | None = typer.Option(None, help="avg | max | gem | flatten (maps); cls | mean (tokens)"),
+    pool: str | None = typer.Option(None, help="avg | max | gem | flatten | grid2 | grid3 (maps); "
+                                    "cls | mean (tokens)"),
     format: str | None = typer.Option(None, "--format", help="auto|files|webdataset|parquet|manifest"),
     labels: str | None = typer.Option(None, help="none | folder | <column or member name>"),
     root: str | None = typer.Option(None, help="source root the ids are relative to (default: --source); "

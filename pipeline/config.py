@@ -62,7 +62,7 @@ class BackboneConfig(StrictModel):
     model: str = Field(description="timm model name, or tv:<torchvision name> (e.g. tv:resnet50)")
     weights: str = Field("packaged", description="none | hub | packaged | path or URI (.safetensors/.pth)")
     layer: str = Field("final", description="final | logits | a layer name from `pipeline layers`")
-    pool: Literal["avg", "max", "gem", "flatten", "cls", "mean"] = "avg"
+    pool: Literal["avg", "max", "gem", "flatten", "grid2", "grid3", "cls", "mean"] = "avg"
     normalize: bool = Field(False, description="L2-normalize each embedding")
 
 
@@ -105,9 +105,11 @@ class RuntimeConfig(RayRuntime):
         default_factory=dict, description="custom Ray resources each actor needs, e.g. {embed: 1} to keep "
         "actors on the nodes that advertise them (ray start --resources)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    autocast: Literal["auto", "none", "bf16", "fp16"] = Field(
+    autocast: Literal["auto", "none", "bf16", "bf16-stem-fp32", "fp16"] = Field(
         "auto", description="mixed precision; auto: bf16 where the device computes it natively (GPUs since "
-        "Ampere, CPUs with AVX-512 BF16 or AMX), fp16 on older GPUs, else none (exact fp32)")
+        "Ampere, CPUs with AVX-512 BF16 or AMX) and the model's embeddings keep cosine 0.999 to fp32 "
+        "(bf16-stem-fp32: the stem and first stage in fp32, the rest in bf16, when only that keeps it), "
+        "fp16 on older GPUs, else none (fp32)")
     jpeg_draft: bool = Field(False, description="decode large JPEGs at a reduced scale that still covers the "
                              "model's resize: faster on photos, not bit-equal to the full decode")
     decoder: Literal["auto", "pil", "tensor"] = Field(
@@ -429,7 +431,9 @@ class DedupConfig(StrictModel):
     output: str = Field(description="duplicates.parquet, keep.parquet, clusters.parquet, dedup.json, "
                         "dedup.png")
     threshold: float = Field(0.8, gt=0, le=1, description="cosine similarity at or above which two rows "
-                             "are near-duplicates")
+                             "are near-duplicates (0.8: measured for tf_efficientnet_lite0 --layer blocks.5 "
+                             "--pool grid3; another model, layer or pooling has another scale: see "
+                             "dedup.json's by_threshold)")
     clusters: int | None = Field(None, ge=1, description="k-means clusters (default: about sqrt(rows))")
     groups: int | None = Field(None, ge=1, description="clusters are spread over this many tasks "
                                "(default: 4 per CPU, at most the clusters)")

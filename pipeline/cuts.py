@@ -394,6 +394,8 @@ def pool_output(x: torch.Tensor, pool: str, prefix_tokens: int = 0) -> torch.Ten
             return x.clamp(min=1e-6).pow(3).mean(dim=(2, 3)).pow(1.0 / 3)
         if pool == "flatten":
             return x.flatten(1)
+        if pool in ("grid2", "grid3"):  # an average per cell of a 2x2 / 3x3 grid: where things are, coarsely
+            return nn.functional.adaptive_avg_pool2d(x, int(pool[-1])).flatten(1)
     if x.ndim == 3:
         if pool == "cls":
             return x[:, 0]

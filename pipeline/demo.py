@@ -48,6 +48,11 @@ def show_output(out: Path) -> None:
     duckdb.sql(query).show()
 
 
+# near-copies are told from look-alikes far better by an intermediate stage pooled on a coarse grid than by
+# the classifier's features (README, "Analytics"); the dedup threshold's default is measured there
+SIMILARITY_FEATURES = {"tf_efficientnet_lite0": ("blocks.5", "grid3")}
+
+
 def similar_images(s3, work: Path, model: str) -> bool:
     """Steps 6 and 7 on real photos (scikit-image's, with planted re-encoded, resized and cropped copies):
     an index over their embeddings, queried with fresh altered copies of photos that have none stored, and a
@@ -69,9 +74,12 @@ def similar_images(s3, work: Path, model: str) -> bool:
     src = s3.make_bucket("demo-photos") + "/photos"
     n = s3.upload_dir(str(local), src)
     features = f"{s3.make_bucket('demo-analytics')}/{model}"
+    layer, pool = SIMILARITY_FEATURES.get(model, ("final", "avg"))
     print(f"[6/7] {n} photos ({n - len(planted)} distinct, {len(planted)} planted copies) uploaded to {src}; "
-          f"pipeline extract --source {src} --output {features} --model {model}")
-    extract(ExtractConfig.model_validate({"source": {"uri": src}, "backbone": {"model": model},
+          f"pipeline extract --source {src} --output {features} --model {model} --layer {layer} "
+          f"--pool {pool}")
+    extract(ExtractConfig.model_validate({"source": {"uri": src},
+                                          "backbone": {"model": model, "layer": layer, "pool": pool},
                                           "output": {"uri": features}, "runtime": rt}))
     index = f"{features}-index"
     print(f"      pipeline index build --embeddings {features} --output {index}")

@@ -22,6 +22,7 @@ from pipeline.backbones import Backbone, build_backbone
 from pipeline.config import BackboneConfig, RuntimeConfig
 from pipeline.cuts import compile_backbone
 from pipeline.decode import MAX_BYTES, MAX_PIXELS, DecodeError, decode_image
+from pipeline.inference import AUTOCAST_MODES, prepare_for_inference
 from pipeline.models import resize_side
 from pipeline.tensorprep import TensorPrep, TensorPrepError
 
@@ -75,28 +76,6 @@ def resolve_device(device: str, fix: str = ACTOR_DEVICE_FIX) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device 'cuda' asked for but no CUDA device is visible: use {fix}")
     return torch.device(device)
-
-
-def bf16_agreement(backbone: Backbone) -> float:
-    """The lowest cosine between bf16-autocast and fp32 embeddings of sample photos through this backbone (on
-    CPU): how much of the features bf16 keeps. ResNets keep 0.99999; depthwise-separable networks
-    (EfficientNet-Lite, MobileNet) 0.997-0.999, their rounding carried from the first layer to the last."""
-    try:
-        from pipeline import samples
-
-        images = [samples.photo(n).convert("RGB") for n in samples.PHOTOS]
-        x = torch.stack([backbone.transform(im) for im in images])
-    except ImportError:  # scikit-image (the sample photos) is not installed: a seeded noise image
-        from pipeline.backbones import _test_image
-
-        x = _test_image(backbone.preprocessing).repeat(4, 1, 1, 1)
-    with torch.inference_mode():
-        ref = backbone.embed_all(x)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            low = backbone.embed_all(x)
-    cos = [torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=1).min().item()
-           for a, b in zip(low, ref)]
-    return float(min(cos))
 
 
 def resolve_autocast(autocast: str, device: torch.device) -> str:
@@ -230,6 +209,8 @@ class Embedder:
             threads = threads or rt.threads
         self.backbone: Backbone = build_backbone(cfg, self.device, layers)
         self.autocast = resolve_autocast(rt.autocast, self.device)
+        # BatchNorm folded into the convolutions (checked on a test image); the stem in fp32 when asked
+        self.prepared = prepare_for_inference(self.backbone, self.autocast)
         self.dtype = dtype
         self.schema = output_schema(list(self.backbone.dims), dtype, task)
         if task == "classify":
@@ -240,7 +221,7 @@ class Embedder:
                                  max_pixels=rt.max_pixels, max_bytes=max_bytes, resize_side=side,
                                  jpeg_draft=rt.jpeg_draft, threads=threads)
         if rt.channels_last is None:  # unplanned: on for CUDA and for bf16
-            self.channels_last = self.device.type == "cuda" or self.autocast == "bf16"
+            self.channels_last = self.device.type == "cuda" or self.autocast.startswith("bf16")
         else:
             self.channels_last = rt.channels_last
         if self.channels_last:
@@ -280,9 +261,9 @@ class Embedder:
                 x = torch.cat([x, x.new_zeros((self.compiled_batch - n, *x.shape[1:]))])
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        amp_dtype = torch.bfloat16 if self.autocast == "bf16" else torch.float16
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=amp_dtype,
-                                                    enabled=self.autocast != "none"):
+        amp_dtype = AUTOCAST_MODES[self.autocast][0]
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=amp_dtype or torch.float32,
+                                                    enabled=amp_dtype is not None):
             outs = self.backbone.embed_all(x)
         return [o[:n].float().cpu().numpy() for o in outs]
 

@@ -18,7 +18,7 @@ from torch import nn
 
 TV_PREFIX = "tv:"
 TOKEN_POOLS = ("cls", "mean", "avg", "max", "flatten")
-MAP_POOLS = ("avg", "max", "gem", "flatten")
+MAP_POOLS = ("avg", "max", "gem", "flatten", "grid2", "grid3")
 HEAD_LAYERS = ("final", "logits")
 
 

@@ -11,10 +11,12 @@ Rules, in short (docs/operations.md explains them):
   channels-last, two batches in flight, bf16 autocast where the GPU computes it (fp16 on older cards).
 - CPUs only: actors of up to 4 threads each, filling each node's CPUs but the ones kept for read tasks;
   torch's threads set to the actor's CPUs; bf16 autocast and channels-last where the CPU computes bf16
-  natively (AVX-512 BF16 or AMX), else fp32.
+  natively (AVX-512 BF16 or AMX), else fp32; the tensor decoder (faster than PIL's path on CPUs too)
+  wherever it reproduces the model's transform.
 - bf16 (on GPUs and CPUs) only for a model whose bf16 embeddings of sample photos stay within cosine 0.999
-  of fp32, measured when the run is planned (ResNets do; depthwise-separable networks such as
-  EfficientNet-Lite and MobileNet lose more and stay fp32).
+  of fp32, measured when the run is planned. ResNets do; depthwise-separable networks (EfficientNet-Lite,
+  MobileNet) lose more in their high-resolution early stages, so the next choice keeps the stem and first
+  stage in fp32 and the rest in bf16 (``bf16-stem-fp32``); a model that loses too much even so stays fp32.
 - ``compile: auto`` compiles when the images listed repay the compile cost (CPU and GPU costs and speed-ups
   measured on this project's machines, see COMPILE).
 - Fine-tuning: one worker per GPU; on CPUs, workers that leave CPUs for the Ray Data tasks feeding them.
@@ -38,6 +40,9 @@ NO_BF16_GPUS = ("V100", "T4", "P100", "P4", "K80", "M60", "P40", "K40")
 # (compile about 60 s, 1.2x) and on an H100 (resnet50 eager bf16 12,880 images/s, compiled 20,836: 1.6x).
 COMPILE = {"cpu": (60.0, 1.2, 120.0), "cuda": (40.0, 1.6, 10_000.0)}
 BF16_MIN_COSINE = 0.999  # bf16 autocast only for models whose embeddings keep this much of fp32's
+# fastest first: all bf16, then bf16 with the stem and first stage in fp32 (lite0 on the 2-core CPU:
+# 169 and 146 images/s against 75 in fp32, all with BatchNorm folded)
+BF16_MODES = ("bf16", "bf16-stem-fp32")
 
 
 @dataclass(frozen=True)
@@ -114,7 +119,7 @@ class Decision:
 
 
 def precision_of(autocast: str) -> str:
-    return {"none": "fp32", "bf16": "bf16", "fp16": "fp16"}.get(autocast, autocast)
+    return {"none": "fp32"}.get(autocast, autocast)
 
 
 def _unset(rt: Any, name: str) -> bool:
@@ -145,13 +150,15 @@ def _check_bundle(cluster: Cluster, need: dict[str, float], flags: dict[str, str
 
 
 def plan_images(cluster: Cluster, runtime: RuntimeConfig, *, images: int, input_hw: tuple[int, int],
-                compilable: bool = True, bf16_cosine: float | None = None,
-                device_kind: str | None = None) -> Decision:
+                compilable: bool = True, agreement: dict[str, float] | None = None,
+                device_kind: str | None = None, tensor_decodable: bool = True) -> Decision:
     """Settings for a command that maps images through the Embedder (extract, classify, probe).
 
     ``images``: how many the run lists (for compile: auto); ``compilable``: whether the cut can compile;
-    ``bf16_cosine``: the lowest cosine of this model's bf16 embeddings to its fp32 ones on sample photos
-    (embed.bf16_agreement; None: not measured) — bf16 only where it is at least BF16_MIN_COSINE.
+    ``tensor_decodable``: whether the tensor decoder reproduces the model's transform (tensorprep.py);
+    ``agreement``: per bf16 mode, the lowest cosine of this model's embeddings to its fp32 ones on sample
+    photos (inference.precision_agreement; None: not measured) — the first of BF16_MODES that keeps
+    BF16_MIN_COSINE, else fp32.
     """
     rt = runtime
     up: dict[str, Any] = {}
@@ -214,11 +221,16 @@ def plan_images(cluster: Cluster, runtime: RuntimeConfig, *, images: int, input_
         up["threads"] = max(1, math.ceil(cpa - 1e-9))
         why.append(f"{up['threads']} torch threads per actor (its CPUs, set explicitly)")
     if _unset(rt, "autocast"):
-        if amp == "bf16" and bf16_cosine is not None and bf16_cosine < BF16_MIN_COSINE:
-            amp, amp_why = "none", (f"bf16 embeddings of sample photos measured cosine {bf16_cosine:.4f} to "
-                                    f"fp32 (< {BF16_MIN_COSINE}): this model stays in fp32")
-        elif amp == "bf16" and bf16_cosine is not None:
-            amp_why += f", and this model's bf16 embeddings keep cosine {bf16_cosine:.4f} to fp32"
+        if amp == "bf16" and agreement:
+            kept = [m for m in BF16_MODES if agreement.get(m, 0.0) >= BF16_MIN_COSINE]
+            measured = ", ".join(f"{m} {agreement[m]:.4f}" for m in BF16_MODES if m in agreement)
+            if kept:
+                amp = kept[0]
+                amp_why += f"; the sample photos' embeddings keep cosine to fp32 ({measured}; bound " \
+                           f"{BF16_MIN_COSINE})"
+            else:
+                amp, amp_why = "none", (f"the sample photos' bf16 embeddings lose too much of fp32 "
+                                        f"({measured}; bound {BF16_MIN_COSINE}): this model stays in fp32")
         up["autocast"] = amp
         why.append(f"autocast {amp}: {amp_why}")
     if _unset(rt, "channels_last"):
@@ -227,7 +239,12 @@ def plan_images(cluster: Cluster, runtime: RuntimeConfig, *, images: int, input_
         why.append("channels-last: " + ("faster convolutions with tensor cores" if device == "cuda" else
                                         "oneDNN's CPU convolutions prefer it"))
     if _unset(rt, "decoder"):
-        up["decoder"] = "tensor" if device == "cuda" else "pil"
+        # CPU, tf_efficientnet_lite0, 500x375 JPEGs: decode + preprocess 482 images/s against PIL's 352, and
+        # the pipeline 109 against 75 images/s; embeddings within cosine 0.99999 of the PIL path's
+        up["decoder"] = "tensor" if tensor_decodable else "pil"
+        why.append("decoder tensor: " + ("nvjpeg and batched resize on the GPU" if device == "cuda" else
+                                         "libjpeg-turbo and batched resize, faster than PIL's per-image path")
+                   if tensor_decodable else "decoder pil: the tensor decoder cannot reproduce this transform")
     if rt.calls_per_actor is None:
         up["calls_per_actor"] = 2 if device == "cuda" else 1
     if rt.batch_size is None:

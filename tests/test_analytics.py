@@ -161,27 +161,58 @@ def _with_copies(n: int, dim: int, copies: int, seed: int):
     return ids, np.concatenate([x, noisy]), {f"copy-of-r{i:05d}": f"r{i:05d}" for i in src}
 
 
+def _dedup(ids, x, threshold, groups=4, clusters=None, seed=0):
+    cents = dd.train_kmeans(x, clusters or dd.choose_clusters(len(x)), seed=seed)
+    parts = dd.split_rows(ids, [None] * len(ids), x, cents, groups, threshold)
+    results = [dd.dedup_group([p], x.shape[1], min(*dd.THRESHOLDS, threshold)) for p in parts]
+    clusters = pa.concat_tables([r.clusters for r in results])
+    return dd.resolve(clusters, pa.concat_tables([r.pairs for r in results]), threshold), clusters, results
+
+
 def test_dedup_finds_planted_copies_and_reports_every_row_once():
     ids, x, planted = _with_copies(3000, 32, 60, seed=8)
-    cents = dd.train_kmeans(x, dd.choose_clusters(len(x)), seed=0)
-    cluster, dist = dd.assign(x, cents)
-    groups = 4
-    parts = []
-    for g in range(groups):
-        sel = np.nonzero(cluster % groups == g)[0]
-        parts.append(dd.ClusterRows([ids[i] for i in sel], [None] * len(sel), x[sel], cluster[sel],
-                                    dist[sel]))
-    results = [dd.dedup_group([p], 32, threshold=0.99) for p in parts]
-    dups = pa.concat_tables([r.duplicates for r in results]).to_pylist()
+    res, clusters, results = _dedup(ids, x, 0.99)
+    dups = res.duplicates.to_pylist()
     rep = {d["id"]: d["duplicate_of"] for d in dups}
     found = sum(rep.get(c, c) == rep.get(o, o) for c, o in planted.items())
     assert found >= 0.95 * len(planted)
     assert all(planted.get(d["id"], d["id"]) == planted.get(d["duplicate_of"], d["duplicate_of"])
                for d in dups)
     assert all(d["similarity"] >= 0.99 for d in dups)
-    kept = pa.concat_tables([r.keep for r in results]).column("id").to_pylist()
-    clustered = pa.concat_tables([r.clusters for r in results]).column("id").to_pylist()
-    assert sorted(kept + list(rep)) == sorted(ids) == sorted(clustered)
-    summary = dd.summarize(results, len(ids), 0.99)
+    kept = res.keep.column("id").to_pylist()
+    assert sorted(kept + list(rep)) == sorted(ids) == sorted(clusters.column("id").to_pylist())
+    summary = dd.summarize(res, len(ids), 0.99, sum(r.pairs_compared for r in results))
     assert summary["removed"] == len(rep) and summary["by_threshold"]["0.99"]["removed"] == len(rep)
     assert summary["by_threshold"]["0.75"]["removed"] >= summary["removed"]
+
+
+def test_copies_that_kmeans_splits_between_clusters_are_still_found():
+    """Copies on the boundary of two clusters: k-means puts each copy in one cluster and its original in the
+    other; comparing within clusters only finds none of them, guests within the margin find all."""
+    rng = np.random.default_rng(3)
+    a, b = np.zeros(16, np.float32), np.zeros(16, np.float32)
+    a[0], b[1] = 1.0, 1.0
+    cents = l2_normalize(np.stack([a, b]))
+    noise = 0.3 * rng.standard_normal((20, 16)).astype(np.float32)
+    noise[:, :2] = 0.0  # exactly between the two centroids
+    mid = l2_normalize(np.stack([a + b] * 20) + noise)
+    # each original leans to one centroid, its copy (cosine ~0.995) to the other
+    lean = 0.06 * (a - b)
+    orig, copy = l2_normalize(mid + lean), l2_normalize(mid - lean)
+    x = np.concatenate([orig, copy])
+    ids = [f"o{i:02d}" for i in range(20)] + [f"c{i:02d}" for i in range(20)]
+    near = dd.assign(x, cents)[0]
+    assert all(near[i] != near[20 + i] for i in range(20))  # the situation this test is about
+    parts = dd.split_rows(ids, [None] * 40, x, cents, 2, 0.95)
+    results = [dd.dedup_group([p], 16, 0.95) for p in parts]
+    clusters = pa.concat_tables([r.clusters for r in results])
+    res = dd.resolve(clusters, pa.concat_tables([r.pairs for r in results]), 0.95, (0.95,))
+    rep = {d["id"]: d["duplicate_of"] for d in res.duplicates.to_pylist()}
+    found = sum(rep.get(f"c{i:02d}", f"c{i:02d}") == rep.get(f"o{i:02d}", f"o{i:02d}") for i in range(20))
+    assert found == 20, rep
+    assert clusters.num_rows == 40 and res.keep.num_rows == 20  # guests are compared, not counted twice
+    no_guests = [dd.ClusterRows([i for i, g in zip(p.ids, p.guest) if not g], [None] * int((~p.guest).sum()),
+                                p.x[~p.guest], p.cluster[~p.guest], p.distance[~p.guest]) for p in parts]
+    alone = [dd.dedup_group([p], 16, 0.95) for p in no_guests]
+    res0 = dd.resolve(clusters, pa.concat_tables([r.pairs for r in alone]), 0.95, (0.95,))
+    assert res0.duplicates.num_rows == 0  # within clusters only: the split copies are all missed

@@ -312,3 +312,18 @@ def test_a_cut_that_disagrees_with_the_hooks_is_not_taken(x, monkeypatch):
     monkeypatch.setattr(C, "_tv_graph", untraceable)
     tv = build_backbone(_cfg(model="tv:mobilenet_v2", weights="packaged", layer="features.6"))
     assert tv.cut == "hooks" and not any(m.training for m in tv.model.modules())
+
+
+def test_grid_pools_average_each_cell_of_a_coarse_grid():
+    from pipeline.cuts import pool_output
+
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).reshape(2, 3, 6, 6)
+    g2 = pool_output(x, "grid2")
+    assert g2.shape == (2, 3 * 4)
+    # channel 0 of image 0, cells in row-major order: the mean of each 3x3 quarter
+    assert g2[0, :4].tolist() == [x[0, 0, :3, :3].mean().item(), x[0, 0, :3, 3:].mean().item(),
+                                  x[0, 0, 3:, :3].mean().item(), x[0, 0, 3:, 3:].mean().item()]
+    assert pool_output(x, "grid3").shape == (2, 3 * 9)
+    assert torch.allclose(pool_output(x, "grid2").reshape(2, 3, 4).mean(2), pool_output(x, "avg"))
+    with pytest.raises(BackboneError, match="grid3"):
+        pool_output(torch.zeros(2, 5, 8), "grid3")  # tokens: the error lists what applies

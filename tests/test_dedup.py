@@ -27,7 +27,8 @@ def photos(ray_session, tmp_path_factory):
     planted = make_near_copies(root / "img", copies_of=16, seed=1)
     for what in ("img", "img/originals"):
         extract(ExtractConfig.model_validate({
-            "source": {"uri": str(root / what)}, "backbone": {"model": "tf_efficientnet_lite0"},
+            "source": {"uri": str(root / what)},
+            "backbone": {"model": "tf_efficientnet_lite0", "layer": "blocks.5", "pool": "grid3"},
             "output": {"uri": str(root / "feat" / what)}, "runtime": RT}))
     return root, planted
 
@@ -62,8 +63,9 @@ def test_dedup_finds_planted_copies_without_false_pairs_and_reruns_the_same(phot
     rep = runs[0]
     found = sum(rep.get(c, c) == rep.get(o, o) for c, o in planted.items())
     false = [(a, b) for a, b in rep.items() if planted.get(a, a) != planted.get(b, b)]
-    assert found >= 0.95 * len(planted), (found, len(planted))
-    assert len(false) <= 0.01 * len(rep), false
+    # blocks.5 pooled on a 3x3 grid: copies score >= 0.837 to their original, other photos <= 0.703
+    assert found == len(planted), (found, len(planted))
+    assert not false, false
     meta = json.loads((out / "dedup.json").read_text())
     assert meta["removed"] == len(rep) and meta["rows"] == 32 + len(planted)
     assert set(meta["by_threshold"]) >= {"0.8", "0.9", "0.95"} and meta["keep_rule"]

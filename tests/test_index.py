@@ -97,6 +97,30 @@ def test_ivfpq_build_add_and_replace_through_s3(ray_session, bucket):
     assert gone.isdisjoint(out.column("id").to_pylist()) and out.num_rows == 10
 
 
+def test_the_searcher_sets_faiss_threads_in_the_thread_that_searches(ray_session, tmp_path):
+    """Ray may run an actor's calls on another thread than its constructor's, and OpenMP's thread count is
+    per thread: the Searcher sets it in every call."""
+    import threading
+
+    emb, idx = str(tmp_path / "feat"), str(tmp_path / "idx")
+    x = clustered_vectors(200, 8, clusters=4, seed=4)
+    _table(emb, x, 1)
+    build(IndexBuildConfig(embeddings=emb, output=idx, runtime=RT))
+    faiss = ix.faiss_module()
+    searcher = Searcher(idx, k=3, threads=1)
+    seen = {}
+
+    def call():
+        faiss.omp_set_num_threads(2)  # what a fresh thread would have here (2 cores)
+        searcher(pa.table({"id": ["q"], "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x[0]), 8)}))
+        seen["threads"] = faiss.omp_get_max_threads()
+
+    t = threading.Thread(target=call)
+    t.start()
+    t.join()
+    assert seen["threads"] == 1
+
+
 def test_neighbors_by_ids_and_by_table_exclude_the_query_itself(ray_session, tmp_path):
     emb = str(tmp_path / "feat")
     x = clustered_vectors(3_000, 16, clusters=30, seed=2)
@@ -108,6 +132,7 @@ def test_neighbors_by_ids_and_by_table_exclude_the_query_itself(ray_session, tmp
     out = str(tmp_path / "nn")
     s = neighbors(NeighborsConfig(index=idx, output=out, ids=str(tmp_path / "ids.parquet"), k=5, runtime=RT))
     assert s["queries"] == 2 and s["ids_not_found"] == 1 and s["rows"] == 10
+    assert s["query"]["searched"] == "driver"
     t = pads.dataset(Path(out) / "neighbors").to_table().to_pylist()
     assert {r["query_id"] for r in t} == {"r000005", "r002999"}
     assert all(r["id"] != r["query_id"] for r in t)
@@ -118,8 +143,17 @@ def test_neighbors_by_ids_and_by_table_exclude_the_query_itself(ray_session, tmp
     assert first["score"] == pytest.approx(float(xn[best] @ xn[5]), abs=1e-4)
     s = neighbors(NeighborsConfig(index=idx, output=out, embeddings=emb, k=3, runtime=RT))
     assert s["queries"] == 3000 and s["rows"] == 9000
+    assert s["query"]["searched"] == "driver"  # a small table: searched without starting actors
+    local = pads.dataset(Path(out) / "neighbors").to_table().sort_by([("query_id", "ascending"),
+                                                                       ("rank", "ascending")])
     record = json.loads(Path(s["run_record"]).read_text())
     assert record["query"]["embeddings"].endswith("embeddings")
+    # the same search on an actor (an explicit actor setting): the same rows
+    s = neighbors(NeighborsConfig(index=idx, output=out, embeddings=emb, k=3, runtime={**RT, "actors": "1"}))
+    assert s["query"]["searched"] == "ray" and s["queries"] == 3000 and s["rows"] == 9000
+    on_ray = pads.dataset(Path(out) / "neighbors").to_table().sort_by([("query_id", "ascending"),
+                                                                        ("rank", "ascending")])
+    assert on_ray.column("id").to_pylist() == local.column("id").to_pylist()
 
 
 def _cli(*args, env=None):

@@ -26,13 +26,16 @@ def test_laptop_uses_both_cores_in_bf16_and_keeps_room_for_reads():
     d = _images(LAPTOP)
     rt = d.runtime
     assert rt.actor_range() == (1, 1) and rt.cpus_per_actor == 1.5 and rt.threads == 2
-    assert rt.gpus_per_actor == 0 and rt.device == "cpu" and rt.decoder == "pil" and rt.calls_per_actor == 1
+    assert rt.gpus_per_actor == 0 and rt.device == "cpu" and rt.calls_per_actor == 1
+    assert rt.decoder == "tensor"
     assert rt.autocast == "bf16" and rt.channels_last and rt.batch_size == 32 and rt.compile is False
     assert d.waits_for is None
     assert any("AVX-512 BF16" in r for r in d.reasons) and any("kept for read tasks" in r for r in d.reasons)
     assert d.record()["precision"] == "bf16"
     old = _images(OLD_LAPTOP).runtime
     assert old.autocast == "none" and old.channels_last  # no native bf16: exact fp32, in channels-last
+    pil = plan_images(LAPTOP, RuntimeConfig(), images=10, input_hw=(224, 224), tensor_decodable=False)
+    assert pil.runtime.decoder == "pil" and any("cannot reproduce this transform" in r for r in pil.reasons)
 
 
 def test_sixteen_cpu_node_runs_several_four_thread_actors():
@@ -104,9 +107,20 @@ def test_finetune_leaves_cpus_for_the_data_tasks():
 
 
 def test_bf16_only_for_models_whose_features_keep_cosine_0999():
-    resnet = plan_images(LAPTOP, RuntimeConfig(), images=100, input_hw=(224, 224), bf16_cosine=0.99999)
+    def plan(cluster, agreement):
+        return plan_images(cluster, RuntimeConfig(), images=100, input_hw=(224, 224), agreement=agreement)
+
+    resnet = plan(LAPTOP, {"bf16": 0.99999, "bf16-stem-fp32": 0.99999})
     assert resnet.runtime.autocast == "bf16" and resnet.runtime.channels_last
-    lite = plan_images(LAPTOP, RuntimeConfig(), images=100, input_hw=(224, 224), bf16_cosine=0.9989)
-    assert lite.runtime.autocast == "none" and any("0.9989" in r for r in lite.reasons)
-    gpu = plan_images(GPU_BOX, RuntimeConfig(), images=100, input_hw=(224, 224), bf16_cosine=0.9975)
+    assert resnet.record()["precision"] == "bf16"
+    lite = plan(LAPTOP, {"bf16": 0.9983, "bf16-stem-fp32": 0.9996})  # lite0's measurements
+    assert lite.runtime.autocast == "bf16-stem-fp32" and any("bf16 0.9983, bf16-stem-fp32 0.9996" in r
+                                                              for r in lite.reasons)
+    assert lite.record()["precision"] == "bf16-stem-fp32"
+    lossy = plan(LAPTOP, {"bf16": 0.9975, "bf16-stem-fp32": 0.9985})
+    assert lossy.runtime.autocast == "none" and any("stays in fp32" in r for r in lossy.reasons)
+    gpu = plan(GPU_BOX, {"bf16": 0.9975, "bf16-stem-fp32": 0.9980})
     assert gpu.runtime.autocast == "none" and gpu.runtime.channels_last  # tensor cores still like it
+    explicit = plan_images(LAPTOP, RuntimeConfig(autocast="bf16"), images=100, input_hw=(224, 224),
+                           agreement={"bf16": 0.99, "bf16-stem-fp32": 0.99})
+    assert explicit.runtime.autocast == "bf16"  # an explicit setting wins

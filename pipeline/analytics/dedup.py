@@ -1,13 +1,18 @@
 """Semantic near-duplicates and clusters (after SemDeDup and NeMo Curator's semantic dedup), Ray-free.
 
 1. Embeddings are L2-normalized; k-means (faiss, spherical) is trained on a sample.
-2. Each file's rows are assigned to their nearest centroid (``assign_file``), and sent to the group of
-   clusters that owns it (cluster ``c`` belongs to group ``c % groups``).
-3. Within each cluster (``dedup_group``), pairwise cosine similarity is computed in blocks of rows, keeping
-   the pairs above the lowest threshold reported. Members are ordered by the keep rule (nearest the
-   centroid first, ties by id); walking that order, a row with a kept row at or above the threshold is a
-   duplicate of the most similar such row, otherwise it is kept. Each group is one kept row and its
-   duplicates. Near-duplicates that k-means put in different clusters are not compared (as in SemDeDup).
+2. Each file's rows are assigned to their nearest centroid (``assign_file``) and sent to the group of
+   clusters that owns it (cluster ``c`` belongs to group ``c % groups``). A row whose second-nearest
+   centroid is nearly as close (``guest_margin``) is also sent there as a guest: near-duplicates that k-means
+   split between two neighbouring clusters are still compared (SemDeDup compares within a cluster only, and
+   misses them).
+3. Within each cluster (``dedup_group``), pairwise cosine similarity is computed in blocks of rows between
+   its own rows and between its own rows and its guests, keeping the pairs above the lowest threshold
+   reported.
+4. ``resolve`` (on the driver, over the pairs of every group): rows are ordered by the keep rule (nearest
+   their centroid first, ties by id); walking that order, a row with a kept row at or above the threshold is
+   a duplicate of the most similar such row, otherwise it is kept. Each group is one kept row and its
+   duplicates.
 """
 
 from __future__ import annotations
@@ -18,11 +23,18 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.analytics import index as ix
 from pipeline.analytics.vectors import l2_normalize, read_vectors
+from pipeline.config import DedupConfig
 
-DEFAULT_THRESHOLD = 0.80  # measured on photos with planted copies (tf_efficientnet_lite0, final layer)
+# 0.8, measured on scikit-image's photos with planted copies (samples.make_near_copies, four sets, 192
+# copies) through tf_efficientnet_lite0 at blocks.5 with --pool grid3: every copy scores >= 0.837 to its
+# original, two photos that are not copies <= 0.703. Globally pooled features separate them worse (blocks.5
+# avg: 0.880 against 0.879; final: a copy of a grey photo re-encoded at quality 40 scores 0.74 to its
+# original, two tiles of one scene up to 0.81 to each other).
+DEFAULT_THRESHOLD: float = DedupConfig.model_fields["threshold"].default
 THRESHOLDS = (0.75, 0.80, 0.85, 0.90, 0.95, 0.975, 0.99)  # also reported in dedup.json
 KEEP_RULE = "in each group the row nearest its cluster's centroid is kept (ties: the smaller id)"
 BLOCK_BYTES = 64 << 20  # similarity block size
@@ -59,8 +71,13 @@ class ClusterRows:
     ids: list[str]
     sources: list[str | None]
     x: np.ndarray  # normalized
-    cluster: np.ndarray  # int32
-    distance: np.ndarray  # float32, cosine distance to the centroid
+    cluster: np.ndarray  # int32: the cluster it is compared in (for a guest, its second-nearest)
+    distance: np.ndarray  # float32, cosine distance to its nearest centroid (the keep rule's key)
+    guest: np.ndarray | None = None  # bool: compared here, but its own cluster is another one
+
+    def __post_init__(self) -> None:
+        if self.guest is None:
+            self.guest = np.zeros(len(self.ids), bool)
 
     @classmethod
     def concat(cls, parts: list[ClusterRows], dim: int) -> ClusterRows:
@@ -68,27 +85,54 @@ class ClusterRows:
             return cls([], [], np.zeros((0, dim), np.float32), np.zeros(0, np.int32), np.zeros(0, np.float32))
         return cls([i for p in parts for i in p.ids], [s for p in parts for s in p.sources],
                    np.concatenate([p.x for p in parts]), np.concatenate([p.cluster for p in parts]),
-                   np.concatenate([p.distance for p in parts]))
+                   np.concatenate([p.distance for p in parts]), np.concatenate([p.guest for p in parts]))
 
 
-def assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(nearest centroid, cosine distance to it) of normalized rows."""
+def assign(x: np.ndarray, centroids: np.ndarray, nearest: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(nearest centroids, cosine distances to them) of normalized rows: (n,) arrays for ``nearest`` 1,
+    else (n, nearest)."""
     faiss = ix.faiss_module()
-    sim, idx = faiss.knn(np.ascontiguousarray(x), centroids, 1, metric=faiss.METRIC_INNER_PRODUCT)
-    return idx[:, 0].astype(np.int32), (1.0 - sim[:, 0]).astype(np.float32)
+    k = min(nearest, len(centroids))
+    sim, idx = faiss.knn(np.ascontiguousarray(x), centroids, k, metric=faiss.METRIC_INNER_PRODUCT)
+    idx, dist = idx.astype(np.int32), (1.0 - sim).astype(np.float32)
+    if k < nearest:  # a single centroid: no second one
+        idx = np.concatenate([idx, np.full((len(x), nearest - k), -1, np.int32)], axis=1)
+        dist = np.concatenate([dist, np.full((len(x), nearest - k), np.inf, np.float32)], axis=1)
+    return (idx[:, 0], dist[:, 0]) if nearest == 1 else (idx, dist)
 
 
-def assign_file(uri: str, dim: int, centroids: np.ndarray, groups: int) -> list[ClusterRows]:
-    """One file's rows, normalized and assigned, split into ``groups`` parts by cluster."""
-    v = read_vectors(uri, dim, sources=True)
-    x = l2_normalize(v.x)
-    cluster, dist = assign(x, centroids)
+def guest_margin(threshold: float) -> float:
+    """How much farther (in angle, radians) a row's second-nearest centroid may be than its nearest for the
+    row to be compared in that cluster too: twice the angle of the threshold. Two rows at cosine >=
+    threshold whose nearest centroids differ are each within this margin of the other's centroid (triangle
+    inequality on the sphere)."""
+    return 2.0 * math.acos(min(max(threshold, -1.0), 1.0))
+
+
+def split_rows(ids: list[str], sources: list[str | None], x: np.ndarray, centroids: np.ndarray, groups: int,
+               threshold: float = DEFAULT_THRESHOLD) -> list[ClusterRows]:
+    """Normalized rows assigned and split into ``groups`` parts by cluster; each part also holds the guests
+    of its clusters (rows whose second-nearest centroid is one of them, within ``guest_margin(threshold)``
+    of their nearest)."""
+    idx, dist = assign(x, centroids, nearest=2)
+    angle = np.arccos(np.clip(1.0 - dist, -1.0, 1.0))
+    guest = (idx[:, 1] >= 0) & (angle[:, 1] - angle[:, 0] <= guest_margin(threshold))
     out = []
     for g in range(groups):
-        sel = np.nonzero(cluster % groups == g)[0]
-        out.append(ClusterRows([v.ids[i] for i in sel], [v.sources[i] for i in sel], x[sel], cluster[sel],
-                               dist[sel]))
+        own = np.nonzero(idx[:, 0] % groups == g)[0]
+        visit = np.nonzero(guest & (idx[:, 1] % groups == g))[0]
+        sel = np.concatenate([own, visit])
+        out.append(ClusterRows([ids[i] for i in sel], [sources[i] for i in sel], x[sel],
+                               np.concatenate([idx[own, 0], idx[visit, 1]]), dist[sel, 0],
+                               np.concatenate([np.zeros(len(own), bool), np.ones(len(visit), bool)])))
     return out
+
+
+def assign_file(uri: str, dim: int, centroids: np.ndarray, groups: int, threshold: float = DEFAULT_THRESHOLD
+                ) -> list[ClusterRows]:
+    """One file's rows, normalized, assigned and split (``split_rows``)."""
+    v = read_vectors(uri, dim, sources=True)
+    return split_rows(v.ids, v.sources, l2_normalize(v.x), centroids, groups, threshold)
 
 
 def similar_pairs(x: np.ndarray, min_sim: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -122,16 +166,17 @@ def greedy_keep(m: int, i: np.ndarray, j: np.ndarray, s: np.ndarray, threshold: 
     return dup_of, sim
 
 
+PAIRS_SCHEMA = pa.schema([("a", pa.string()), ("b", pa.string()), ("similarity", pa.float32())])
+
+
 @dataclass
 class GroupResult:
-    """What one group of clusters found: duplicate rows at the threshold, per-threshold counts, every row's
-    cluster and distance, and the sources of rows in duplicate pairs (for the report's thumbnails)."""
+    """What one group of clusters found: the pairs at or above the lowest reported threshold (``a`` < ``b``
+    by id, at least one of them the group's own row), every own row's cluster and distance, and the sources
+    of the rows in pairs (for the report's thumbnails)."""
 
-    duplicates: pa.Table
-    keep: pa.Table
+    pairs: pa.Table
     clusters: pa.Table
-    removed: dict[str, int] = field(default_factory=dict)  # threshold -> rows removed
-    groups: dict[str, int] = field(default_factory=dict)  # threshold -> groups of 2+ rows
     sources: dict[str, str | None] = field(default_factory=dict)
     pairs_compared: int = 0
 
@@ -140,63 +185,108 @@ def _key(t: float) -> str:
     return f"{t:.3f}".rstrip("0").rstrip(".")
 
 
-def dedup_group(parts: list[ClusterRows], dim: int, threshold: float = DEFAULT_THRESHOLD,
-                thresholds: tuple[float, ...] = THRESHOLDS) -> GroupResult:
-    """Near-duplicates within each cluster of one group of clusters."""
+def _cat(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+
+def dedup_group(parts: list[ClusterRows], dim: int, min_similarity: float = min(THRESHOLDS)) -> GroupResult:
+    """The similar pairs within each cluster of one group of clusters (own rows with own rows and with the
+    cluster's guests)."""
     rows = ClusterRows.concat(parts, dim)
-    ts = sorted(set(thresholds) | {threshold})
-    removed = {_key(t): 0 for t in ts}
-    groups = {_key(t): 0 for t in ts}
-    dup_id, dup_of, dup_sim, dup_cluster = [], [], [], []
-    keep_id, keep_cluster, keep_count = [], [], []
+    pa_, pb, ps = [], [], []
     sources: dict[str, str | None] = {}
     compared = 0
     ids = np.asarray(rows.ids, dtype=object)
     for c in np.unique(rows.cluster):
         members = np.nonzero(rows.cluster == c)[0]
-        members = members[np.lexsort((ids[members], rows.distance[members]))]  # the keep rule's order
-        m = len(members)
-        compared += m * (m - 1) // 2
-        i, j, s = similar_pairs(rows.x[members], ts[0])
-        for t in ts:
-            d, _ = greedy_keep(m, i, j, s, t) if len(i) else (np.full(m, -1), None)
-            removed[_key(t)] += int((d >= 0).sum())
-            groups[_key(t)] += len(np.unique(d[d >= 0]))
-        d, sim = greedy_keep(m, i, j, s, threshold) if len(i) else (np.full(m, -1), np.zeros(m, np.float32))
-        counts = np.bincount(d[d >= 0], minlength=m) if (d >= 0).any() else np.zeros(m, np.int64)
-        for r in range(m):
-            row = members[r]
-            if d[r] >= 0:
-                rep = members[d[r]]
-                dup_id.append(rows.ids[row])
-                dup_of.append(rows.ids[rep])
-                dup_sim.append(float(sim[r]))
-                dup_cluster.append(int(c))
-                sources[rows.ids[row]] = rows.sources[row]
-                sources[rows.ids[rep]] = rows.sources[rep]
-            else:
-                keep_id.append(rows.ids[row])
-                keep_cluster.append(int(c))
-                keep_count.append(int(counts[r]))
+        guest = rows.guest[members]
+        own = int((~guest).sum())
+        if own == 0:
+            continue
+        compared += own * (own - 1) // 2 + own * (len(members) - own)
+        i, j, sim = similar_pairs(rows.x[members], min_similarity)
+        mixed = ~(guest[i] & guest[j])
+        i, j, sim = members[i[mixed]], members[j[mixed]], sim[mixed]
+        a, b = ids[i], ids[j]
+        swap = a > b
+        a, b = np.where(swap, b, a), np.where(swap, a, b)
+        pa_.append(a)
+        pb.append(b)
+        ps.append(sim)
+        for r in np.unique(np.concatenate([i, j])):
+            sources[rows.ids[r]] = rows.sources[r]
+    own_rows = np.nonzero(~rows.guest)[0]
     return GroupResult(
-        duplicates=pa.Table.from_arrays([pa.array(dup_id, pa.string()), pa.array(dup_of, pa.string()),
-                                         pa.array(dup_sim, pa.float32()), pa.array(dup_cluster, pa.int32())],
-                                        schema=DUPLICATES_SCHEMA),
-        keep=pa.Table.from_arrays([pa.array(keep_id, pa.string()), pa.array(keep_cluster, pa.int32()),
-                                   pa.array(keep_count, pa.int32())], schema=KEEP_SCHEMA),
-        clusters=pa.Table.from_arrays([pa.array(rows.ids, pa.string()), pa.array(rows.cluster, pa.int32()),
-                                       pa.array(rows.distance, pa.float32())], schema=CLUSTERS_SCHEMA),
-        removed=removed, groups=groups, sources=sources, pairs_compared=compared)
+        pairs=pa.Table.from_arrays([pa.array(_cat(pa_, object), pa.string()), pa.array(_cat(pb, object),
+                                    pa.string()), pa.array(_cat(ps, np.float32), pa.float32())],
+                                   schema=PAIRS_SCHEMA),
+        clusters=pa.Table.from_arrays([pa.array([rows.ids[r] for r in own_rows], pa.string()),
+                                       pa.array(rows.cluster[own_rows], pa.int32()),
+                                       pa.array(rows.distance[own_rows], pa.float32())],
+                                      schema=CLUSTERS_SCHEMA),
+        sources=sources, pairs_compared=compared)
 
 
-def summarize(results: list[GroupResult], n: int, threshold: float) -> dict[str, Any]:
+@dataclass
+class Resolution:
+    """The duplicates at the threshold, the kept rows, and per reported threshold the rows removed and the
+    groups of 2+ rows."""
+
+    duplicates: pa.Table
+    keep: pa.Table
+    removed: dict[str, int]
+    groups: dict[str, int]
+
+
+def resolve(clusters: pa.Table, pairs: pa.Table, threshold: float = DEFAULT_THRESHOLD,
+            thresholds: tuple[float, ...] = THRESHOLDS) -> Resolution:
+    """Duplicates and kept rows from every group's pairs: rows in keep order (nearest their centroid first,
+    ties by id), the greedy walk of ``greedy_keep`` at each threshold."""
+    ts = sorted(set(thresholds) | {threshold})
+    if pairs.num_rows:  # a pair found in two clusters (both rows guests of each other's) counts once
+        pairs = pairs.group_by(["a", "b"]).aggregate([("similarity", "max")]).select(
+            ["a", "b", "similarity_max"]).rename_columns(["a", "b", "similarity"])
+    in_pairs = pc.unique(pa.concat_arrays([pairs.column("a").combine_chunks(),
+                                           pairs.column("b").combine_chunks()])) if pairs.num_rows else \
+        pa.array([], pa.string())
+    rows = clusters.filter(pc.is_in(clusters.column("id"), value_set=in_pairs))
+    rows = rows.sort_by([("distance_to_centroid", "ascending"), ("id", "ascending")])  # the keep rule
+    order = rows.column("id").combine_chunks()
+    m = len(order)
+    i = pc.index_in(pairs.column("a"), value_set=order).to_numpy(zero_copy_only=False).astype(np.int64) \
+        if m else np.zeros(0, np.int64)
+    j = pc.index_in(pairs.column("b"), value_set=order).to_numpy(zero_copy_only=False).astype(np.int64) \
+        if m else np.zeros(0, np.int64)
+    sim = pairs.column("similarity").to_numpy().astype(np.float32) if m else np.zeros(0, np.float32)
+    i, j = np.minimum(i, j), np.maximum(i, j)  # i first in keep order
+    removed, groups = {}, {}
+    for t in ts:
+        d, _ = greedy_keep(m, i, j, sim, t)
+        removed[_key(t)] = int((d >= 0).sum())
+        groups[_key(t)] = len(np.unique(d[d >= 0]))
+    d, s = greedy_keep(m, i, j, sim, threshold)
+    dup = np.nonzero(d >= 0)[0]
+    cluster_of = rows.column("cluster").to_numpy()
+    duplicates = pa.Table.from_arrays(
+        [pc.take(order, pa.array(dup)), pc.take(order, pa.array(d[dup])), pa.array(s[dup], pa.float32()),
+         pa.array(cluster_of[dup] if m else np.zeros(0, np.int32), pa.int32())], schema=DUPLICATES_SCHEMA)
+    counts = np.bincount(d[dup], minlength=m) if len(dup) else np.zeros(m, np.int64)
+    n_dups = dict(zip(order.to_pylist(), counts.tolist()))
+    gone = pc.is_in(clusters.column("id"), value_set=duplicates.column("id").combine_chunks())
+    kept = clusters.filter(pc.invert(gone))
+    keep = pa.Table.from_arrays(
+        [kept.column("id"), kept.column("cluster"),
+         pa.array([n_dups.get(k, 0) for k in kept.column("id").to_pylist()], pa.int32())], schema=KEEP_SCHEMA)
+    return Resolution(duplicates, keep, removed, groups)
+
+
+def summarize(resolution: Resolution, n: int, threshold: float, pairs_compared: int = 0) -> dict[str, Any]:
     """dedup.json's counts: groups and removed fraction at the threshold and at each reported threshold."""
-    keys = sorted({k for r in results for k in r.removed}, key=float)
-    per = {k: {"removed": sum(r.removed.get(k, 0) for r in results),
-               "groups": sum(r.groups.get(k, 0) for r in results)} for k in keys}
+    keys = sorted(resolution.removed, key=float)
+    per = {k: {"removed": resolution.removed[k], "groups": resolution.groups[k]} for k in keys}
     for v in per.values():
         v["removed_fraction"] = round(v["removed"] / n, 6) if n else 0.0
     main = per.get(_key(threshold), {"removed": 0, "groups": 0, "removed_fraction": 0.0})
     return {"rows": n, "threshold": threshold, "groups": main["groups"], "removed": main["removed"],
             "kept": n - main["removed"], "removed_fraction": main["removed_fraction"], "by_threshold": per,
-            "pairs_compared": sum(r.pairs_compared for r in results), "keep_rule": KEEP_RULE}
+            "pairs_compared": pairs_compared, "keep_rule": KEEP_RULE}

@@ -1,5 +1,6 @@
 """Batch k-nearest-neighbour search: ``Searcher``, a Ray-free callable class that holds an index
-(memory-mapped where faiss allows) and maps query rows to neighbour rows; ``ImageSearcher`` puts the
+(read into memory, or memory-mapped when it is large: store.load_index) and maps query rows to neighbour
+rows; ``ImageSearcher`` puts the
 Embedder in front of it (images -> the index's backbone, weights, layer and preprocessing -> neighbours);
 ``NeighborsWriter`` writes the rows: ``OUTPUT/neighbors/*.parquet`` (query_id, rank, id, score) and failed
 queries to ``OUTPUT/errors/``.
@@ -53,12 +54,14 @@ class Searcher:
     index is left out of its own results when ``exclude_self``; with ``keep_ids`` only rows with those ids
     are queries. ``threads``: faiss's threads for a batch (default: OpenMP's)."""
 
-    def __init__(self, index_uri: str, k: int = 10, *, exclude_self: bool = False, mmap: bool = True,
+    def __init__(self, index_uri: str, k: int = 10, *, exclude_self: bool = False, mmap: bool | str = "auto",
                  keep_ids: list[str] | None = None, threads: int | None = None) -> None:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k} (-k)")
-        if threads:  # faiss searches a batch on this many threads (Ray sets OpenMP's to the actor's CPUs)
-            ix.faiss_module().omp_set_num_threads(int(threads))
+        # faiss searches a batch on this many threads (Ray sets OpenMP's to the actor's CPUs). OpenMP's thread
+        # count belongs to the calling thread, and Ray may run calls on another thread than __init__'s: it
+        # is set again in each call (without that, the actor searched on one thread: 0.47x faiss's speed).
+        self.threads = int(threads) if threads else None
         self.meta = store.read_meta(index_uri)
         self.params = ix.IndexParams.from_dict(self.meta["params"])
         self.spec = EmbeddingSpec.parse(self.meta["spec"])
@@ -87,6 +90,8 @@ class Searcher:
         return scores, pa.array(names[keep].tolist(), pa.string())
 
     def __call__(self, batch: pa.Table | pa.RecordBatch) -> pa.Table:
+        if self.threads:
+            ix.faiss_module().omp_set_num_threads(self.threads)
         if isinstance(batch, pa.RecordBatch):
             batch = pa.Table.from_batches([batch])
         if self.keep_ids is not None:  # queries named by id: only those rows of the table
@@ -144,6 +149,16 @@ class NeighborsWriter:
     def __init__(self, output_uri: str) -> None:
         self.output_uri = output_uri
 
+    def write_block(self, block: pa.Table, name: str) -> dict[str, Any]:
+        """Write one block of stage rows; its counts: rows, queries (answered), failed, error_kinds."""
+        out: dict[str, Any] = {"rows": 0, "queries": 0, "failed": 0, "error_kinds": {}}
+        if block.num_rows == 0:
+            return out
+        out["rows"], out["failed"], out["error_kinds"] = self.write(block, name)
+        good = block.filter(pc.is_null(block.column("error_kind")))
+        out["queries"] = pc.count_distinct(good.column("query_id")).as_py() if good.num_rows else 0
+        return out
+
     def write(self, table: pa.Table, name: str) -> tuple[int, int, dict[str, int]]:
         """(neighbour rows, failed queries, error kinds) written from one block."""
         from pipeline.sink import ERRORS_DIR, ERRORS_SCHEMA
@@ -163,6 +178,39 @@ class NeighborsWriter:
             for k in bad.column("error_kind").to_pylist():
                 kinds[k] = kinds.get(k, 0) + 1
         return good.num_rows, bad.num_rows, kinds
+
+
+def add_counts(total: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
+    """Sum ``write_block`` counts into ``total`` (returned)."""
+    for key in ("rows", "queries", "failed"):
+        total[key] = total.get(key, 0) + part[key]
+    kinds = total.setdefault("error_kinds", {})
+    for k, v in part["error_kinds"].items():
+        kinds[k] = kinds.get(k, 0) + v
+    return total
+
+
+def search_locally(files: list[str], stage_kwargs: dict[str, Any], output_uri: str, batch_size: int,
+                   threads: int, progress: bool = True) -> dict[str, Any]:
+    """The Searcher over embeddings files in this process (no Ray): what ``pipeline neighbors`` does for a
+    query table small enough that starting Ray and an actor would cost more than the search."""
+    import sys
+    import time
+
+    searcher = Searcher(**stage_kwargs, threads=threads)
+    writer = NeighborsWriter(output_uri)
+    total: dict[str, Any] = {"rows": 0, "queries": 0, "failed": 0, "error_kinds": {}}
+    t0 = time.perf_counter()
+    for i, uri in enumerate(files):
+        fs, path = storage.get_fs(uri)
+        table = pq.read_table(path, filesystem=fs, columns=["id", "embedding"])
+        for j, batch in enumerate(table.to_batches(batch_size)):
+            add_counts(total, writer.write_block(searcher(batch), f"part-{i:05d}-{j:04d}"))
+        if progress:
+            print(f"\rsearching: {i + 1}/{len(files)} files, {total['queries']} queries "
+                  f"({time.perf_counter() - t0:.0f}s)", end="\n" if i + 1 == len(files) else "",
+                  file=sys.stderr, flush=True)
+    return total
 
 
 def _write(uri: str, table: pa.Table) -> None:

@@ -82,19 +82,19 @@ def dedup(cfg: DedupConfig) -> dict[str, Any]:
 
     t = time.perf_counter()
     results = dedup_groups([f.uri for f in reader.files], dim, centroids, groups, cfg.threshold,
-                           dd.THRESHOLDS, cfg.runtime)
+                           min(*dd.THRESHOLDS, cfg.threshold), cfg.runtime)
+    cl = pa.concat_tables([r.clusters for r in results]).sort_by("id")
+    resolution = dd.resolve(cl, pa.concat_tables([r.pairs for r in results]), cfg.threshold, dd.THRESHOLDS)
     times["dedup_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    duplicates = pa.concat_tables([r.duplicates for r in results]).sort_by([("similarity", "descending"),
-                                                                             ("id", "ascending")])
-    keep = pa.concat_tables([r.keep for r in results]).sort_by("id")
-    cl = pa.concat_tables([r.clusters for r in results]).sort_by("id")
+    duplicates = resolution.duplicates.sort_by([("similarity", "descending"), ("id", "ascending")])
+    keep = resolution.keep.sort_by("id")
     uris = {k: storage.join(cfg.output, v) for k, v in OUTPUTS.items()}
     _write(uris["duplicates"], duplicates)
     _write(uris["keep"], keep)
     _write(uris["clusters"], cl)
-    summary = dd.summarize(results, n, cfg.threshold)
+    summary = dd.summarize(resolution, n, cfg.threshold, sum(r.pairs_compared for r in results))
     dist = cl.column("distance_to_centroid").to_numpy()
     summary.update({
         "clusters": clusters, "groups_of_clusters": groups,

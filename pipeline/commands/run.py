@@ -88,13 +88,20 @@ def plan_for(runtime: RuntimeConfig, backbone: Backbone, images: int) -> Decisio
         except BackboneError:
             compilable = False
     cluster = cluster_shape(runtime)
-    bf16_cosine = None
+    agreement = None
     if runtime.autocast == "auto" and (cluster.cpu_bf16 or cluster.gpu_nodes()):
-        from pipeline.embed import bf16_agreement
+        from pipeline.inference import precision_agreement
 
-        bf16_cosine = bf16_agreement(backbone)
+        agreement = precision_agreement(backbone)
+    from pipeline.tensorprep import TensorPrepError, TensorTransform
+
+    try:
+        TensorTransform.from_transform(backbone.transform)
+        tensor_decodable = True
+    except TensorPrepError:
+        tensor_decodable = False
     decision = plan_images(cluster, runtime, images=images, input_hw=input_size(backbone.preprocessing),
-                           compilable=compilable, bf16_cosine=bf16_cosine)
+                           compilable=compilable, agreement=agreement, tensor_decodable=tensor_decodable)
     if decision.waits_for:
         wait_for(decision.waits_for, decision.runtime, "actor",
                  "--gpus-per-actor, --set runtime.cpus_per_actor or --set runtime.actor_resources")

@@ -17,7 +17,7 @@ from ray.data.datasource import Datasink
 
 from pipeline import storage
 from pipeline.analytics.dedup import GroupResult, assign_file, dedup_group
-from pipeline.analytics.search import NeighborsWriter
+from pipeline.analytics.search import NeighborsWriter, add_counts
 from pipeline.ray import init_ray
 
 READ_TASK_CPUS = 0.25  # read and write tasks wait on storage; the searchers hold the CPUs
@@ -61,28 +61,29 @@ def _call(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], names: li
     return fn(*args, **kwargs, **dict(zip(names, values)))
 
 
-def _assign_one(uri: str, dim: int, centroids: Any, groups: int) -> Any:
-    return assign_file(uri, dim, centroids, groups)[0]  # one group: a single return value
+def _assign_one(uri: str, dim: int, centroids: Any, groups: int, threshold: float) -> Any:
+    return assign_file(uri, dim, centroids, groups, threshold)[0]  # one group: a single return value
 
 
-def _dedup_group(dim: int, threshold: float, thresholds: tuple[float, ...], *parts: Any) -> GroupResult:
-    return dedup_group(list(parts), dim, threshold, thresholds)
+def _dedup_group(dim: int, min_similarity: float, *parts: Any) -> GroupResult:
+    return dedup_group(list(parts), dim, min_similarity)
 
 
 def dedup_groups(file_uris: list[str], dim: int, centroids: Any, groups: int, threshold: float,
-                 thresholds: tuple[float, ...], runtime: Any) -> list[GroupResult]:
-    """Assign every file's rows to clusters (a task per file, its rows split by group of clusters), then find
-    near-duplicates per group of clusters (a task per group, fed the parts straight from the object store)."""
+                 min_similarity: float, runtime: Any) -> list[GroupResult]:
+    """Assign every file's rows to clusters (a task per file, its rows split by group of clusters, guests
+    within the margin of ``threshold`` included), then find the similar pairs per group of clusters (a task
+    per group, fed the parts straight from the object store)."""
     init_ray(runtime)
     cents = ray.put(centroids)
     fn = assign_file if groups > 1 else _assign_one
     assign = ray.remote(num_cpus=_cpus(runtime), num_returns=groups, max_retries=2)(fn)
     parts = []
     for uri in file_uris:
-        out = assign.remote(uri, dim, cents, groups)
+        out = assign.remote(uri, dim, cents, groups, threshold)
         parts.append(out if groups > 1 else [out])
     task = ray.remote(num_cpus=_cpus(runtime), max_retries=2)(_dedup_group)
-    refs = [task.remote(dim, threshold, thresholds, *[p[g] for p in parts]) for g in range(groups)]
+    refs = [task.remote(dim, min_similarity, *[p[g] for p in parts]) for g in range(groups)]
     return _wait(refs, "near-duplicates per group of clusters", runtime.progress)
 
 
@@ -94,30 +95,17 @@ class NeighborsDatasink(Datasink[dict]):
         self.result: dict[str, Any] = {"rows": 0, "queries": 0, "failed": 0, "error_kinds": {}}
 
     def write(self, blocks: Any, ctx: Any) -> dict[str, Any]:
-        import pyarrow.compute as pc
-
-        out = {"rows": 0, "queries": 0, "failed": 0, "error_kinds": {}}
+        out: dict[str, Any] = {"rows": 0, "queries": 0, "failed": 0, "error_kinds": {}}
         for b, block in enumerate(blocks):
             if not isinstance(block, pa.Table):
                 block = pa.Table.from_pandas(block)
-            if block.num_rows == 0:
-                continue
-            rows, failed, kinds = self.writer.write(block, f"part-{ctx.task_idx:05d}-{b:04d}")
-            good = block.filter(pc.is_null(block.column("error_kind")))
-            out["rows"] += rows
-            out["failed"] += failed
-            out["queries"] += pc.count_distinct(good.column("query_id")).as_py() if good.num_rows else 0
-            for k, v in kinds.items():
-                out["error_kinds"][k] = out["error_kinds"].get(k, 0) + v
+            add_counts(out, self.writer.write_block(block, f"part-{ctx.task_idx:05d}-{b:04d}"))
         return out
 
     def on_write_complete(self, write_result: Any) -> None:
         total: dict[str, Any] = {"rows": 0, "queries": 0, "failed": 0, "error_kinds": {}}
         for r in write_result.write_returns:
-            for key in ("rows", "queries", "failed"):
-                total[key] += r[key]
-            for k, v in r["error_kinds"].items():
-                total["error_kinds"][k] = total["error_kinds"].get(k, 0) + v
+            add_counts(total, r)
         self.result = total
 
     def get_name(self) -> str:
@@ -128,15 +116,21 @@ def _search_map(ds: ray.data.Dataset, stage: type, stage_kwargs: dict[str, Any],
                 batch_size: int) -> dict[str, Any]:
     lo, hi = runtime.actor_range()
     cpus = _cpus(runtime)
-    if "backbone" not in stage_kwargs and not runtime.actors and not runtime.cpus_per_actor:
-        # searching stored embeddings: one searcher per node, faiss searching each batch on all the node's
-        # cores; the searcher reserves all but one CPU, left to Ray Data's listing, read and write tasks
-        # (which mostly wait on storage)
-        nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
-        node_cpus = min(c for c in nodes if c > 0) if any(nodes) else 1.0
-        cpus = max(1.0, node_cpus - 1)
-        lo, hi = 1, max(1, sum(1 for c in nodes if c >= cpus))
-        stage_kwargs = {**stage_kwargs, "threads": max(1, int(math.floor(node_cpus)))}
+    if "backbone" not in stage_kwargs:
+        # searching stored embeddings: faiss searches each batch on the searcher's threads, set in every
+        # call (Ray's OMP_NUM_THREADS would leave it one). Unset, one searcher per node that reserves all but
+        # one CPU, left to Ray Data's listing, read and write tasks (which mostly wait on storage), and
+        # searches on all the node's cores.
+        if runtime.cpus_per_actor is None:
+            nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+            node_cpus = min(c for c in nodes if c > 0) if any(nodes) else 1.0
+            cpus = max(1.0, node_cpus - 1)
+            threads = max(1, int(math.floor(node_cpus)))
+            if not runtime.actors:
+                lo, hi = 1, max(1, sum(1 for c in nodes if c >= cpus))
+        else:
+            threads = max(1, math.ceil(cpus))
+        stage_kwargs = {**stage_kwargs, "threads": threads}
     ds = ds.map_batches(
         stage, fn_constructor_kwargs=stage_kwargs, compute=ActorPoolStrategy(min_size=lo, max_size=hi),
         batch_size=batch_size, batch_format="pyarrow", num_cpus=cpus,
