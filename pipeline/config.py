@@ -115,7 +115,7 @@ class RuntimeConfig(RayRuntime):
     decoder: Literal["auto", "pil", "tensor"] = Field(
         "auto", description="pil: PIL decode and transform per image; tensor: JPEGs decoded by torchvision "
         "(nvjpeg, batched, on a GPU) and resize/crop/normalize as batched tensor ops on the actor's device; "
-        "auto: tensor on CUDA, pil on CPU")
+        "auto: planned (tensor wherever it reproduces the model's transform, else pil)")
     channels_last: bool | None = Field(None, description="run the model in channels-last memory format; "
                                        "default: on for CUDA actors and bf16 on CPU")
     compile: bool | Literal["auto"] = Field(
