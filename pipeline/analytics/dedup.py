@@ -58,8 +58,9 @@ def train_kmeans(sample: np.ndarray, clusters: int, seed: int = 0, niter: int = 
     faiss = ix.faiss_module()
     x = l2_normalize(sample)
     k = int(min(clusters, len(x)))
+    # ~sqrt(n) clusters have fewer than faiss's 39 points each below ~1,500 rows: expected here, not a warning
     km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=True, gpu=ix.gpu_count() > 0,
-                      max_points_per_centroid=1 << 30, verbose=False)
+                      max_points_per_centroid=1 << 30, min_points_per_centroid=1, verbose=False)
     km.train(x)
     return l2_normalize(km.centroids)
 
