@@ -181,6 +181,9 @@ def test_dedup_finds_planted_copies_and_reports_every_row_once():
     assert all(d["similarity"] >= 0.99 for d in dups)
     kept = res.keep.column("id").to_pylist()
     assert sorted(kept + list(rep)) == sorted(ids) == sorted(clusters.column("id").to_pylist())
+    # each kept row counts the rows removed as its duplicates
+    counted = dict(zip(kept, res.keep.column("duplicates").to_pylist()))
+    assert all(counted[o] == sum(1 for v in rep.values() if v == o) for o in kept)
     summary = dd.summarize(res, len(ids), 0.99, sum(r.pairs_compared for r in results))
     assert summary["removed"] == len(rep) and summary["by_threshold"]["0.99"]["removed"] == len(rep)
     assert summary["by_threshold"]["0.75"]["removed"] >= summary["removed"]

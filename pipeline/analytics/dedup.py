@@ -272,12 +272,11 @@ def resolve(clusters: pa.Table, pairs: pa.Table, threshold: float = DEFAULT_THRE
         [pc.take(order, pa.array(dup)), pc.take(order, pa.array(d[dup])), pa.array(s[dup], pa.float32()),
          pa.array(cluster_of[dup] if m else np.zeros(0, np.int32), pa.int32())], schema=DUPLICATES_SCHEMA)
     counts = np.bincount(d[dup], minlength=m) if len(dup) else np.zeros(m, np.int64)
-    n_dups = dict(zip(order.to_pylist(), counts.tolist()))
     gone = pc.is_in(clusters.column("id"), value_set=duplicates.column("id").combine_chunks())
     kept = clusters.filter(pc.invert(gone))
-    keep = pa.Table.from_arrays(
-        [kept.column("id"), kept.column("cluster"),
-         pa.array([n_dups.get(k, 0) for k in kept.column("id").to_pylist()], pa.int32())], schema=KEEP_SCHEMA)
+    at = pc.index_in(kept.column("id"), value_set=order)  # null for rows in no pair
+    n_dups = pc.fill_null(pc.take(pa.array(counts, pa.int32()), at), 0)
+    keep = pa.Table.from_arrays([kept.column("id"), kept.column("cluster"), n_dups], schema=KEEP_SCHEMA)
     return Resolution(duplicates, keep, removed, groups)
 
 
