@@ -185,6 +185,12 @@ def physical_memory() -> int:
         return 0
 
 
+def fits_in_memory(nbytes: int) -> bool:
+    """Whether an index of ``nbytes`` is read into memory rather than memory-mapped (at most
+    MMAP_ABOVE_MEMORY_SHARE of this machine's memory; True where the memory is unknown)."""
+    return nbytes <= MMAP_ABOVE_MEMORY_SHARE * (physical_memory() or float("inf"))
+
+
 def load_index(index_uri: str, meta: dict[str, Any], *, mmap: bool | str = "auto") -> Any:
     """The faiss index with its tuned search settings; memory-mapped where faiss allows (inverted lists, flat
     codes) or read into memory. ``mmap`` auto: read into memory when the index file is at most
@@ -194,7 +200,7 @@ def load_index(index_uri: str, meta: dict[str, Any], *, mmap: bool | str = "auto
     faiss = ix.faiss_module()
     path = local_index_path(index_uri, meta)
     if mmap == "auto":
-        mmap = os.path.getsize(path) > MMAP_ABOVE_MEMORY_SHARE * (physical_memory() or float("inf"))
+        mmap = not fits_in_memory(os.path.getsize(path))
     index = None
     if mmap:
         try:

@@ -38,11 +38,9 @@ def where_to_search(runtime: RuntimeConfig, rows: int, index_bytes: int) -> str:
     """"driver" for a small query table, an index that fits in memory and no Ray cluster or actor settings
     given: starting Ray and an actor that loads the index costs more than the search (3-5 s here, where
     faiss answers 50,000 queries of a 1M-vector index in 4-5 s); "ray" otherwise."""
-    from pipeline.analytics.store import MMAP_ABOVE_MEMORY_SHARE, physical_memory
-
     on_cluster = bool(runtime.address or os.environ.get("RAY_ADDRESS"))
     explicit = runtime.actors is not None or runtime.cpus_per_actor is not None
-    fits = index_bytes <= MMAP_ABOVE_MEMORY_SHARE * (physical_memory() or float("inf"))
+    fits = store.fits_in_memory(index_bytes)
     return "driver" if rows <= LOCAL_QUERY_ROWS and fits and not (on_cluster or explicit) else "ray"
 
 
