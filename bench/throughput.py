@@ -11,8 +11,10 @@ Rows (same model and machine):
   forward-cl-bf16-compiled  and torch.compile
   forward-folded-*          the same with BatchNorm folded into the convolutions (pipeline/inference.py)
   forward-planned           the model as the pipeline's actors run it: folded, the planner's precision
-                            (e.g. bf16-stem-fp32 for tf_efficientnet_lite0), channels-last, not compiled;
-                            the fastest forward row is the ceiling the ratios use
+                            (e.g. bf16-stem-fp32 for tf_efficientnet_lite0), channels-last, not compiled
+  forward-planned-compiled  and torch.compile: the fastest forward that keeps the planner's precision bound
+                            (what a long run, where compile pays, can reach at most)
+  The fastest forward row of all is the ceiling the ratios use.
   pipeline (defaults)       `pipeline extract --source DIR --output OUT --model M` run as a subprocess with
                             no runtime flags (Ray started by the command, the planner's choices); steady
                             state from the slope between N and 3N images, so start-up cancels
@@ -122,6 +124,7 @@ FORWARDS = {  # name: (autocast, channels_last, compiled, folded); "planned": th
     "forward-folded-cl-bf16": ("bf16", True, False, True),
     "forward-folded-cl-bf16-compiled": ("bf16", True, True, True),
     "forward-planned": ("planned", True, False, True),
+    "forward-planned-compiled": ("planned", True, True, True),
 }
 
 

@@ -9,8 +9,9 @@ Rules, in short (docs/operations.md explains them):
 - GPUs anywhere in the cluster (alive, or in a node group the autoscaler may start): one actor per GPU,
   half of the node's CPUs per GPU for the actor (the rest for read and write tasks), the tensor decoder,
   channels-last, two batches in flight, bf16 autocast where the GPU computes it (fp16 on older cards).
-- CPUs only: actors of up to 4 threads each, filling each node's CPUs but the ones kept for read tasks;
-  torch's threads set to the actor's CPUs; bf16 autocast and channels-last where the CPU computes bf16
+- CPUs only: one-thread actors, one per CPU of each node but the ones kept for read tasks (fewer, with
+  more threads each, where the node's memory cannot hold that many copies of the model); torch's threads
+  set to the actor's CPUs; bf16 autocast and channels-last where the CPU computes bf16
   natively (AVX-512 BF16 or AMX), else fp32; the tensor decoder (faster than PIL's path on CPUs too)
   wherever it reproduces the model's transform.
 - bf16 (on GPUs and CPUs) only for a model whose bf16 embeddings of sample photos stay within cosine 0.999
@@ -33,6 +34,11 @@ from pipeline.config import ConfigError, FinetuneRuntime, RuntimeConfig
 
 READ_TASK_CPUS = 0.25  # read tasks wait on storage: a quarter CPU each lets several run beside the actors
 MAX_THREADS_PER_CPU_ACTOR = 4  # past ~4 threads a CNN forward at batch 32 gains little per extra thread
+# A CPU actor's memory: the process with torch, timm and Ray imported, decode buffers and a batch of 32 in
+# the model (peak RSS 1.2 GiB for tf_efficientnet_lite0 and resnet50, 1.5-1.7 for ViT-B/ConvNeXt-B), plus
+# the model twice (its weights, and a copy while the BatchNorm fold is checked).
+CPU_ACTOR_BASE_GIB = 1.2
+ACTOR_MEMORY_SHARE = 0.8  # of a node's Ray `memory` resource, for the actors' copies of the model
 # GPUs without native bf16 (compute capability < 8.0); Ray's accelerator_type names.
 NO_BF16_GPUS = ("V100", "T4", "P100", "P4", "K80", "M60", "P40", "K40")
 # torch.compile: (seconds to compile in each actor, forward speed-up once compiled, images/s of an eager
@@ -151,11 +157,13 @@ def _check_bundle(cluster: Cluster, need: dict[str, float], flags: dict[str, str
 
 def plan_images(cluster: Cluster, runtime: RuntimeConfig, *, images: int, input_hw: tuple[int, int],
                 compilable: bool = True, agreement: dict[str, float] | None = None,
-                device_kind: str | None = None, tensor_decodable: bool = True) -> Decision:
+                device_kind: str | None = None, tensor_decodable: bool = True, model_bytes: int = 0
+                ) -> Decision:
     """Settings for a command that maps images through the Embedder (extract, classify, probe).
 
     ``images``: how many the run lists (for compile: auto); ``compilable``: whether the cut can compile;
     ``tensor_decodable``: whether the tensor decoder reproduces the model's transform (tensorprep.py);
+    ``model_bytes``: the model's parameter bytes (the memory each CPU actor holds, see cpu_actor_gib);
     ``agreement``: per bf16 mode, the lowest cosine of this model's embeddings to its fp32 ones on sample
     photos (inference.precision_agreement; None: not measured) — the first of BF16_MODES that keeps
     BF16_MIN_COSINE, else fp32.
@@ -201,15 +209,16 @@ def plan_images(cluster: Cluster, runtime: RuntimeConfig, *, images: int, input_
             up["gpus_per_actor"] = 0.0
         usable = max(node.cpus - _read_reserve(node.cpus), 0.5)
         if _unset(rt, "cpus_per_actor"):
-            per_node = max(1, math.ceil(usable / MAX_THREADS_PER_CPU_ACTOR))
+            per_node, mem_why = _cpu_actors_per_node(node, usable, model_bytes)
             up["cpus_per_actor"] = round(usable / per_node, 2)
             why.append(f"{up['cpus_per_actor']:g} CPUs per actor, {per_node} per {node.cpus:g}-CPU node: "
-                       f"{_read_reserve(node.cpus):g} CPU kept for read tasks")
+                       f"{_read_reserve(node.cpus):g} CPU kept for read tasks; " + mem_why)
         cpa = up.get("cpus_per_actor", rt.cpus_per_actor)
         if _unset(rt, "actors"):
-            lo = max(1, int(sum(math.floor((n.cpus - _read_reserve(n.cpus)) / cpa + 1e-9) * n.alive
+            # (cpus_per_actor is rounded to 0.01: 14 CPUs / 4.67 still hold 3 actors)
+            lo = max(1, int(sum(math.floor((n.cpus - _read_reserve(n.cpus)) / cpa + 0.01) * n.alive
                                 for n in cpu_nodes)))
-            hi = max(lo, int(sum(math.floor((n.cpus - _read_reserve(n.cpus)) / cpa + 1e-9) * n.most
+            hi = max(lo, int(sum(math.floor((n.cpus - _read_reserve(n.cpus)) / cpa + 0.01) * n.most
                                  for n in cpu_nodes)))
             up["actors"] = f"{lo},{min(hi, 10**4)}" if hi > lo else str(lo)
         device = "cpu"
@@ -219,7 +228,8 @@ def plan_images(cluster: Cluster, runtime: RuntimeConfig, *, images: int, input_
     if _unset(rt, "threads"):
         # a fractional CPU share still runs on whole cores: the read tasks beside it mostly wait on storage
         up["threads"] = max(1, math.ceil(cpa - 1e-9))
-        why.append(f"{up['threads']} torch threads per actor (its CPUs, set explicitly)")
+        why.append(f"{up['threads']} torch thread{'s' if up['threads'] > 1 else ''} per actor (its CPUs, set "
+                   "explicitly)")
     if _unset(rt, "autocast"):
         if amp == "bf16" and agreement:
             kept = [m for m in BF16_MODES if agreement.get(m, 0.0) >= BF16_MIN_COSINE]
@@ -270,6 +280,30 @@ def plan_images(cluster: Cluster, runtime: RuntimeConfig, *, images: int, input_
                   f"{resolved.cpus_per_actor:g} CPU" + (f" + {resolved.gpus_per_actor:g} GPU"
                                                         if resolved.gpus_per_actor else ""))
     return Decision(resolved, why, waits)
+
+
+def cpu_actor_gib(model_bytes: int) -> float:
+    """The memory one CPU actor of a model with ``model_bytes`` of parameters holds, in GiB."""
+    return CPU_ACTOR_BASE_GIB + 2 * model_bytes / 2**30
+
+
+def _cpu_actors_per_node(node: NodeType, usable: float, model_bytes: int) -> tuple[int, str]:
+    """CPU actors per node, and why: one per usable CPU (rounded up: the read tasks beside them mostly wait
+    on storage), each with one torch thread. Side by side, one-thread actors run more images per core than
+    one actor's threads: no synchronisation between threads, and one actor's gaps between batches are
+    another's work (tf_efficientnet_lite0 on the 2-core CPU: 2 actors x 1 thread 116-120 images/s, 1 actor x
+    2 threads 94; resnet50 37.3 and 32.9). Fewer actors, with more threads each, where the node's memory
+    cannot hold one copy of the model per CPU."""
+    want = max(1, math.ceil(usable - 1e-9))
+    side_by_side = "one-thread actors side by side run more images per core than one actor's threads"
+    if not node.memory_gib:
+        return want, f"one actor per CPU: {side_by_side}"
+    gib = cpu_actor_gib(model_bytes)
+    fit = max(1, int(node.memory_gib * ACTOR_MEMORY_SHARE // gib))
+    if fit >= want:
+        return want, f"one actor per CPU (~{gib:.1f} GiB each): {side_by_side}"
+    return fit, (f"{node.memory_gib:.0f} GiB of memory holds {fit} actors of ~{gib:.1f} GiB, not one per "
+                 "CPU: fewer actors with more threads each")
 
 
 def _read_reserve(cpus: float) -> float:

@@ -25,7 +25,8 @@ def _images(cluster: Cluster, images: int = 1000, **runtime):
 def test_laptop_uses_both_cores_in_bf16_and_keeps_room_for_reads():
     d = _images(LAPTOP)
     rt = d.runtime
-    assert rt.actor_range() == (1, 1) and rt.cpus_per_actor == 1.5 and rt.threads == 2
+    # two one-thread actors on the two cores, their logical shares leaving half a CPU to the read tasks
+    assert rt.actor_range() == (2, 2) and rt.cpus_per_actor == 0.75 and rt.threads == 1
     assert rt.gpus_per_actor == 0 and rt.device == "cpu" and rt.calls_per_actor == 1
     assert rt.decoder == "tensor"
     assert rt.autocast == "bf16" and rt.channels_last and rt.batch_size == 32 and rt.compile is False
@@ -38,11 +39,18 @@ def test_laptop_uses_both_cores_in_bf16_and_keeps_room_for_reads():
     assert pil.runtime.decoder == "pil" and any("cannot reproduce this transform" in r for r in pil.reasons)
 
 
-def test_sixteen_cpu_node_runs_several_four_thread_actors():
+def test_sixteen_cpu_node_runs_one_thread_actors_as_memory_allows():
     rt = _images(CPU_NODE).runtime
     lo, hi = rt.actor_range()
-    assert lo == hi == 4 and rt.cpus_per_actor == 3.5 and rt.threads == 4
+    assert lo == hi == 14 and rt.cpus_per_actor == 1 and rt.threads == 1
     assert lo * rt.cpus_per_actor <= 16 - 2  # two CPUs stay with the read tasks
+    # a large model on a node with little memory: fewer actors, more threads each
+    small = Cluster((NodeType(cpus=16, memory_gib=16),), cpu_bf16=True)
+    d = plan_images(small, RuntimeConfig(), images=1000, input_hw=(224, 224), model_bytes=1_200_000_000)
+    lo, hi = d.runtime.actor_range()
+    assert lo == hi == 3 and d.runtime.cpus_per_actor == 4.67 and d.runtime.threads == 5
+    assert any("holds 3 actors of ~3.4 GiB" in r for r in d.reasons)
+    assert _images(Cluster((NodeType(cpus=16),))).runtime.actor_range() == (14, 14)  # memory not reported
     assert _images(CPU_NODE, images=10_000_000).runtime.compile is True  # a long run repays the compile
     assert _images(CPU_NODE, images=1000).runtime.compile is False
 
@@ -86,7 +94,7 @@ def test_requests_the_cluster_can_never_satisfy_name_the_flag():
     with pytest.raises(ConfigError, match="runtime.device is cuda"):
         _images(LAPTOP, device="cuda")
     marked = Cluster(CPU_NODE.nodes, autoscaling=True)  # marked autoscaling, node groups unknown: wait
-    assert _images(marked, actor_resources={"nowhere": 1}).waits_for == {"CPU": 3.5, "nowhere": 1}
+    assert _images(marked, actor_resources={"nowhere": 1}).waits_for == {"CPU": 1, "nowhere": 1}
 
 
 def test_finetune_leaves_cpus_for_the_data_tasks():

@@ -101,7 +101,8 @@ def plan_for(runtime: RuntimeConfig, backbone: Backbone, images: int) -> Decisio
     except TensorPrepError:
         tensor_decodable = False
     decision = plan_images(cluster, runtime, images=images, input_hw=input_size(backbone.preprocessing),
-                           compilable=compilable, agreement=agreement, tensor_decodable=tensor_decodable)
+                           compilable=compilable, agreement=agreement, tensor_decodable=tensor_decodable,
+                           model_bytes=sum(p.numel() * p.element_size() for p in backbone.model.parameters()))
     if decision.waits_for:
         wait_for(decision.waits_for, decision.runtime, "actor",
                  "--gpus-per-actor, --set runtime.cpus_per_actor or --set runtime.actor_resources")
