@@ -93,6 +93,10 @@ class RuntimeConfig(RayRuntime):
     batch_size: int | None = Field(
         None, ge=1, description="images per model forward; default from the model's input size: 256 at 224 "
         "px on a GPU (64 at 448 px: the same pixels), 32 on CPU")
+    forward_batch: int | None = Field(
+        None, ge=1, description="images per model forward inside a batch; default: the whole batch on a GPU; "
+        "on CPU planned from the model's largest activation, so that one forward's tensors stay under 32 MiB "
+        "(tf_efficientnet_lite0 in bf16: 8)")
     actors: str | None = Field(None, description="N, or MIN,MAX for an autoscaling actor pool; default: "
                                "planned from the cluster (one per GPU; on CPUs, enough to fill the nodes)")
     gpus_per_actor: float | None = Field(None, ge=0, description="default: 1 when the cluster has GPUs")

@@ -170,7 +170,7 @@ class Embedder:
     Args:
         backbone: a BackboneConfig (or its dict).
         runtime: a RuntimeConfig (or its dict): device, autocast, decoder, channels_last, compile,
-            max_pixels, jpeg_draft are read from it.
+            forward_batch, max_pixels, jpeg_draft are read from it.
         layers: capture several layers in one pass (columns embedding_0..); default: backbone.layer.
         dtype: float32 | float16 output values.
         task: embed | classify (the logits layer; softmax top-k with ImageNet class names).
@@ -180,7 +180,8 @@ class Embedder:
         compile_backend: torch.compile's backend (inductor; eager only traces, for tests).
 
     With ``runtime.compile`` the first batch pays for compilation (seconds on a GPU, about a minute on CPU);
-    shorter batches are padded to the compiled batch size so that one graph serves the whole run.
+    shorter forwards are padded to the compiled size so that one graph serves the whole run.
+    ``runtime.forward_batch`` splits each batch into forwards of that many images (planned on CPU).
     """
 
     def __init__(
@@ -226,6 +227,7 @@ class Embedder:
             self.channels_last = rt.channels_last
         if self.channels_last:
             self.backbone.model.to(memory_format=torch.channels_last)
+        self.forward_batch = rt.forward_batch  # images per model forward; None: the whole batch
         self.compiled_batch = 0  # the batch size the compiled graph was built for; 0: not compiled
         if rt.compile is True:
             compile_backbone(self.backbone, compile_backend)
@@ -252,20 +254,27 @@ class Embedder:
         return self.prep.threads
 
     def _forward(self, x: torch.Tensor) -> list[np.ndarray]:
+        """The batch through the model in forwards of ``forward_batch`` images (runtime.forward_batch: on
+        CPU, small enough that the allocator reuses the activations' memory), outputs joined in order."""
         x = x.to(self.device, non_blocking=True)
         n = x.shape[0]
-        if self.compiled_batch:
-            # One graph for the run: a short (last) batch is padded with zeros to the compiled size.
-            self.compiled_batch = max(self.compiled_batch, n)
-            if n < self.compiled_batch:
-                x = torch.cat([x, x.new_zeros((self.compiled_batch - n, *x.shape[1:]))])
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        step = self.forward_batch or n
         amp_dtype = AUTOCAST_MODES[self.autocast][0]
+        parts: list[list[torch.Tensor]] = []
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=amp_dtype or torch.float32,
                                                     enabled=amp_dtype is not None):
-            outs = self.backbone.embed_all(x)
-        return [o[:n].float().cpu().numpy() for o in outs]
+            for i in range(0, n, step):
+                part = x[i:i + step]
+                m = part.shape[0]
+                if self.compiled_batch:
+                    # One graph for the run: a short forward is padded with zeros to the compiled size.
+                    self.compiled_batch = max(self.compiled_batch, m)
+                    if m < self.compiled_batch:
+                        part = torch.cat([part, part.new_zeros((self.compiled_batch - m, *part.shape[1:]))])
+                if self.channels_last:
+                    part = part.contiguous(memory_format=torch.channels_last)
+                parts.append([o[:m].float() for o in self.backbone.embed_all(part)])
+        return [torch.cat([p[j] for p in parts]).cpu().numpy() for j in range(len(parts[0]))]
 
     # -- a batch ----------------------------------------------------------------------------------
     def _rows(self, batch: dict[str, Any] | pa.Table):

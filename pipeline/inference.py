@@ -9,6 +9,8 @@
   depthwise-separable networks their agreement with fp32; the early stages are a small share of the work.
   tf_efficientnet_lite0 on the sample photos: bf16 cosine 0.9983 to fp32, bf16 with an fp32 stem 0.9996,
   at 146 images/s against 169 all-bf16 and 75 fp32.
+- ``activation_bytes``: the largest module output of one image, per precision, for the planner's CPU
+  forward batch (plan.FORWARD_BYTES).
 - ``precision_agreement``: the lowest cosine of each candidate precision's embeddings to fp32 ones, on the
   sample photos encoded as JPEGs, through the model as the Embedder runs it (folded, channels-last). The
   planner picks the fastest precision that keeps ``plan.BF16_MIN_COSINE``.
@@ -208,3 +210,37 @@ def precision_agreement(backbone: Backbone, modes: tuple[str, ...] = ("bf16", "b
         out[mode] = float(min(nn.functional.cosine_similarity(a.double(), b.double(), dim=1).min().item()
                               for a, b in zip(low, ref)))
     return out
+
+
+def activation_bytes(backbone: Backbone, modes: tuple[str, ...] = ("none", "bf16", "bf16-stem-fp32")
+                     ) -> dict[str, int]:
+    """Per autocast mode, the bytes of the largest output of any module for one image: one fp32 forward of
+    the test image with hooks, each output counted at 4 bytes per value where the mode runs that module in
+    fp32 (all of ``none``; the stem of ``bf16-stem-fp32``) and 2 where it runs in bf16."""
+    model = backbone.model
+    numel: dict[str, int] = {}
+    hooks = [m.register_forward_hook(functools.partial(_record_numel, numel, name))
+             for name, m in model.named_modules() if not any(True for _ in m.children())]
+    try:
+        x = _test_image(backbone.preprocessing).to(next(model.parameters()).device)
+        with torch.inference_mode():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    stem = stem_modules(model, backbone.model_name)
+    out: dict[str, int] = {}
+    for mode in modes:
+        dtype, keep_stem = AUTOCAST_MODES[mode]
+        out[mode] = max((n * (4 if dtype is None or (keep_stem and _within(name, stem)) else 2)
+                         for name, n in numel.items()), default=0)
+    return out
+
+
+def _record_numel(numel: dict[str, int], name: str, module: nn.Module, args: Any, output: Any) -> None:
+    if isinstance(output, torch.Tensor):
+        numel[name] = output[0].numel() if output.dim() > 0 else 1
+
+
+def _within(name: str, roots: list[str]) -> bool:
+    return any(name == r or name.startswith(r + ".") for r in roots)

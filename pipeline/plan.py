@@ -13,7 +13,8 @@ Rules, in short (docs/operations.md explains them):
   more threads each, where the node's memory cannot hold that many copies of the model); torch's threads
   set to the actor's CPUs; bf16 autocast and channels-last where the CPU computes bf16
   natively (AVX-512 BF16 or AMX), else fp32; the tensor decoder (faster than PIL's path on CPUs too)
-  wherever it reproduces the model's transform.
+  wherever it reproduces the model's transform; the model runs each batch in forwards of a size whose
+  largest activation stays under 32 MiB (FORWARD_BYTES).
 - bf16 (on GPUs and CPUs) only for a model whose bf16 embeddings of sample photos stay within cosine 0.999
   of fp32, measured when the run is planned. ResNets do; depthwise-separable networks (EfficientNet-Lite,
   MobileNet) lose more in their high-resolution early stages, so the next choice keeps the stem and first
@@ -45,6 +46,11 @@ NO_BF16_GPUS = ("V100", "T4", "P100", "P4", "K80", "M60", "P40", "K40")
 # forward to price the saving), measured for tf_efficientnet_lite0/resnet50 on the 2-core CI CPU
 # (compile about 60 s, 1.2x) and on an H100 (resnet50 eager bf16 12,880 images/s, compiled 20,836: 1.6x).
 COMPILE = {"cpu": (60.0, 1.2, 120.0), "cuda": (40.0, 1.6, 10_000.0)}
+# A CPU forward's largest tensor stays under this: glibc serves larger blocks with mmap (its dynamic
+# threshold stops at 32 MiB) and unmaps them when freed, so each forward page-faults them afresh.
+# tf_efficientnet_lite0 on one core: bf16 batches of 8 (19 MiB) 120 images/s, of 16 or 32 74-81; fp32
+# batches of 4 72, of 8-32 44. pipeline extract: 156 against 114 images/s with batches of 32.
+FORWARD_BYTES = 32 * 2**20
 BF16_MIN_COSINE = 0.999  # bf16 autocast only for models whose embeddings keep this much of fp32's
 # fastest first: all bf16, then bf16 with the stem and first stage in fp32 (lite0 on the 2-core CPU:
 # 169 and 146 images/s against 75 in fp32, all with BatchNorm folded)
@@ -118,8 +124,8 @@ class Decision:
     def record(self) -> dict[str, Any]:
         rt = self.runtime
         keys = ("actors", "cpus_per_actor", "gpus_per_actor", "threads", "calls_per_actor", "batch_size",
-                "decoder", "channels_last", "autocast", "compile", "workers", "cpus_per_worker",
-                "gpus_per_worker")
+                "forward_batch", "decoder", "channels_last", "autocast", "compile", "workers",
+                "cpus_per_worker", "gpus_per_worker")
         return {"settings": {k: getattr(rt, k) for k in keys if hasattr(rt, k)},
                 "precision": precision_of(rt.autocast), "reasons": self.reasons}
 
@@ -157,13 +163,15 @@ def _check_bundle(cluster: Cluster, need: dict[str, float], flags: dict[str, str
 
 def plan_images(cluster: Cluster, runtime: RuntimeConfig, *, images: int, input_hw: tuple[int, int],
                 compilable: bool = True, agreement: dict[str, float] | None = None,
-                device_kind: str | None = None, tensor_decodable: bool = True, model_bytes: int = 0
-                ) -> Decision:
+                device_kind: str | None = None, tensor_decodable: bool = True, model_bytes: int = 0,
+                activations: dict[str, int] | None = None) -> Decision:
     """Settings for a command that maps images through the Embedder (extract, classify, probe).
 
     ``images``: how many the run lists (for compile: auto); ``compilable``: whether the cut can compile;
     ``tensor_decodable``: whether the tensor decoder reproduces the model's transform (tensorprep.py);
     ``model_bytes``: the model's parameter bytes (the memory each CPU actor holds, see cpu_actor_gib);
+    ``activations``: per autocast mode, one image's largest activation in bytes (inference.activation_bytes;
+    None: not measured), for the CPU forward batch (FORWARD_BYTES);
     ``agreement``: per bf16 mode, the lowest cosine of this model's embeddings to its fp32 ones on sample
     photos (inference.precision_agreement; None: not measured) — the first of BF16_MODES that keeps
     BF16_MIN_COSINE, else fp32.
@@ -260,6 +268,18 @@ def plan_images(cluster: Cluster, runtime: RuntimeConfig, *, images: int, input_
     if rt.batch_size is None:
         probe = rt.model_copy(update={"gpus_per_actor": up.get("gpus_per_actor", rt.gpus_per_actor)})
         up["batch_size"] = probe.batch_for(input_hw)
+    if rt.forward_batch is None:
+        batch = up.get("batch_size", rt.batch_size)
+        amp_mode = up.get("autocast", rt.autocast)
+        act = (activations or {}).get(amp_mode, 0)
+        if device == "cpu" and act > 0:
+            fits = 2 ** math.floor(math.log2(max(FORWARD_BYTES / act, 1)))
+            up["forward_batch"] = max(1, min(batch, fits))
+            why.append(f"forward batch {up['forward_batch']}: one image's largest activation is "
+                       f"{act / 2**20:.1f} MiB in {precision_of(amp_mode)}, and a forward's tensors under "
+                       f"{FORWARD_BYTES // 2**20} MiB are reused by the allocator instead of mapped afresh")
+        else:
+            up["forward_batch"] = batch
     if _unset(rt, "compile"):
         cost, speedup, rate = COMPILE[device]
         actors_hi = int(str(up.get("actors", rt.actors)).split(",")[-1])

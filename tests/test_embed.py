@@ -126,6 +126,26 @@ def test_compiled_model_pads_short_batches_and_gives_the_eager_rows(photos, monk
     assert hasattr(real, "_torchdynamo_orig_callable")  # the model's forward_features is the compiled one
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_forward_batch_splits_a_batch_into_forwards_with_the_same_rows(photos, monkeypatch, compiled):
+    """runtime.forward_batch (planned on CPU): a batch of 5 in forwards of 2, 2 and 1 (padded to 2 when
+    compiled) gives the rows one forward of 5 gives, in order."""
+    cfg = {"model": "tf_efficientnet_lite0", "weights": "packaged"}
+    whole = Embedder(cfg, threads=1)
+    split = Embedder(cfg, {"forward_batch": 2, "compile": compiled}, threads=1, compile_backend="eager")
+    shapes = []
+    real = split.backbone.model.forward_features
+    monkeypatch.setattr(split.backbone.model, "forward_features",
+                        lambda x: shapes.append(x.shape[0]) or real(x))
+    rows = rows_from_bytes([photos["chelsea"], photos["coffee"], b"", photos["coffee"], photos["chelsea"],
+                            photos["chelsea"]])
+    a, b = whole(rows), split(rows)
+    assert a.column("error_kind").to_pylist() == b.column("error_kind").to_pylist()
+    np.testing.assert_allclose(np.stack(a.column("embedding").drop_null().to_pylist()),
+                               np.stack(b.column("embedding").drop_null().to_pylist()), atol=1e-4)
+    assert shapes == ([2, 2, 2] if compiled else [2, 2, 1])
+
+
 def test_compile_refuses_a_cut_it_cannot_compile_with_the_fix():
     cfg = {"model": "tf_efficientnet_lite0", "weights": "packaged", "layer": "blocks.3"}
     with pytest.raises(ValueError, match="runtime.compile=false"):

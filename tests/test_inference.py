@@ -13,7 +13,13 @@ from torch import nn
 from pipeline.backbones import Backbone, build_backbone
 from pipeline.config import BackboneConfig
 from pipeline.cuts import make_capture
-from pipeline.inference import fold_batchnorm, precision_agreement, prepare_for_inference, stem_modules
+from pipeline.inference import (
+    activation_bytes,
+    fold_batchnorm,
+    precision_agreement,
+    prepare_for_inference,
+    stem_modules,
+)
 
 LITE0 = BackboneConfig(model="tf_efficientnet_lite0", weights="packaged")
 
@@ -130,3 +136,12 @@ def test_the_planned_lite0_path_compiles_and_matches_eager():
     assert eager.prepared["fp32_stem"] == ["conv_stem", "bn1", "blocks.0"]
     a, b = (torch.tensor(e(rows).column("embedding").to_pylist()) for e in (eager, compiled))
     assert torch.allclose(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_activation_bytes_is_the_largest_module_output_of_one_image():
+    b = build_backbone(LITE0, "cpu")
+    got = activation_bytes(b)
+    # lite0's widest output: blocks.1's expansion to 96 channels at 112x112 (the stem's 32 channels are less)
+    widest = 96 * 112 * 112
+    assert got == {"none": widest * 4, "bf16": widest * 2, "bf16-stem-fp32": widest * 2}
+    assert not any(m._forward_hooks for m in b.model.modules())  # the hooks are gone

@@ -132,3 +132,22 @@ def test_bf16_only_for_models_whose_features_keep_cosine_0999():
     explicit = plan_images(LAPTOP, RuntimeConfig(autocast="bf16"), images=100, input_hw=(224, 224),
                            agreement={"bf16": 0.99, "bf16-stem-fp32": 0.99})
     assert explicit.runtime.autocast == "bf16"  # an explicit setting wins
+
+
+def test_cpu_forwards_keep_their_largest_activation_under_32_mib():
+    """lite0's measured activations (inference.activation_bytes): 4.6 MiB per image in fp32, 2.3 in bf16."""
+    lite0 = {"none": 4_813_000, "bf16": 2_408_000, "bf16-stem-fp32": 2_408_000}
+
+    def plan(cluster, **runtime):
+        return plan_images(cluster, RuntimeConfig(**runtime), images=100, input_hw=(224, 224),
+                           agreement={"bf16": 0.9981, "bf16-stem-fp32": 0.9996}, activations=lite0)
+
+    d = plan(LAPTOP)
+    assert d.runtime.batch_size == 32 and d.runtime.forward_batch == 8  # 8 x 2.3 MiB < 32 MiB < 16 x 2.3
+    assert any("forward batch 8: one image's largest activation is 2.3 MiB in bf16-stem-fp32" in r
+               for r in d.reasons) and d.record()["settings"]["forward_batch"] == 8
+    assert plan(OLD_LAPTOP).runtime.forward_batch == 4  # fp32: twice the bytes
+    assert plan(LAPTOP, batch_size=2).runtime.forward_batch == 2  # never more than the batch
+    assert plan(LAPTOP, forward_batch=32).runtime.forward_batch == 32  # an explicit setting wins
+    assert plan(GPU_BOX).runtime.forward_batch == 256  # GPUs: the whole batch in one forward
+    assert _images(LAPTOP).runtime.forward_batch == 32  # not measured: the whole batch

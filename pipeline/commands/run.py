@@ -93,6 +93,9 @@ def plan_for(runtime: RuntimeConfig, backbone: Backbone, images: int) -> Decisio
         from pipeline.inference import precision_agreement
 
         agreement = precision_agreement(backbone)
+    from pipeline.inference import activation_bytes
+
+    activations = activation_bytes(backbone) if runtime.forward_batch is None else None
     from pipeline.tensorprep import TensorPrepError, TensorTransform
 
     try:
@@ -102,7 +105,8 @@ def plan_for(runtime: RuntimeConfig, backbone: Backbone, images: int) -> Decisio
         tensor_decodable = False
     decision = plan_images(cluster, runtime, images=images, input_hw=input_size(backbone.preprocessing),
                            compilable=compilable, agreement=agreement, tensor_decodable=tensor_decodable,
-                           model_bytes=sum(p.numel() * p.element_size() for p in backbone.model.parameters()))
+                           model_bytes=sum(p.numel() * p.element_size() for p in backbone.model.parameters()),
+                           activations=activations)
     if decision.waits_for:
         wait_for(decision.waits_for, decision.runtime, "actor",
                  "--gpus-per-actor, --set runtime.cpus_per_actor or --set runtime.actor_resources")
