@@ -5,7 +5,9 @@ model on the same machine, measured in one run.
         [--weights packaged|none] [--compare runtime.autocast=none ...]
 
 Rows (same model and machine):
-  forward-eager-fp32        pre-sized tensors through the model, eager fp32 (the old reference)
+  forward-eager-fp32        pre-sized tensors through the model, eager fp32 (the old reference); every
+                            forward row is the better of one forward per batch and, on CPU, forwards of
+                            the planner's size for that precision (runtime.forward_batch)
   forward-cl-fp32           the same in channels-last
   forward-cl-bf16           channels-last with bf16 autocast
   forward-cl-bf16-compiled  and torch.compile
@@ -28,6 +30,7 @@ speed). On a GPU, time is taken after torch.cuda.synchronize(), after a warm-up.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import tempfile
@@ -87,10 +90,20 @@ def _amp(device: str, autocast: str):
     return torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
+def planned_forward_batch(b, autocast: str, batch: int, device: str) -> int:
+    """The forward size the planner gives this model and precision (pipeline/plan.py: FORWARD_BYTES)."""
+    from pipeline.inference import activation_bytes
+    from pipeline.plan import cpu_forward_batch
+
+    return cpu_forward_batch(activation_bytes(b)[autocast], batch) if device == "cpu" else batch
+
+
 def bench_forward(model: str, weights: str, batch: int, repeats: int, device: str = "cpu",
                   autocast: str = "none", channels_last: bool = False, compiled: bool = False,
-                  folded: bool = False) -> float:
-    """Pre-sized tensors already on the device through the cut model (final layer, pooled): a ceiling."""
+                  folded: bool = False) -> dict[int, float]:
+    """Pre-sized tensors already on the device through the cut model (final layer, pooled): a ceiling.
+    ``batch`` images per call, run in one forward and in forwards of the planner's size for this precision
+    (on CPU); images/s for each forward size."""
     import torch
 
     from pipeline.backbones import build_backbone, compile_backbone, input_size
@@ -99,6 +112,7 @@ def bench_forward(model: str, weights: str, batch: int, repeats: int, device: st
 
     torch.set_num_threads(os.cpu_count() or 1)
     b = build_backbone(BackboneConfig(model=model, weights=weights), device)
+    sizes = sorted({batch, planned_forward_batch(b, autocast, batch, device)})
     if folded:
         prepare_for_inference(b, autocast)
     h, w = input_size(b.preprocessing)
@@ -109,10 +123,11 @@ def bench_forward(model: str, weights: str, batch: int, repeats: int, device: st
     if compiled:
         compile_backbone(b)
 
-    def run():
+    def run(step: int) -> None:
         with torch.inference_mode(), _amp(device, autocast):
-            b.embed(x).float().cpu()
-    return _median_rate(run, batch, repeats)
+            for i in range(0, batch, step):
+                b.embed(x[i:i + step]).float().cpu()
+    return {step: _median_rate(functools.partial(run, step), batch, repeats) for step in sizes}
 
 
 FORWARDS = {  # name: (autocast, channels_last, compiled, folded); "planned": the planner's precision
@@ -226,15 +241,19 @@ def main(argv: list[str] | None = None) -> int:
         os.link(f, small / f.name)
 
     # The machine is shared and noisy: forwards are measured before and after the pipeline runs (medians).
+    # Each row: the best of one forward of the whole batch and forwards of the planner's size (on CPU).
     forwards: dict[str, list[float]] = {k: [] for k in FORWARDS}
+    best_step: dict[str, list[int]] = {k: [] for k in FORWARDS}
 
     planned = planned_autocast(model, weights, args.device)
 
     def measure_forwards() -> None:
         for name, (amp, cl, comp, fold) in FORWARDS.items():
             amp = planned if amp == "planned" else amp
-            forwards[name].append(bench_forward(model, weights, bs, args.repeats, args.device, amp, cl, comp,
-                                                fold))
+            by_step = bench_forward(model, weights, bs, args.repeats, args.device, amp, cl, comp, fold)
+            step = max(by_step, key=by_step.get)
+            forwards[name].append(by_step[step])
+            best_step[name].append(step)
 
     measure_forwards()
 
@@ -276,8 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'row':<34} {'images/s':>9} {'x fastest':>10}")
     for name, rate in {**fwd, **rows}.items():
         print(f"{name:<34} {rate:>9.1f} {rate / fastest:>10.2f}")
-    print(f"fastest forward: {fastest_name}; samples: "
-          + "; ".join(f"{k} {', '.join(f'{v:.1f}' for v in vals)}" for k, vals in forwards.items()))
+    print(f"fastest forward: {fastest_name}; samples (forward size): "
+          + "; ".join(f"{k} {', '.join(f'{v:.1f} ({n})' for v, n in zip(vals, best_step[k]))}"
+                      for k, vals in forwards.items()))
     at = summary["actor_time_s"]
     print(f"last default run: {summary['counts']['embedded']} images, actor time decode "
           f"{at['decode']:.1f}s + model {at['forward']:.1f}s, run {summary['timings']['run_s']:.1f}s, "

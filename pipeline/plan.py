@@ -273,8 +273,7 @@ def plan_images(cluster: Cluster, runtime: RuntimeConfig, *, images: int, input_
         amp_mode = up.get("autocast", rt.autocast)
         act = (activations or {}).get(amp_mode, 0)
         if device == "cpu" and act > 0:
-            fits = 2 ** math.floor(math.log2(max(FORWARD_BYTES / act, 1)))
-            up["forward_batch"] = max(1, min(batch, fits))
+            up["forward_batch"] = cpu_forward_batch(act, batch)
             why.append(f"forward batch {up['forward_batch']}: one image's largest activation is "
                        f"{act / 2**20:.1f} MiB in {precision_of(amp_mode)}, and a forward's tensors under "
                        f"{FORWARD_BYTES // 2**20} MiB are reused by the allocator instead of mapped afresh")
@@ -300,6 +299,13 @@ def plan_images(cluster: Cluster, runtime: RuntimeConfig, *, images: int, input_
                   f"{resolved.cpus_per_actor:g} CPU" + (f" + {resolved.gpus_per_actor:g} GPU"
                                                         if resolved.gpus_per_actor else ""))
     return Decision(resolved, why, waits)
+
+
+def cpu_forward_batch(activation: int, batch: int) -> int:
+    """Images per CPU forward: the largest power of two whose largest activation (``activation`` bytes per
+    image) stays under FORWARD_BYTES, at most ``batch``, at least 1."""
+    fits = 2 ** math.floor(math.log2(max(FORWARD_BYTES / max(activation, 1), 1)))
+    return max(1, min(batch, fits))
 
 
 def cpu_actor_gib(model_bytes: int) -> float:
