@@ -91,8 +91,9 @@ class RuntimeConfig(RayRuntime):
     """How Ray runs the Embedder's actor pool (extract, classify, probe, heads predict)."""
 
     batch_size: int | None = Field(
-        None, ge=1, description="images per model forward; default from the model's input size: 256 at 224 "
-        "px on a GPU (64 at 448 px: the same pixels), 32 on CPU")
+        None, ge=1, description="images per actor call (the model runs them in forwards of forward_batch); "
+        "default from the model's input size: 256 at 224 px on a GPU (64 at 448 px: the same pixels), 32 on "
+        "CPU")
     forward_batch: int | None = Field(
         None, ge=1, description="images per model forward inside a batch; default: the whole batch on a GPU; "
         "on CPU planned from the model's largest activation, so that one forward's tensors stay under 32 MiB "
