@@ -149,7 +149,9 @@ def test_run_record_holds_the_plan_and_the_precision(local_run, tmp_path):
     plan = s["plan"]
     assert plan["settings"]["autocast"] == "none" and plan["precision"] == "fp32"  # set by the config
     assert plan["settings"]["threads"] >= 1 and plan["settings"]["cpus_per_actor"] > 0
-    assert any("torch threads" in r for r in plan["reasons"])
+    assert any("torch thread" in r for r in plan["reasons"])
+    # fp32 as the config says: lite0's forwards are sized for its fp32 activations (4.6 MiB per image)
+    assert plan["settings"]["forward_batch"] == 4 and any("forward batch 4" in r for r in plan["reasons"])
     assert read_spec(pads.dataset(out / "embeddings").schema)["precision"] == "fp32"
     bf16 = _cfg(root, out)
     bf16.runtime.autocast = "bf16"
