@@ -112,12 +112,13 @@ class Preprocessor:
     by torchvision, nvjpeg on a GPU, and batched resize/crop/normalize read from ``transform``; everything
     else through PIL) | auto (tensor on CUDA, pil on CPU; pil when the transform cannot be reproduced).
     ``resize_side``: the shortest side the transform resizes to, for the aspect-ratio check and draft decode
-    (None for random-resized-crop training transforms).
+    (None for random-resized-crop training transforms). ``channels_last``: the tensor decoder builds the
+    batch in the model's channels-last memory format.
     """
 
     def __init__(self, transform: Any, device: torch.device, *, decoder: str = "pil",
                  max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_BYTES, resize_side: int | None = None,
-                 jpeg_draft: bool = False, threads: int | None = None) -> None:
+                 jpeg_draft: bool = False, threads: int | None = None, channels_last: bool = False) -> None:
         self.transform = transform
         self.device = device
         self.max_pixels = max_pixels
@@ -129,7 +130,8 @@ class Preprocessor:
         if self.decoder == "tensor":
             try:
                 self.tensor_prep = TensorPrep(transform, device, max_pixels=max_pixels, max_bytes=max_bytes,
-                                              draft_side=resize_side if jpeg_draft else None)
+                                              draft_side=resize_side if jpeg_draft else None,
+                                              channels_last=channels_last)
             except TensorPrepError:
                 if decoder == "tensor":
                     raise
@@ -217,16 +219,16 @@ class Embedder:
         if task == "classify":
             self.names = imagenet_class_names(cfg.model, self.backbone.dim)
             self.top_k = min(top_k, self.backbone.dim)
-        side = resize_side(self.backbone.preprocessing)
-        self.prep = Preprocessor(self.backbone.transform, self.device, decoder=rt.decoder,
-                                 max_pixels=rt.max_pixels, max_bytes=max_bytes, resize_side=side,
-                                 jpeg_draft=rt.jpeg_draft, threads=threads)
         if rt.channels_last is None:  # unplanned: on for CUDA and for bf16
             self.channels_last = self.device.type == "cuda" or self.autocast.startswith("bf16")
         else:
             self.channels_last = rt.channels_last
         if self.channels_last:
             self.backbone.model.to(memory_format=torch.channels_last)
+        side = resize_side(self.backbone.preprocessing)
+        self.prep = Preprocessor(self.backbone.transform, self.device, decoder=rt.decoder,
+                                 max_pixels=rt.max_pixels, max_bytes=max_bytes, resize_side=side,
+                                 jpeg_draft=rt.jpeg_draft, threads=threads, channels_last=self.channels_last)
         self.forward_batch = rt.forward_batch  # images per model forward; None: the whole batch
         self.compiled_batch = 0  # the batch size the compiled graph was built for; 0: not compiled
         if rt.compile is True:

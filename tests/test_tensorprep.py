@@ -86,6 +86,27 @@ def test_tensor_path_matches_the_models_pil_eval_transform(images, make):
     assert (steps > 0).float().mean().item() < 0.01  # measured: 0.2-0.4 % of values differ, by one step
 
 
+@pytest.mark.parametrize("make", [lambda: _timm_transform("tf_efficientnet_lite0"), _tv_transform],
+                         ids=["lite0-one-mean", "tv-per-channel-mean"])
+def test_channels_last_batch_has_the_same_values(images, make):
+    """The model's memory format from the start: value for value the contiguous batch, for images of one
+    size (one resize) and of several, decoded by libjpeg-turbo (HWC buffers) or PIL (CHW tensors)."""
+    prep = TensorPrep(make(), CPU, **LIMITS)
+    decoded = [d for d in prep.decode(list(images.values())) if isinstance(d, torch.Tensor)]
+    assert len(decoded) == len(images)
+    same = [d for d in decoded if tuple(d.shape) == (3, 48, 64)]
+    assert len(same) == 2
+    for batch in (decoded, same, decoded[:1]):
+        ref = prep.tt(batch)
+        cl = prep.tt(batch, channels_last=True)
+        assert ref.is_contiguous() and cl.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(cl, ref)
+    cl_prep = TensorPrep(make(), CPU, **LIMITS, channels_last=True)
+    x, errors = cl_prep(list(images.values()))
+    assert errors == [None] * len(images) and x.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(x, prep(list(images.values()))[0])
+
+
 def test_transform_steps_are_read_from_the_model(images):
     lite = TensorTransform.from_transform(_timm_transform("tf_efficientnet_lite0"))
     assert lite.resize == (256,) and lite.crop == (224, 224) and lite.interpolation.value == "bicubic"
@@ -164,7 +185,7 @@ def test_embedder_tensor_decoder_gives_the_pil_embeddings_and_errors(images):
     pil = Embedder(cfg, {"decoder": "pil"}, threads=2)(rows_from_bytes(datas))
     assert pil.column("error_kind").to_pylist()[-2:] == ["extreme_aspect_ratio"] * 2
     tensor_emb = Embedder(cfg, {"decoder": "tensor", "channels_last": True}, threads=2)
-    assert tensor_emb.decoder == "tensor" and tensor_emb.channels_last
+    assert tensor_emb.decoder == "tensor" and tensor_emb.channels_last and tensor_emb.tensor_prep.channels_last
     ten = tensor_emb(rows_from_bytes(datas))
     assert ten.column("error_kind").to_pylist() == pil.column("error_kind").to_pylist()
     ok = ten.column("embedding").drop_null()
