@@ -16,6 +16,8 @@ Rows (same model and machine):
                             (e.g. bf16-stem-fp32 for tf_efficientnet_lite0), channels-last, not compiled
   forward-planned-compiled  and torch.compile: the fastest forward that keeps the planner's precision bound
                             (what a long run, where compile pays, can reach at most)
+  forward-planned-per-core  forward-planned in one one-thread process per core at once (CPU): the layout
+                            of the CPU actors, without decoding, Ray or writing
   The fastest forward row of all is the ceiling the ratios use.
   pipeline (defaults)       `pipeline extract --source DIR --output OUT --model M` run as a subprocess with
                             no runtime flags (Ray started by the command, the planner's choices); steady
@@ -100,17 +102,17 @@ def planned_forward_batch(b, autocast: str, batch: int, device: str) -> int:
 
 def bench_forward(model: str, weights: str, batch: int, repeats: int, device: str = "cpu",
                   autocast: str = "none", channels_last: bool = False, compiled: bool = False,
-                  folded: bool = False) -> dict[int, float]:
+                  folded: bool = False, threads: int | None = None) -> dict[int, float]:
     """Pre-sized tensors already on the device through the cut model (final layer, pooled): a ceiling.
     ``batch`` images per call, run in one forward and in forwards of the planner's size for this precision
-    (on CPU); images/s for each forward size."""
+    (on CPU); images/s for each forward size. ``threads``: torch's threads (default: every core)."""
     import torch
 
     from pipeline.backbones import build_backbone, compile_backbone, input_size
     from pipeline.config import BackboneConfig
     from pipeline.inference import prepare_for_inference
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads or os.cpu_count() or 1)
     b = build_backbone(BackboneConfig(model=model, weights=weights), device)
     sizes = sorted({batch, planned_forward_batch(b, autocast, batch, device)})
     if folded:
@@ -130,6 +132,55 @@ def bench_forward(model: str, weights: str, batch: int, repeats: int, device: st
     return {step: _median_rate(functools.partial(run, step), batch, repeats) for step in sizes}
 
 
+def _per_core_worker(args: tuple, barrier, results) -> None:
+    """One process of :func:`bench_forward_per_core`: one torch thread, the planner's forward size."""
+    import torch
+
+    model, weights, batch, autocast, seconds = args
+    from pipeline.backbones import build_backbone, input_size
+    from pipeline.config import BackboneConfig
+    from pipeline.inference import prepare_for_inference
+
+    torch.set_num_threads(1)
+    b = build_backbone(BackboneConfig(model=model, weights=weights), "cpu")
+    step = planned_forward_batch(b, autocast, batch, "cpu")
+    prepare_for_inference(b, autocast)
+    b.model.to(memory_format=torch.channels_last)
+    h, w = input_size(b.preprocessing)
+    x = torch.randn(batch, 3, h, w).contiguous(memory_format=torch.channels_last)
+
+    def run() -> None:
+        with torch.inference_mode(), _amp("cpu", autocast):
+            for i in range(0, batch, step):
+                b.embed(x[i:i + step]).float()
+    run()
+    barrier.wait()  # all processes compute at once, as the actors do
+    n, t = 0, time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        run()
+        n += batch
+    results.put((n / (time.perf_counter() - t), step))
+
+
+def bench_forward_per_core(model: str, weights: str, batch: int, autocast: str, procs: int,
+                           seconds: float = 20.0) -> tuple[float, int]:
+    """The forward as the CPU actors run it (folded, the planner's precision and forward size,
+    channels-last, eager), in ``procs`` one-thread processes at once: images/s summed over them. What the
+    actors' layout can compute at most, without decoding, Ray or writing. Returns (images/s, forward size)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(procs), ctx.Queue()
+    ps = [ctx.Process(target=_per_core_worker, args=((model, weights, batch, autocast, seconds), barrier,
+                                                      results)) for _ in range(procs)]
+    for p in ps:
+        p.start()
+    got = [results.get(timeout=1800) for _ in ps]
+    for p in ps:
+        p.join()
+    return sum(r for r, _ in got), got[0][1]
+
+
 FORWARDS = {  # name: (autocast, channels_last, compiled, folded); "planned": the planner's precision
     "forward-eager-fp32": ("none", False, False, False),
     "forward-cl-fp32": ("none", True, False, False),
@@ -141,6 +192,9 @@ FORWARDS = {  # name: (autocast, channels_last, compiled, folded); "planned": th
     "forward-planned": ("planned", True, False, True),
     "forward-planned-compiled": ("planned", True, True, True),
 }
+
+
+PER_CORE = "forward-planned-per-core"
 
 
 def planned_autocast(model: str, weights: str, device: str) -> str:
@@ -247,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
 
     planned = planned_autocast(model, weights, args.device)
 
+    if not gpu and cpus > 1:
+        forwards[PER_CORE], best_step[PER_CORE] = [], []
+
     def measure_forwards() -> None:
         for name, (amp, cl, comp, fold) in FORWARDS.items():
             amp = planned if amp == "planned" else amp
@@ -254,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
             step = max(by_step, key=by_step.get)
             forwards[name].append(by_step[step])
             best_step[name].append(step)
+        if PER_CORE in forwards:
+            rate, step = bench_forward_per_core(model, weights, bs, planned, cpus)
+            forwards[PER_CORE].append(rate)
+            best_step[PER_CORE].append(step)
 
     measure_forwards()
 
