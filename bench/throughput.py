@@ -100,19 +100,17 @@ def planned_forward_batch(b, autocast: str, batch: int, device: str) -> int:
     return cpu_forward_batch(activation_bytes(b)[autocast], batch) if device == "cpu" else batch
 
 
-def bench_forward(model: str, weights: str, batch: int, repeats: int, device: str = "cpu",
-                  autocast: str = "none", channels_last: bool = False, compiled: bool = False,
-                  folded: bool = False, threads: int | None = None) -> dict[int, float]:
-    """Pre-sized tensors already on the device through the cut model (final layer, pooled): a ceiling.
-    ``batch`` images per call, run in one forward and in forwards of the planner's size for this precision
-    (on CPU); images/s for each forward size. ``threads``: torch's threads (default: every core)."""
+def _forward_runner(model: str, weights: str, batch: int, device: str, autocast: str, channels_last: bool,
+                    compiled: bool, folded: bool):
+    """The cut model (final layer, pooled) and pre-sized tensors already on the device: returns ``run(step)``,
+    which puts ``batch`` images through in forwards of ``step``, and the forward sizes worth measuring (the
+    whole batch, and on CPU the planner's size for this precision)."""
     import torch
 
     from pipeline.backbones import build_backbone, compile_backbone, input_size
     from pipeline.config import BackboneConfig
     from pipeline.inference import prepare_for_inference
 
-    torch.set_num_threads(threads or os.cpu_count() or 1)
     b = build_backbone(BackboneConfig(model=model, weights=weights), device)
     sizes = sorted({batch, planned_forward_batch(b, autocast, batch, device)})
     if folded:
@@ -129,6 +127,19 @@ def bench_forward(model: str, weights: str, batch: int, repeats: int, device: st
         with torch.inference_mode(), _amp(device, autocast):
             for i in range(0, batch, step):
                 b.embed(x[i:i + step]).float().cpu()
+    return run, sizes
+
+
+def bench_forward(model: str, weights: str, batch: int, repeats: int, device: str = "cpu",
+                  autocast: str = "none", channels_last: bool = False, compiled: bool = False,
+                  folded: bool = False) -> dict[int, float]:
+    """Pre-sized tensors through the cut model on every core: a ceiling. ``batch`` images per call, run in
+    one forward and in forwards of the planner's size for this precision (on CPU); images/s for each
+    forward size."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    run, sizes = _forward_runner(model, weights, batch, device, autocast, channels_last, compiled, folded)
     return {step: _median_rate(functools.partial(run, step), batch, repeats) for step in sizes}
 
 
@@ -137,27 +148,14 @@ def _per_core_worker(args: tuple, barrier, results) -> None:
     import torch
 
     model, weights, batch, autocast, seconds = args
-    from pipeline.backbones import build_backbone, input_size
-    from pipeline.config import BackboneConfig
-    from pipeline.inference import prepare_for_inference
-
     torch.set_num_threads(1)
-    b = build_backbone(BackboneConfig(model=model, weights=weights), "cpu")
-    step = planned_forward_batch(b, autocast, batch, "cpu")
-    prepare_for_inference(b, autocast)
-    b.model.to(memory_format=torch.channels_last)
-    h, w = input_size(b.preprocessing)
-    x = torch.randn(batch, 3, h, w).contiguous(memory_format=torch.channels_last)
-
-    def run() -> None:
-        with torch.inference_mode(), _amp("cpu", autocast):
-            for i in range(0, batch, step):
-                b.embed(x[i:i + step]).float()
-    run()
+    run, sizes = _forward_runner(model, weights, batch, "cpu", autocast, True, False, True)
+    step = min(sizes)
+    run(step)
     barrier.wait()  # all processes compute at once, as the actors do
     n, t = 0, time.perf_counter()
     while time.perf_counter() - t < seconds:
-        run()
+        run(step)
         n += batch
     results.put((n / (time.perf_counter() - t), step))
 
