@@ -157,8 +157,9 @@ def jpeg_route(data: bytes | None, *, max_pixels: int, max_bytes: int, draft_sid
 
 
 def pil_to_uint8(img: Image.Image) -> torch.Tensor:
-    """An RGB PIL image -> uint8 (3, H, W) tensor (a copy: PIL's buffer is read-only)."""
-    return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+    """An RGB PIL image -> uint8 (3, H, W) tensor over an (H, W, 3) buffer, as decode_jpeg returns them (a
+    copy: PIL's buffer is read-only)."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1)
 
 
 class TensorPrep:
