@@ -92,8 +92,9 @@ class TensorTransform:
         """uint8 (3, H, W) images of any sizes, on one device -> float32 (N, 3, crop_h, crop_w) there.
 
         ``channels_last``: the batch is built, resized and normalized in that memory format and returned in
-        it (the values are the same). The decoders hand out (H, W, 3) buffers seen as (3, H, W), so stacking
-        them as (N, H, W, 3) is a plain copy, and the model needs no conversion of its input afterwards.
+        it (the values are the same). The decoders hand out (H, W, 3) buffers seen as (3, H, W) (EXIF-rotated
+        JPEGs aside), so stacking them as (N, H, W, 3) is a plain copy, and the model needs no conversion of
+        its input afterwards.
         """
         if not images:
             raise ValueError("no images to preprocess")
