@@ -11,7 +11,8 @@ Rows (same model and machine):
   forward-cl-fp32           the same in channels-last
   forward-cl-bf16           channels-last with bf16 autocast
   forward-cl-bf16-compiled  and torch.compile
-  forward-folded-*          the same with BatchNorm folded into the convolutions (pipeline/inference.py)
+  forward-folded-*          the same with BatchNorm folded into the convolutions and, eager on CPU, each
+                            ReLU run inside its convolution, as the actors prepare it (pipeline/inference.py)
   forward-planned           the model as the pipeline's actors run it: folded, the planner's precision
                             (e.g. bf16-stem-fp32 for tf_efficientnet_lite0), channels-last, not compiled
   forward-planned-compiled  and torch.compile: the fastest forward that keeps the planner's precision bound
@@ -113,8 +114,8 @@ def _forward_runner(model: str, weights: str, batch: int, device: str, autocast:
 
     b = build_backbone(BackboneConfig(model=model, weights=weights), device)
     sizes = sorted({batch, planned_forward_batch(b, autocast, batch, device)})
-    if folded:
-        prepare_for_inference(b, autocast)
+    if folded:  # as the Embedder prepares it: eager on CPU, each ReLU inside its convolution
+        prepare_for_inference(b, autocast, fuse=device == "cpu" and not compiled)
     h, w = input_size(b.preprocessing)
     x = torch.randn(batch, 3, h, w, device=device)
     if channels_last:

@@ -212,8 +212,10 @@ class Embedder:
             threads = threads or rt.threads
         self.backbone: Backbone = build_backbone(cfg, self.device, layers)
         self.autocast = resolve_autocast(rt.autocast, self.device)
-        # BatchNorm folded into the convolutions (checked on a test image); the stem in fp32 when asked
-        self.prepared = prepare_for_inference(self.backbone, self.autocast)
+        # BatchNorm folded into the convolutions, each ReLU run inside its convolution on CPU unless compiled
+        # (both checked on a test image); the stem in fp32 when asked
+        self.prepared = prepare_for_inference(self.backbone, self.autocast,
+                                              fuse=self.device.type == "cpu" and rt.compile is not True)
         self.dtype = dtype
         self.schema = output_schema(list(self.backbone.dims), dtype, task)
         if task == "classify":

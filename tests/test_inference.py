@@ -1,6 +1,6 @@
-"""Inference-time rewrites (pipeline/inference.py): BatchNorm folded into convolutions and the stem kept in
-fp32 under bf16, both keeping module names and the fp32 embeddings, both undone or skipped where they would
-change what a cut captures."""
+"""Inference-time rewrites (pipeline/inference.py): BatchNorm folded into convolutions, each ReLU run inside
+the convolution before it, and the stem kept in fp32 under bf16, all keeping module names and the
+embeddings, undone or skipped where they would change what a cut captures."""
 
 from __future__ import annotations
 
@@ -14,8 +14,11 @@ from pipeline.backbones import Backbone, build_backbone
 from pipeline.config import BackboneConfig
 from pipeline.cuts import make_capture
 from pipeline.inference import (
+    ConvAct2d,
     activation_bytes,
+    conv_activation_pairs,
     fold_batchnorm,
+    fuse_conv_activations,
     precision_agreement,
     prepare_for_inference,
     stem_modules,
@@ -43,7 +46,7 @@ def test_folding_batchnorm_keeps_the_embeddings_and_the_names(layers, lite0_imag
     bns = sum(isinstance(m, nn.BatchNorm2d) for m in bb.model.modules())
     done = prepare_for_inference(bb, "none")
     assert done["batchnorm_folded"] == bns - (layers == ["blocks.4.0.conv_pw"]) > 10
-    assert done["fp32_stem"] == []
+    assert done["fp32_stem"] == [] and done["activations_fused"] == 0
     with torch.inference_mode():
         got = bb.embed_all(lite0_images)
     assert _close(got, ref)
@@ -134,6 +137,8 @@ def test_the_planned_lite0_path_compiles_and_matches_eager():
     eager = Embedder(LITE0, rt, threads=2)
     compiled = Embedder(LITE0, {**rt, "compile": True}, threads=2, compile_backend="eager")
     assert eager.prepared["fp32_stem"] == ["conv_stem", "bn1", "blocks.0"]
+    # eager on CPU the ReLUs run inside the convolutions; compiling fuses by itself, so it gets plain modules
+    assert eager.prepared["activations_fused"] > 10 and compiled.prepared["activations_fused"] == 0
     a, b = (torch.tensor(e(rows).column("embedding").to_pylist()) for e in (eager, compiled))
     assert torch.allclose(a, b, rtol=1e-3, atol=1e-3)
 
@@ -145,3 +150,152 @@ def test_activation_bytes_is_the_largest_module_output_of_one_image():
     widest = 96 * 112 * 112
     assert got == {"none": widest * 4, "bf16": widest * 2, "bf16-stem-fp32": widest * 2}
     assert not any(m._forward_hooks for m in b.model.modules())  # the hooks are gone
+
+
+# -- a convolution and its activation as one -------------------------------------------------------------
+
+def _autocast(mode: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode != "none")
+
+
+@pytest.mark.parametrize("mode", ["none", "bf16", "bf16-stem-fp32"])
+@pytest.mark.parametrize("layers", [["final"], ["blocks.2", "blocks.4"], ["blocks.4.0.conv_pw"]])
+def test_fused_activations_give_the_same_embeddings_bit_for_bit(layers, mode, lite0_images):
+    x = lite0_images.contiguous(memory_format=torch.channels_last)
+    out, done = [], []
+    for fuse in (False, True):
+        bb = build_backbone(LITE0, "cpu", layers)
+        done.append(prepare_for_inference(bb, mode, fuse=fuse))
+        bb.model.to(memory_format=torch.channels_last)
+        with torch.inference_mode(), _autocast(mode):
+            out.append(bb.embed_all(x))
+        modules = dict(bb.model.named_modules())
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
+    fused = [n for n, m in modules.items() if isinstance(m, ConvAct2d)]
+    assert done[1]["activations_fused"] == len(fused) > 10 and done[0]["activations_fused"] == 0
+    assert done[0]["fp32_stem"] == done[1]["fp32_stem"]
+    # what a cut captures is never rewritten: the kept convolution's ReLU stays outside it
+    assert ("blocks.4.0.conv_pw" in fused) == (layers != ["blocks.4.0.conv_pw"])
+    assert isinstance(modules["blocks.4.0.bn1.act"], nn.ReLU6) == (layers == ["blocks.4.0.conv_pw"])
+    # the TensorFlow-"same" stride-2 convolutions (stem, depthwise) run fused too, where the cut keeps them
+    assert "blocks.1.0.conv_dw" in fused and isinstance(modules["blocks.1.0.conv_dw"].conv, nn.Conv2d)
+
+
+@pytest.mark.parametrize("size", [15, 16])
+@pytest.mark.parametrize(("groups", "stride", "dilation", "k"), [(8, 2, 1, 3), (8, 2, 1, 5), (1, 2, 1, 3),
+                                                                   (8, 1, 1, 3), (8, 2, 2, 3), (1, 1, 1, 1)])
+def test_a_fused_convolution_equals_the_convolution_then_its_activation(groups, stride, dilation, k, size):
+    from timm.layers import Conv2dSame
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, size, size).contiguous(memory_format=torch.channels_last)
+    for conv in (Conv2dSame(8, 8, k, stride, dilation=dilation, groups=groups),
+                 nn.Conv2d(8, 8, k, stride, padding=k // 2 * dilation, dilation=dilation, groups=groups)):
+        for act in (nn.ReLU6(), nn.ReLU(), nn.Hardtanh(-0.5, 0.5)):
+            conv.eval().to(memory_format=torch.channels_last)
+            fused = ConvAct2d(conv, act)
+            assert not fused.training  # it takes the convolution's mode
+            for amp in (False, True):
+                with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                    want, got = act(conv(x)), fused(x)
+                assert got.dtype == want.dtype and torch.equal(got, want), (type(conv), act, amp)
+
+
+def test_a_fused_convolution_runs_unfused_where_the_fused_op_does_not_apply():
+    torch.manual_seed(0)
+    conv, act = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()
+    fused = ConvAct2d(conv.eval(), act)
+    x = torch.randn(1, 3, 8, 8, requires_grad=True)
+    y = fused(x)  # autograd: the two modules, so gradients flow
+    y.sum().backward()
+    assert x.grad is not None and torch.equal(y, act(conv(x)))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):  # a precision the fused op lacks
+        assert torch.equal(fused(x), act(conv(x)))
+    with torch.no_grad():  # weights changed in place: the cached copy follows
+        conv.weight.mul_(2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(fused(x), act(conv(x)))
+
+
+class _Residual(nn.Module):
+    """conv -> relu, but the convolution's output is added back too: fusing would change the sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.act(y) + y
+
+
+class _Shared(nn.Module):
+    """One ReLU module called after two convolutions (torchvision's ResNet blocks do this)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 4, 1)
+        self.conv2 = nn.Conv2d(4, 4, 1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.conv2(self.relu(self.conv1(x))))
+
+
+class _AfterTheSum(nn.Module):
+    """Registered conv, bn, act, but the act reads the sum with the input (timm's Bottleneck act3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.bn = nn.Identity()
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)) + x)
+
+
+def test_only_a_convolution_whose_output_only_its_activation_reads_is_fused():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Identity(), nn.ReLU6(),
+                          _Residual(), _Shared(), _AfterTheSum())
+    model.add_module("tail", nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU()))
+    assert conv_activation_pairs(model) == [("0", ["1"], "2"), ("tail.0", [], "tail.1")]
+    # resnet50 (timm): each block's first two activations follow a convolution, the third the residual sum
+    resnet = build_backbone(BackboneConfig(model="resnet50", weights="none"), "cpu").model.eval()
+    fold_batchnorm(resnet)
+    pairs = conv_activation_pairs(resnet)
+    assert len(pairs) == 1 + 16 * 2 and ("layer1.0.conv3", ["layer1.0.bn3"], "layer1.0.act3") not in pairs
+
+
+def test_a_fusion_that_would_change_the_output_is_undone(monkeypatch, lite0_images):
+    bb = build_backbone(LITE0, "cpu")
+    with torch.inference_mode():
+        ref = bb.embed_all(lite0_images[:1])
+    monkeypatch.setattr(ConvAct2d, "forward", lambda self, x: self.conv(x))  # a fusion that drops the ReLU
+    done = prepare_for_inference(bb, "none", fuse=True)
+    assert done["activations_fused"] == 0 and done["batchnorm_folded"] > 10
+    assert not any(isinstance(m, ConvAct2d) for m in bb.model.modules())
+    assert isinstance(bb.model.blocks[1][0].bn1.act, nn.ReLU6)
+    with torch.inference_mode():
+        assert _close(bb.embed_all(lite0_images[:1]), ref)
+
+
+def test_a_model_that_cannot_be_traced_is_fused_inside_the_parts_that_can():
+    class Branchy(nn.Module):  # control flow on values: symbolic tracing fails here
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU())
+
+        def forward(self, x):
+            return self.body(x) if x.sum() > 0 else -x
+
+    model = Branchy().eval()
+    x = torch.rand(1, 3, 4, 4)
+    with torch.inference_mode():
+        want = model(x)
+    assert len(fuse_conv_activations(model)) == 2
+    assert isinstance(model.body[0], ConvAct2d) and isinstance(model.body[1], nn.Identity)
+    with torch.inference_mode():  # fp32 NCHW: oneDNN and aten's own convolution round alike, not bit for bit
+        assert torch.allclose(model(x), want, rtol=1e-6, atol=1e-6)
