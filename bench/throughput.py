@@ -108,10 +108,12 @@ def _forward_runner(model: str, weights: str, batch: int, device: str, autocast:
     whole batch, and on CPU the planner's size for this precision)."""
     import torch
 
+    from pipeline.allocator import tune_allocator
     from pipeline.backbones import build_backbone, compile_backbone, input_size
     from pipeline.config import BackboneConfig
     from pipeline.inference import prepare_for_inference
 
+    tune_allocator()  # the actors' allocator settings (pipeline/allocator.py), for every forward row
     b = build_backbone(BackboneConfig(model=model, weights=weights), device)
     sizes = sorted({batch, planned_forward_batch(b, autocast, batch, device)})
     if folded:  # as the Embedder prepares it: eager on CPU, each ReLU inside its convolution

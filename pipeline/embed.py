@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from pipeline.allocator import tune_allocator
 from pipeline.backbones import Backbone, build_backbone
 from pipeline.config import BackboneConfig, RuntimeConfig
 from pipeline.cuts import compile_backbone
@@ -207,6 +208,8 @@ class Embedder:
             cfg = cfg.model_copy(update={"layer": "logits", "normalize": False})
         self.task = task
         self.device = resolve_device(rt.device)
+        # every batch allocates the same large buffers: keep them mapped instead of faulting them in again
+        self.allocator_tuned = tune_allocator()
         if rt.threads:  # the actor's CPU share, set explicitly (Ray's OMP_NUM_THREADS rounds it down)
             torch.set_num_threads(rt.threads)
             threads = threads or rt.threads
