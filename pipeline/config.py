@@ -124,8 +124,9 @@ class RuntimeConfig(RayRuntime):
     channels_last: bool | None = Field(None, description="run the model in channels-last memory format; "
                                        "default: on for CUDA actors and bf16 on CPU")
     compile: bool | Literal["auto"] = Field(
-        "auto", description="torch.compile the cut model in each actor; auto: when the listed images repay "
-        "the compile (seconds on a GPU, about a minute on CPU)")
+        "auto", description="torch.compile the cut model in each actor; auto: on GPUs when the listed images "
+        "repay the compile (seconds each actor); CPUs stay eager, where activations run fused into the "
+        "convolutions")
     @field_validator("decoder", mode="before")
     @classmethod
     def _check_decoder(cls, v: Any) -> Any:

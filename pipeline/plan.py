@@ -19,8 +19,9 @@ Rules, in short (docs/operations.md explains them):
   of fp32, measured when the run is planned. ResNets do; depthwise-separable networks (EfficientNet-Lite,
   MobileNet) lose more in their high-resolution early stages, so the next choice keeps the stem and first
   stage in fp32 and the rest in bf16 (``bf16-stem-fp32``); a model that loses too much even so stays fp32.
-- ``compile: auto`` compiles when the images listed repay the compile cost (CPU and GPU costs and speed-ups
-  measured on this project's machines, see COMPILE).
+- ``compile: auto`` compiles when the images listed repay the compile cost (GPU costs and speed-ups
+  measured on this project's machines, see COMPILE); on CPUs the eager forward, with each ReLU run inside
+  its convolution, is as fast as the compiled one, so it stays eager.
 - Fine-tuning: one worker per GPU; on CPUs, workers that leave CPUs for the Ray Data tasks feeding them.
 - A request no node (or node group) can ever satisfy is a ConfigError that names the flag to change.
 """
@@ -43,9 +44,12 @@ ACTOR_MEMORY_SHARE = 0.8  # of a node's Ray `memory` resource, for the actors' c
 # GPUs without native bf16 (compute capability < 8.0); Ray's accelerator_type names.
 NO_BF16_GPUS = ("V100", "T4", "P100", "P4", "K80", "M60", "P40", "K40")
 # torch.compile: (seconds to compile in each actor, forward speed-up once compiled, images/s of an eager
-# forward to price the saving), measured for tf_efficientnet_lite0/resnet50 on the 2-core CI CPU
-# (compile about 60 s, 1.2x) and on an H100 (resnet50 eager bf16 12,880 images/s, compiled 20,836: 1.6x).
-COMPILE = {"cpu": (60.0, 1.2, 120.0), "cuda": (40.0, 1.6, 10_000.0)}
+# forward to price the saving), measured on the 2-core CI CPU and on an H100 (resnet50 eager bf16 12,880
+# images/s, compiled 20,836: 1.6x). On CPU the eager forward runs each ReLU inside its convolution
+# (inference.fuse_conv_activations), which a compiled one does not: compiled against eager, as the actors
+# run them, tf_efficientnet_lite0 0.99x (244 against 247 images/s), resnet50 1.06x, for 33-60 s of
+# compiling in each actor; a speed-up of 1 keeps compile: auto off there.
+COMPILE = {"cpu": (60.0, 1.0, 120.0), "cuda": (40.0, 1.6, 10_000.0)}
 # A CPU forward's largest tensor stays under this: glibc serves larger blocks with mmap (its dynamic
 # threshold stops at 32 MiB) and unmaps them when freed, so each forward page-faults them afresh.
 # tf_efficientnet_lite0 on one core: bf16 batches of 8 (19 MiB) 120 images/s, of 16 or 32 74-81; fp32
@@ -286,6 +290,7 @@ def plan_images(cluster: Cluster, runtime: RuntimeConfig, *, images: int, input_
         up["compile"] = bool(compilable and saved > cost)
         why.append(f"compile {'on' if up['compile'] else 'off'}: " + (
             "this cut cannot compile" if not compilable else
+            "the eager forward (activations fused into the convolutions) is as fast" if speedup <= 1 else
             f"{images} images {'repay' if up['compile'] else 'do not repay'} ~{cost:.0f} s of compiling"))
     if rt.device == "auto":
         up["device"] = device
