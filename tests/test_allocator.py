@@ -12,7 +12,7 @@ import pytest
 from pipeline.allocator import user_set
 
 # One Embedder (the planned CPU actor: one thread, bf16 with an fp32 stem, tensor decoder, forwards of 8)
-# over batches of 500x375 JPEGs; prints the minor page faults per image after a warm-up batch.
+# over batches of 500x375 JPEGs; prints the minor page faults per image of the median batch.
 _WORKLOAD = r"""
 import io, json, resource, sys
 import numpy as np, torch
@@ -32,12 +32,14 @@ datas = [jpeg() for _ in range(32)]
 rt = dict(device="cpu", autocast="bf16-stem-fp32", channels_last=True, decoder="tensor", forward_batch=8,
           compile=False, threads=1)
 e = Embedder(BackboneConfig(model="tf_efficientnet_lite0"), rt)
-e(rows_from_bytes(datas))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(4):
+per_batch = []
+for _ in range(8):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     e(rows_from_bytes(datas))
-after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-print(json.dumps({"tuned": e.allocator_tuned, "faults_per_image": (after - before) / 128}))
+    per_batch.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+# the median batch after two warm-ups (the heap reaches its size; Python's collector faults in now and then)
+print(json.dumps({"tuned": e.allocator_tuned, "faults_per_image": sorted(per_batch[2:])[3] / 32,
+                  "per_batch": per_batch}))
 """
 
 
@@ -51,9 +53,10 @@ def _faults(mode: str) -> dict:
 def test_the_embedders_batches_stop_faulting_in_fresh_pages():
     default, tuned = _faults("glibc-default"), _faults("tuned")
     assert tuned["tuned"] and not default["tuned"]
-    # glibc's defaults: each batch maps hundreds of fresh pages per image (about 450 on the CI machine)
+    # glibc's defaults: each batch maps hundreds of fresh pages per image (about 370 on the CI machine);
+    # set, a batch reuses its memory
     assert default["faults_per_image"] > 100, default
-    assert tuned["faults_per_image"] < default["faults_per_image"] / 10, (default, tuned)
+    assert tuned["faults_per_image"] < 5, (default, tuned)
 
 
 def test_an_environment_that_sets_the_allocator_is_left_alone():
