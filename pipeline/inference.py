@@ -29,11 +29,11 @@ from __future__ import annotations
 import copy
 import functools
 import io
-import math
 from typing import Any
 
 import torch
 import torch.fx
+from timm.layers import Conv2dSame, get_same_padding
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -90,28 +90,20 @@ def fold_batchnorm(model: nn.Module, keep: set[str] = frozenset()) -> int:
 
 # -- a convolution and its activation as one oneDNN call ----------------------------------------------
 
-def _conv2d_same() -> type | None:
-    try:
-        from timm.layers import Conv2dSame
-    except ImportError:  # pragma: no cover - timm is a dependency
-        return None
-    return Conv2dSame
-
-
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
 
 
 def _fusable_conv(m: nn.Module) -> bool:
     """A plain 2-D convolution (not a subclass that changes its weights in forward, like a
     weight-standardized one), zero-padded by numbers, or timm's TensorFlow-"same" one."""
-    if type(m) is _conv2d_same():
+    if type(m) is Conv2dSame:
         return True
     return type(m) is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str)
 
 
 def _same_padding(size: int, k: int, s: int, d: int) -> tuple[int, int]:
     """timm's pad_same for one side: (before, after)."""
-    total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+    total = get_same_padding(size, k, s, d)
     return total // 2, total - total // 2
 
 
@@ -131,7 +123,7 @@ class ConvAct2d(nn.Module):
             self._attr, self._scalars = "hardtanh", [float(act.min_val), float(act.max_val)]
         else:
             self._attr, self._scalars = "relu", []
-        self._same = type(conv) is _conv2d_same()
+        self._same = type(conv) is Conv2dSame
         self._cast: dict[tuple, tuple] = {}
         self.train(conv.training)
 
