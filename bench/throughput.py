@@ -203,8 +203,7 @@ def planned_autocast(model: str, weights: str, device: str) -> str:
     from pipeline.backbones import build_backbone
     from pipeline.config import BackboneConfig, RuntimeConfig
     from pipeline.inference import precision_agreement
-    from pipeline.plan import Cluster, NodeType, plan_images
-    from pipeline.ray.cluster import cpu_has_bf16
+    from pipeline.plan import Cluster, NodeType, cpu_has_bf16, plan_images
 
     gpu = device == "cuda"
     node = NodeType(cpus=os.cpu_count() or 1, gpus=1.0 if gpu else 0.0)

@@ -29,6 +29,7 @@ Rules, in short (docs/operations.md explains them):
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,6 +112,23 @@ def _amount(node: NodeType, key: str) -> float:
     if key == "GPU":
         return node.gpus
     return node.resources.get(key, 0.0)
+
+
+CPU_BF16_ENV = "PIPELINE_CPU_BF16"  # "0": plan as on a CPU without native bf16; "1": as on one with it
+
+
+def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this machine's CPU computes bf16 natively (AVX-512 BF16 or AMX), from /proc/cpuinfo;
+    $PIPELINE_CPU_BF16 (0 or 1) overrides the flags, to plan (and test) as the other kind of CPU would."""
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
 def gpu_bf16(kind: str | None) -> bool:

@@ -11,8 +11,9 @@ import pytest
 
 from pipeline.allocator import user_set
 
-# One Embedder (the planned CPU actor: one thread, bf16 with an fp32 stem, tensor decoder, forwards of 8)
-# over batches of 500x375 JPEGs; prints the minor page faults per image of the median batch.
+# One Embedder as the planner builds a CPU actor on this machine (one thread, the tensor decoder, the precision
+# this CPU computes natively and the forward size planned for it) over batches of 500x375 JPEGs; prints the
+# minor page faults per image of the median batch.
 _WORKLOAD = r"""
 import io, json, resource, sys
 import numpy as np, torch
@@ -20,8 +21,11 @@ from PIL import Image
 import pipeline.allocator as allocator
 if sys.argv[1] == "glibc-default":
     allocator._tuned = False  # as if already decided: the Embedder leaves glibc's defaults
+from pipeline.backbones import build_backbone
 from pipeline.config import BackboneConfig
 from pipeline.embed import Embedder
+from pipeline.inference import activation_bytes
+from pipeline.plan import cpu_forward_batch, cpu_has_bf16
 from pipeline.sources import rows_from_bytes
 rng = np.random.default_rng(0)
 def jpeg():
@@ -29,9 +33,12 @@ def jpeg():
     Image.fromarray(rng.integers(0, 255, (375, 500, 3), dtype=np.uint8)).save(buf, format="JPEG")
     return buf.getvalue()
 datas = [jpeg() for _ in range(32)]
-rt = dict(device="cpu", autocast="bf16-stem-fp32", channels_last=True, decoder="tensor", forward_batch=8,
+cfg = BackboneConfig(model="tf_efficientnet_lite0")
+autocast = "bf16-stem-fp32" if cpu_has_bf16() else "none"  # lite0's planned precision on this CPU
+forward = cpu_forward_batch(activation_bytes(build_backbone(cfg))[autocast], 32)
+rt = dict(device="cpu", autocast=autocast, channels_last=True, decoder="tensor", forward_batch=forward,
           compile=False, threads=1)
-e = Embedder(BackboneConfig(model="tf_efficientnet_lite0"), rt)
+e = Embedder(cfg, rt)
 per_batch = []
 for _ in range(8):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -39,7 +46,7 @@ for _ in range(8):
     per_batch.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 # the median batch after two warm-ups (the heap reaches its size; Python's collector faults in now and then)
 print(json.dumps({"tuned": e.allocator_tuned, "faults_per_image": sorted(per_batch[2:])[3] / 32,
-                  "per_batch": per_batch}))
+                  "per_batch": per_batch, "autocast": autocast, "forward_batch": forward}))
 """
 
 
@@ -53,10 +60,10 @@ def _faults(mode: str) -> dict:
 def test_the_embedders_batches_stop_faulting_in_fresh_pages():
     default, tuned = _faults("glibc-default"), _faults("tuned")
     assert tuned["tuned"] and not default["tuned"]
-    # glibc's defaults: each batch maps hundreds of fresh pages per image (about 370 on the CI machine);
-    # set, a batch reuses its memory
+    # glibc's defaults: each batch maps hundreds of fresh pages per image; set, a batch reuses its memory.
+    # Both measured here, in one test: at least 20x fewer faults, whatever this CPU's precision and speed.
     assert default["faults_per_image"] > 100, default
-    assert tuned["faults_per_image"] < 5, (default, tuned)
+    assert tuned["faults_per_image"] * 20 <= default["faults_per_image"], (default, tuned)
 
 
 def test_an_environment_that_sets_the_allocator_is_left_alone():

@@ -154,3 +154,18 @@ def test_cpu_forwards_keep_their_largest_activation_under_32_mib():
     assert plan(LAPTOP, forward_batch=32).runtime.forward_batch == 32  # an explicit setting wins
     assert plan(GPU_BOX).runtime.forward_batch == 256  # GPUs: the whole batch in one forward
     assert _images(LAPTOP).runtime.forward_batch == 32  # not measured: the whole batch
+
+
+def test_the_cpus_native_bf16_is_read_from_its_flags_and_can_be_switched(tmp_path, monkeypatch):
+    from pipeline.plan import CPU_BF16_ENV, cpu_has_bf16
+
+    monkeypatch.delenv(CPU_BF16_ENV, raising=False)
+    zen4, zen2 = tmp_path / "zen4", tmp_path / "zen2"
+    zen4.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
+    zen2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2\n")
+    assert cpu_has_bf16(str(zen4)) and not cpu_has_bf16(str(zen2))
+    assert not cpu_has_bf16(str(tmp_path / "missing"))
+    monkeypatch.setenv(CPU_BF16_ENV, "0")  # plan (and test) as a CPU without native bf16 would
+    assert not cpu_has_bf16(str(zen4))
+    monkeypatch.setenv(CPU_BF16_ENV, "1")
+    assert cpu_has_bf16(str(zen2))

@@ -15,20 +15,10 @@ from typing import Any
 import ray
 
 from pipeline.config import ConfigError
-from pipeline.plan import Cluster, NodeType
+from pipeline.plan import Cluster, NodeType, cpu_has_bf16
 from pipeline.ray import init_ray
 
 _BUILTIN = ("CPU", "GPU", "memory", "object_store_memory")
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this machine's CPU computes bf16 natively (AVX-512 BF16 or AMX), from /proc/cpuinfo."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
 def _node_type(resources: dict[str, float], alive: int, max_count: int | None = None) -> NodeType:
