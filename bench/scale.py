@@ -26,7 +26,7 @@ FOLDER = 10_000
 
 
 def _tables() -> dict:
-    from pipeline.spec import EmbeddingSpec
+    from pipeline.output.spec import EmbeddingSpec
 
     return {"embeddings": EmbeddingSpec.parse({}).table_key()}
 
@@ -83,7 +83,7 @@ def measure_listing(n: int) -> dict:
     """List and cut N objects into shards, then plan them against an empty output (the first run)."""
     _register_stub()
     from pipeline.config import SourceConfig
-    from pipeline.ledger import Ledger
+    from pipeline.output.ledger import Ledger
     from pipeline.sources import SHARDING, list_shards
 
     base = _peak_mib()
@@ -106,7 +106,7 @@ def measure_planning(committed: int) -> dict:
     """Plan a rerun against an output whose ledger holds ``committed`` shards (all unchanged)."""
     import pyarrow as pa
 
-    from pipeline import ledger as L
+    from pipeline.output import ledger as L
     from pipeline.sources import SHARDING, Member, chunk_shard
 
     out = tempfile.mkdtemp(prefix="scale-ledger-")

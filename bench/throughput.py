@@ -87,7 +87,7 @@ def _median_rate(fn, n_images: int, repeats: int) -> float:
 def _amp(device: str, autocast: str):
     import torch
 
-    from pipeline.inference import AUTOCAST_MODES
+    from pipeline.backbone.inference import AUTOCAST_MODES
 
     dtype = AUTOCAST_MODES[autocast][0]
     return torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None)
@@ -95,7 +95,7 @@ def _amp(device: str, autocast: str):
 
 def planned_forward_batch(b, autocast: str, batch: int, device: str) -> int:
     """The forward size the planner gives this model and precision (pipeline/plan.py: FORWARD_BYTES)."""
-    from pipeline.inference import activation_bytes
+    from pipeline.backbone.inference import activation_bytes
     from pipeline.plan import cpu_forward_batch
 
     return cpu_forward_batch(activation_bytes(b)[autocast], batch) if device == "cpu" else batch
@@ -109,9 +109,9 @@ def _forward_runner(model: str, weights: str, batch: int, device: str, autocast:
     import torch
 
     from pipeline.allocator import tune_allocator
-    from pipeline.backbones import build_backbone, compile_backbone, input_size
+    from pipeline.backbone import build_backbone, compile_backbone, input_size
+    from pipeline.backbone.inference import prepare_for_inference
     from pipeline.config import BackboneConfig
-    from pipeline.inference import prepare_for_inference
 
     tune_allocator()  # the actors' allocator settings (pipeline/allocator.py), for every forward row
     b = build_backbone(BackboneConfig(model=model, weights=weights), device)
@@ -200,9 +200,9 @@ PER_CORE = "forward-planned-per-core"
 
 def planned_autocast(model: str, weights: str, device: str) -> str:
     """The precision `pipeline extract` plans for this model on this machine (pipeline/plan.py)."""
-    from pipeline.backbones import build_backbone
+    from pipeline.backbone import build_backbone
+    from pipeline.backbone.inference import precision_agreement
     from pipeline.config import BackboneConfig, RuntimeConfig
-    from pipeline.inference import precision_agreement
     from pipeline.plan import Cluster, NodeType, cpu_has_bf16, plan_images
 
     gpu = device == "cuda"
@@ -238,7 +238,7 @@ def bench_ray_pattern(model: str, weights: str, src: str, batch: int, cpus: int,
     """Ray Data's documented batch-inference pattern: decode in read tasks, transform + model in actors."""
     import ray
 
-    from pipeline.backbones import build_backbone
+    from pipeline.backbone import build_backbone
     from pipeline.config import BackboneConfig
 
     class Model:

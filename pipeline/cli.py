@@ -150,7 +150,7 @@ def layers(
     """List the valid --layer names of a model with the output shape of each (for a 224-ish input)."""
 
     def go():
-        from pipeline.backbones import list_layers
+        from pipeline.backbone import list_layers
 
         infos = list_layers(model, all_modules=all_modules)
         if as_json:

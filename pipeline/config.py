@@ -13,8 +13,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.decode import MAX_BYTES, MAX_PIXELS
-
+# The decode limits' defaults, for every command (runtime.max_pixels, source.max_bytes).
+MAX_PIXELS = 50_000_000
+MAX_BYTES = 64 * 1024 * 1024
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 

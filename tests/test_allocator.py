@@ -11,9 +11,9 @@ import pytest
 
 from pipeline.allocator import user_set
 
-# One Embedder as the planner builds a CPU actor on this machine (one thread, the tensor decoder, the precision
-# this CPU computes natively and the forward size planned for it) over batches of 500x375 JPEGs; prints the
-# minor page faults per image of the median batch.
+# One Embedder as the planner builds a CPU actor on this machine (one thread, the tensor decoder, the
+# precision this CPU computes natively and the forward size planned for it) over batches of 500x375 JPEGs;
+# prints the minor page faults per image of the median batch.
 _WORKLOAD = r"""
 import io, json, resource, sys
 import numpy as np, torch
@@ -21,10 +21,10 @@ from PIL import Image
 import pipeline.allocator as allocator
 if sys.argv[1] == "glibc-default":
     allocator._tuned = False  # as if already decided: the Embedder leaves glibc's defaults
-from pipeline.backbones import build_backbone
+from pipeline.backbone import build_backbone
 from pipeline.config import BackboneConfig
 from pipeline.embed import Embedder
-from pipeline.inference import activation_bytes
+from pipeline.backbone.inference import activation_bytes
 from pipeline.plan import cpu_forward_batch, cpu_has_bf16
 from pipeline.sources import rows_from_bytes
 rng = np.random.default_rng(0)

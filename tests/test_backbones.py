@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.backbones import (
+from pipeline.backbone import (
     BackboneError,
     build_backbone,
     check_compilable,
@@ -291,7 +291,7 @@ def test_compile_refuses_a_hook_cut_and_names_the_fix():
 
 
 def test_a_cut_that_disagrees_with_the_hooks_is_not_taken(x, monkeypatch):
-    import pipeline.cuts as C  # where the cut code looks up _with_prefix and _tv_graph
+    import pipeline.backbone.cuts as C  # where the cut code looks up _with_prefix and _tv_graph
 
     full = _params(create_model("vit_tiny_patch16_224")[0])
     cut = build_backbone(_cfg(model="vit_tiny_patch16_224", layer="blocks.3", pool="cls"))
@@ -315,7 +315,7 @@ def test_a_cut_that_disagrees_with_the_hooks_is_not_taken(x, monkeypatch):
 
 
 def test_grid_pools_average_each_cell_of_a_coarse_grid():
-    from pipeline.cuts import pool_output
+    from pipeline.backbone.cuts import pool_output
 
     x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).reshape(2, 3, 6, 6)
     g2 = pool_output(x, "grid2")

@@ -123,8 +123,7 @@ def test_every_command_takes_the_one_backbone_section_and_the_old_keys():
 
 
 def test_runtime_sections_share_one_base_and_one_set_of_decode_limits():
-    from pipeline.config import FinetuneRuntime, RayRuntime, RuntimeConfig
-    from pipeline.decode import MAX_BYTES, MAX_PIXELS
+    from pipeline.config import MAX_BYTES, MAX_PIXELS, FinetuneRuntime, RayRuntime, RuntimeConfig
 
     assert issubclass(RuntimeConfig, RayRuntime) and issubclass(FinetuneRuntime, RayRuntime)
     assert RuntimeConfig().max_pixels == FinetuneRuntime().max_pixels == MAX_PIXELS

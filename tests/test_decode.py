@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import decode
-from pipeline.decode import DecodeError, decode_image
+from pipeline.preprocess import decode
+from pipeline.preprocess.decode import DecodeError, decode_image
 
 LIMITS = {"max_pixels": 50_000_000, "max_bytes": 64 * 1024 * 1024}
 

@@ -152,7 +152,7 @@ def test_split_is_deterministic_and_matches_heads():
 def test_training_batches_decode_like_extract_and_keep_the_bad_images_as_error_rows(textures_dir):
     """TrainBatches uses the Embedder's Preprocessor: unreadable and undecodable images leave the batch,
     are counted, and are kept with their kind for errors/ (the same kinds `extract` writes)."""
-    from pipeline.backbones import create_model, preprocessing_for
+    from pipeline.backbone import create_model, preprocessing_for
 
     model, _, _ = create_model("tf_efficientnet_lite0", "none")
     transform, _ = preprocessing_for(model, "tf_efficientnet_lite0", "none")
@@ -307,7 +307,7 @@ def test_finetuning_improves_on_epoch_zero(continued):
 def test_frozen_layers_stay_bit_identical(continued):
     from safetensors.torch import load_file
 
-    from pipeline.weights import load_packaged
+    from pipeline.backbone.weights import load_packaged
 
     out, _, report, _ = continued
     tuned = load_file(str(out / "backbone.safetensors"))
@@ -329,7 +329,7 @@ def test_finetuned_backbone_extracts_and_head_predicts(continued, textures_dir, 
 
     from pipeline.config import ExtractConfig
     from pipeline.heads import HeadPredictor, predict_local
-    from pipeline.spec import read_spec
+    from pipeline.output.spec import read_spec
 
     out, _, report, _ = continued
     weights = str(out / "backbone.safetensors")

@@ -78,7 +78,7 @@ def test_gpu_rows_match_the_cpu_reference(datas, cpu_reference, decoder, autocas
 
 def test_tensor_preprocessing_on_gpu_matches_the_cpu_twin(datas):
     """Same uint8 images on both devices (decoded on CPU): the batched GPU resize matches the CPU one."""
-    from pipeline.tensorprep import TensorPrep
+    from pipeline.preprocess.tensorprep import TensorPrep
 
     e = Embedder(CFG, {"device": "cpu", "decoder": "tensor"})
     cpu = TensorPrep(e.backbone.transform, torch.device("cpu"), max_pixels=10**8, max_bytes=10**8)

@@ -10,10 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.backbones import Backbone, build_backbone
-from pipeline.config import BackboneConfig
-from pipeline.cuts import make_capture
-from pipeline.inference import (
+from pipeline.backbone import Backbone, build_backbone
+from pipeline.backbone.cuts import make_capture
+from pipeline.backbone.inference import (
     ConvAct2d,
     activation_bytes,
     conv_activation_pairs,
@@ -23,6 +22,7 @@ from pipeline.inference import (
     prepare_for_inference,
     stem_modules,
 )
+from pipeline.config import BackboneConfig
 
 LITE0 = BackboneConfig(model="tf_efficientnet_lite0", weights="packaged")
 

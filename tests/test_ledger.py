@@ -6,11 +6,11 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
-from pipeline import ledger as ledger_mod
 from pipeline import storage
-from pipeline.ledger import Ledger, LedgerError, coverage, intervals
-from pipeline.sink import ParquetSink
-from pipeline.spec import EmbeddingSpec
+from pipeline.output import ledger as ledger_mod
+from pipeline.output.ledger import Ledger, LedgerError, coverage, intervals
+from pipeline.output.spec import EmbeddingSpec
+from pipeline.output.writer import ParquetSink
 
 
 def _rows(shard: str, rows: list[int], bad: tuple[int, ...] = ()) -> pa.Table:

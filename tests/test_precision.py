@@ -12,9 +12,9 @@ import pytest
 
 from pipeline import samples
 from pipeline.embed import Embedder
-from pipeline.sink import ParquetSink
+from pipeline.output.spec import EmbeddingSpec
+from pipeline.output.writer import ParquetSink
 from pipeline.sources import rows_from_bytes
-from pipeline.spec import EmbeddingSpec
 
 RESNET = {"model": "resnet50", "weights": "none"}  # random init: the same arithmetic as trained weights
 LITE0 = {"model": "tf_efficientnet_lite0", "weights": "packaged"}
@@ -33,9 +33,9 @@ def _emb(t: pa.Table) -> np.ndarray:
 
 
 def _plan(backbone_cfg: dict) -> str:
-    from pipeline.backbones import build_backbone
+    from pipeline.backbone import build_backbone
+    from pipeline.backbone.inference import precision_agreement
     from pipeline.config import BackboneConfig, RuntimeConfig
-    from pipeline.inference import precision_agreement
     from pipeline.plan import Cluster, NodeType, plan_images
 
     bb = build_backbone(BackboneConfig(**backbone_cfg), "cpu")

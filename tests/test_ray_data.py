@@ -9,11 +9,11 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from pipeline.config import SourceConfig
-from pipeline.ledger import Ledger
+from pipeline.output.ledger import Ledger
+from pipeline.output.spec import EmbeddingSpec
+from pipeline.output.writer import ParquetSink, WriteStats
 from pipeline.ray.data import ParquetDatasink, ShardDatasource
-from pipeline.sink import ParquetSink, WriteStats
 from pipeline.sources import list_shards
-from pipeline.spec import EmbeddingSpec
 
 SPEC = EmbeddingSpec(model="m", layer="final", pool="avg", dim=2, dtype="float32")
 

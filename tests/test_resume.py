@@ -22,7 +22,7 @@ from pipeline.commands.extract import extract
 from pipeline.commands.nightly import nightly
 from pipeline.config import ExtractConfig, NightlyConfig
 from pipeline.embed import Embedder
-from pipeline.ledger import Ledger
+from pipeline.output.ledger import Ledger
 from pipeline.samples import make_textures
 from pipeline.sources import list_shards
 
@@ -189,7 +189,7 @@ def test_flaky_s3_run_completes_with_identical_output(ray_session, s3_server, bu
     """Through a proxy that answers 503 SlowDown, resets connections, and drops responses of requests it
     did forward, for one request in ten: the run completes and its output equals a clean run's."""
     from pipeline import storage
-    from pipeline.s3local import FaultyProxy
+    from pipeline.demo.s3local import FaultyProxy
 
     s3_server.upload_dir(str(textures_dir), f"{bucket}/in")
     extract(_cfg(f"{bucket}/in/", f"{bucket}/clean"))

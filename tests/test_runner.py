@@ -18,7 +18,7 @@ from PIL import Image
 from pipeline import samples, storage
 from pipeline.commands.extract import extract
 from pipeline.config import ExtractConfig
-from pipeline.spec import read_spec
+from pipeline.output.spec import read_spec
 
 
 def _cfg(source, output, **backbone):
@@ -44,7 +44,7 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def _timm_reference(files: list[Path], layer: str = "final") -> np.ndarray:
     import timm
 
-    from pipeline.weights import load_packaged
+    from pipeline.backbone.weights import load_packaged
 
     m = timm.create_model("tf_efficientnet_lite0")
     m.load_state_dict(load_packaged("tf_efficientnet_lite0")[0])
@@ -205,7 +205,7 @@ def test_golden_intermediate_layer(ray_session, textures_dir, tmp_path):
 def test_golden_torchvision_model(ray_session, textures_dir, tmp_path):
     import torchvision
 
-    from pipeline.weights import load_packaged
+    from pipeline.backbone.weights import load_packaged
 
     extract(_cfg(textures_dir, tmp_path / "out", model="tv:mobilenet_v2"))
     table, emb = _read(str(tmp_path / "out"))

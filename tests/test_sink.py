@@ -5,8 +5,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.embed import output_schema
-from pipeline.sink import ParquetSink, merge_error_rows, write_error_rows, write_run_record
-from pipeline.spec import read_spec
+from pipeline.output.spec import read_spec
+from pipeline.output.writer import ParquetSink, merge_error_rows, write_error_rows, write_run_record
 
 SPEC = {"model": "m", "weights": {"source": "none", "sha256": "0" * 64}, "layer": "final", "pool": "none",
         "dim": 4, "preprocessing": {}, "dtype": "float32"}

@@ -19,8 +19,8 @@ from PIL import Image
 
 from pipeline import sources, storage
 from pipeline.config import ConfigError, SourceConfig
-from pipeline.decode import decode_image
-from pipeline.sources import ROW_SCHEMA, check_source, detect_format, list_shards, read_shard
+from pipeline.preprocess.decode import decode_image
+from pipeline.sources import ROW_SCHEMA, check_source, detect_format, list_shards, read_shard, shards
 from pipeline.storage import StorageError
 
 KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -302,7 +302,8 @@ def test_empty_and_missing_sources(tmp_path):
 
 
 def test_modules_are_ray_free():
-    code = "import sys, pipeline.sources, pipeline.decode; assert 'ray' not in sys.modules, 'ray imported'"
+    code = ("import sys, pipeline.sources, pipeline.preprocess.decode; "
+            "assert 'ray' not in sys.modules, 'ray imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -560,8 +561,8 @@ def test_s3_sources(s3_bucket, folders, wds, pq_dir, s3_server):
 
 
 def test_sanitized_keys_are_unique_and_not_hidden():
-    assert sources._sanitize("_hidden/..x y.tar").startswith("hidden_")
-    assert sources._sanitize("...") == "shard"
-    a = sources._make_shard("webdataset", [storage.FileInfo("u1", "a/b.tar", 1, "v")])
-    b = sources._make_shard("webdataset", [storage.FileInfo("u2", "a_b.tar", 1, "v")])
+    assert shards.sanitize("_hidden/..x y.tar").startswith("hidden_")
+    assert shards.sanitize("...") == "shard"
+    a = shards.file_shard("webdataset", [storage.FileInfo("u1", "a/b.tar", 1, "v")])
+    b = shards.file_shard("webdataset", [storage.FileInfo("u2", "a_b.tar", 1, "v")])
     assert a.key != b.key and a.key.startswith("a_b.tar-") and b.key.startswith("a_b.tar-")

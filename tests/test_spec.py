@@ -7,7 +7,7 @@ import json
 import pyarrow as pa
 import pytest
 
-from pipeline.spec import METADATA_KEY, EmbeddingSpec, dict_differences, read_spec
+from pipeline.output.spec import METADATA_KEY, EmbeddingSpec, dict_differences, read_spec
 
 
 def _spec(**kw) -> EmbeddingSpec:

@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 
 from pipeline import samples
-from pipeline.decode import DecodeError, decode_image
 from pipeline.embed import Embedder
+from pipeline.preprocess.decode import DecodeError, decode_image
+from pipeline.preprocess.tensorprep import TensorPrep, TensorPrepError, TensorTransform, jpeg_route
 from pipeline.sources import rows_from_bytes
-from pipeline.tensorprep import TensorPrep, TensorPrepError, TensorTransform, jpeg_route
 
 CPU = torch.device("cpu")
 LIMITS = {"max_pixels": 50_000_000, "max_bytes": 64 * 1024 * 1024}
@@ -212,5 +212,5 @@ def test_decoder_auto_is_pil_on_cpu_and_falls_back_for_a_transform_it_cannot_rep
     monkeypatch.setattr(TensorTransform, "from_transform", staticmethod(refuse))
     with pytest.raises(TensorPrepError, match="runtime.decoder=pil"):
         Embedder(cfg, {"decoder": "tensor"}, threads=1)
-    monkeypatch.setattr("pipeline.embed.resolve_decoder", lambda d, dev: "tensor")
+    monkeypatch.setattr("pipeline.preprocess.resolve_decoder", lambda d, dev: "tensor")
     assert Embedder(cfg, {"decoder": "auto"}, threads=1).decoder == "pil"

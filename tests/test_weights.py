@@ -1,4 +1,5 @@
-"""Tests for pipeline.weights: packaged ImageNet weights (really pretrained), the cache, and checkpoints."""
+"""Tests for pipeline.backbone.weights: packaged ImageNet weights (really pretrained), the cache, and
+checkpoints."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-from pipeline import storage, weights
-from pipeline.weights import WeightsError
+from pipeline import storage
+from pipeline.backbone import weights
+from pipeline.backbone.weights import WeightsError
 
 CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 ESPRESSO = 967

@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.analytics import index as ix
 from pipeline.analytics import store
-from pipeline.spec import EmbeddingSpec
+from pipeline.output.layout import write_parquet
+from pipeline.output.spec import EmbeddingSpec
 
 NEIGHBORS_DIR = "neighbors"
 NEIGHBORS_SCHEMA = pa.schema([pa.field("query_id", pa.string(), nullable=False), ("rank", pa.int32()),
@@ -161,7 +162,8 @@ class NeighborsWriter:
 
     def write(self, table: pa.Table, name: str) -> tuple[int, int, dict[str, int]]:
         """(neighbour rows, failed queries, error kinds) written from one block."""
-        from pipeline.sink import ERRORS_DIR, ERRORS_SCHEMA
+        from pipeline.output.layout import ERRORS_DIR
+        from pipeline.output.writer import ERRORS_SCHEMA
 
         failed_mask = pc.is_valid(table.column("error_kind"))
         good = table.filter(pc.invert(failed_mask))
@@ -169,12 +171,12 @@ class NeighborsWriter:
         if good.num_rows:
             out = pa.Table.from_arrays([good.column(c) for c in NEIGHBORS_SCHEMA.names],
                                        schema=NEIGHBORS_SCHEMA)
-            _write(storage.join(self.output_uri, NEIGHBORS_DIR, f"{name}.parquet"), out)
+            write_parquet(storage.join(self.output_uri, NEIGHBORS_DIR, f"{name}.parquet"), out)
         kinds: dict[str, int] = {}
         if bad.num_rows:
             errs = pa.Table.from_arrays([bad.column(c) for c in ("query_id", "source", "error_kind",
                                                                   "error_message")], schema=ERRORS_SCHEMA)
-            _write(storage.join(self.output_uri, ERRORS_DIR, f"{name}.parquet"), errs)
+            write_parquet(storage.join(self.output_uri, ERRORS_DIR, f"{name}.parquet"), errs)
             for k in bad.column("error_kind").to_pylist():
                 kinds[k] = kinds.get(k, 0) + 1
         return good.num_rows, bad.num_rows, kinds
@@ -213,7 +215,3 @@ def search_locally(files: list[str], stage_kwargs: dict[str, Any], output_uri: s
     return total
 
 
-def _write(uri: str, table: pa.Table) -> None:
-    buf = pa.BufferOutputStream()
-    pq.write_table(table, buf, compression="zstd")
-    storage.write_bytes(uri, buf.getvalue().to_pybytes())

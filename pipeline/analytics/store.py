@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.analytics import index as ix
 from pipeline.analytics.vectors import read_vectors
+from pipeline.output.layout import write_parquet
 
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.parquet"
@@ -132,9 +133,7 @@ def read_ids(index_uri: str) -> pa.Table:
 def write_index(index_uri: str, index: Any, ids: pa.Table, meta: dict[str, Any]) -> None:
     """index.faiss, ids.parquet, then index.json (the commit)."""
     storage.write_bytes(storage.join(index_uri, INDEX_FILE), ix.serialize(index))
-    buf = pa.BufferOutputStream()
-    pq.write_table(ids.sort_by("label"), buf, compression="zstd")
-    storage.write_bytes(storage.join(index_uri, IDS_FILE), buf.getvalue().to_pybytes())
+    write_parquet(storage.join(index_uri, IDS_FILE), ids.sort_by("label"))
     storage.write_bytes(storage.join(index_uri, META_FILE), json.dumps(meta, indent=2, default=str).encode())
 
 

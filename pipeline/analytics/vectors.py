@@ -11,7 +11,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.spec import METADATA_KEY, EmbeddingSpec
+from pipeline.output.layout import write_parquet
+from pipeline.output.spec import METADATA_KEY, EmbeddingSpec
 
 
 @dataclass
@@ -92,7 +93,4 @@ def write_embeddings(uri: str, x: np.ndarray, ids: list[str] | None = None,
     table = pa.Table.from_arrays([pa.array(ids, pa.string()), pa.nulls(n, pa.string()),
                                   pa.nulls(n, pa.string()), pa.FixedSizeListArray.from_arrays(values, dim)],
                                  schema=schema)
-    buf = pa.BufferOutputStream()
-    pq.write_table(table, buf, compression="zstd")
-    storage.write_bytes(uri, buf.getvalue().to_pybytes())
-    return uri
+    return write_parquet(uri, table)

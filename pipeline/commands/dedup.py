@@ -15,23 +15,20 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.analytics import dedup as dd
 from pipeline.analytics import store
 from pipeline.commands.run import new_run_id
 from pipeline.config import DedupConfig
-from pipeline.sink import EmbeddingReader, write_run_record
+from pipeline.output.layout import write_parquet
+from pipeline.output.reader import EmbeddingReader
+from pipeline.output.writer import write_run_record
 
 OUTPUTS = {"duplicates": "duplicates.parquet", "keep": "keep.parquet", "clusters": "clusters.parquet",
            "summary": "dedup.json", "report": "dedup.png"}
 
 
-def _write(uri: str, table: pa.Table) -> None:
-    buf = pa.BufferOutputStream()
-    pq.write_table(table, buf, compression="zstd")
-    storage.write_bytes(uri, buf.getvalue().to_pybytes())
 
 
 def _thumbnail(source: str | None, side: int = 160):
@@ -42,7 +39,7 @@ def _thumbnail(source: str | None, side: int = 160):
     if not source or not source.lower().endswith(IMAGE_EXTENSIONS):
         return None
     try:
-        from pipeline.decode import DecodeError, decode_image
+        from pipeline.preprocess.decode import DecodeError, decode_image
 
         img = decode_image(storage.read_bytes(source), max_pixels=1 << 28, max_bytes=1 << 28)
     except (ValueError, OSError):
@@ -91,9 +88,9 @@ def dedup(cfg: DedupConfig) -> dict[str, Any]:
     duplicates = resolution.duplicates.sort_by([("similarity", "descending"), ("id", "ascending")])
     keep = resolution.keep.sort_by("id")
     uris = {k: storage.join(cfg.output, v) for k, v in OUTPUTS.items()}
-    _write(uris["duplicates"], duplicates)
-    _write(uris["keep"], keep)
-    _write(uris["clusters"], cl)
+    write_parquet(uris["duplicates"], duplicates)
+    write_parquet(uris["keep"], keep)
+    write_parquet(uris["clusters"], cl)
     summary = dd.summarize(resolution, n, cfg.threshold, sum(r.pairs_compared for r in results))
     dist = cl.column("distance_to_centroid").to_numpy()
     summary.update({

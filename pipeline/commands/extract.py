@@ -7,13 +7,14 @@ import json
 import time
 from typing import Any
 
-from pipeline.backbones import build_backbone
+from pipeline.backbone import build_backbone
 from pipeline.commands.run import ImageRun, estimated_images, partition_for, plan_for, versions
 from pipeline.config import ClassifyConfig, ConfigError, ExtractConfig
 from pipeline.embed import Embedder
-from pipeline.ledger import Ledger
+from pipeline.output.layout import EMBEDDINGS_DIR, PREDICTIONS_DIR
+from pipeline.output.ledger import Ledger
+from pipeline.output.writer import EMBEDDING_COLUMNS, Output
 from pipeline.plan import precision_of
-from pipeline.sink import EMBEDDING_COLUMNS, EMBEDDINGS_DIR, PREDICTIONS_DIR, Output
 from pipeline.sources import SHARDING, Layout, Shard, check_source, layout_of, list_shards
 
 CLASSIFY_COLUMNS = ("id", "source", "labels", "scores", "classes")

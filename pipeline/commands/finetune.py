@@ -12,8 +12,8 @@ from pipeline import finetune as F
 from pipeline import storage
 from pipeline.commands.run import new_run_id, versions
 from pipeline.config import ConfigError
+from pipeline.output.writer import merge_error_rows, write_run_record
 from pipeline.plan import plan_finetune
-from pipeline.sink import merge_error_rows, write_run_record
 from pipeline.sources import Shard, check_source, list_shards
 
 

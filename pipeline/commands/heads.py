@@ -9,7 +9,8 @@ from typing import Any
 from pipeline import storage
 from pipeline.commands.run import new_run_id
 from pipeline.config import RuntimeConfig
-from pipeline.sink import PREDICTIONS_DIR, write_run_record
+from pipeline.output.layout import PREDICTIONS_DIR
+from pipeline.output.writer import write_run_record
 
 
 def predict(head_uri: str, embeddings_uri: str, output_uri: str, *, top_k: int = 1,
@@ -18,7 +19,7 @@ def predict(head_uri: str, embeddings_uri: str, output_uri: str, *, top_k: int =
     (id, label, score[, top_labels, top_scores]). Refuses embeddings whose spec differs from the head's.
     With ``partition`` (``run_date=YYYY-MM-DD``) only that folder under predictions/ is replaced."""
     from pipeline.heads import HeadPredictor
-    from pipeline.sink import EmbeddingReader
+    from pipeline.output.reader import EmbeddingReader
 
     runtime = runtime or RuntimeConfig()
     # a head is a matrix product: one single-CPU actor unless asked for more

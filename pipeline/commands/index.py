@@ -20,13 +20,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import __version__, storage
+from pipeline import storage
 from pipeline.analytics import index as ix
 from pipeline.analytics import store
 from pipeline.commands.run import new_run_id
 from pipeline.config import IndexAddConfig, IndexBuildConfig, RuntimeConfig
-from pipeline.sink import EmbeddingReader, write_run_record
-from pipeline.spec import EmbeddingSpec
+from pipeline.output.layout import write_parquet
+from pipeline.output.reader import EmbeddingReader
+from pipeline.output.spec import EmbeddingSpec, package_version
+from pipeline.output.writer import write_run_record
 
 TRAINED_FILE = "trained.faiss"  # the empty trained index: new files are encoded with it
 QUERIES_FILE = "recall_queries.parquet"  # held-out queries (label, vector) for recall@10
@@ -65,10 +67,6 @@ def _queries_table(labels: np.ndarray, x: np.ndarray) -> pa.Table:
                      "vector": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), dim)})
 
 
-def _write_table(uri: str, table: pa.Table) -> None:
-    buf = pa.BufferOutputStream()
-    pq.write_table(table, buf, compression="zstd")
-    storage.write_bytes(uri, buf.getvalue().to_pybytes())
 
 
 def _read_queries(index_uri: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -194,11 +192,11 @@ def build(cfg: IndexBuildConfig) -> dict[str, Any]:
                   "vectors_per_s": round(n / build_s, 1) if build_s > 0 else None, "seed": cfg.seed,
                   "recall_queries": cfg.recall_queries, "max_memory": cfg.max_memory},
         "created_at": started, "updated_at": _now(),
-        "versions": {"faiss": _faiss_version(), "pipeline": __version__},
+        "versions": {"faiss": _faiss_version(), "pipeline": package_version("pipeline")},
     }
     storage.write_bytes(storage.join(cfg.output, TRAINED_FILE), template)
     if n_queries:
-        _write_table(storage.join(cfg.output, QUERIES_FILE), _queries_table(q_labels, queries))
+        write_parquet(storage.join(cfg.output, QUERIES_FILE), _queries_table(q_labels, queries))
     store.write_index(cfg.output, index, pa.concat_tables(id_parts), meta)
     times["write_s"] = time.perf_counter() - t
 
@@ -342,7 +340,7 @@ def add(cfg: IndexAddConfig) -> dict[str, Any]:
     meta.setdefault("versions", {})["faiss"] = _faiss_version()
     t = time.perf_counter()
     if params.kind != "flat":
-        _write_table(storage.join(cfg.index, QUERIES_FILE), _queries_table(q_labels, queries))
+        write_parquet(storage.join(cfg.index, QUERIES_FILE), _queries_table(q_labels, queries))
     store.write_index(cfg.index, index, pa.concat_tables(id_parts), meta)
     times["write_s"] = time.perf_counter() - t
 

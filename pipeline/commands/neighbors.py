@@ -23,8 +23,10 @@ from pipeline.analytics.search import NEIGHBORS_DIR, ImageSearcher, Searcher, se
 from pipeline.commands.index import check_spec
 from pipeline.commands.run import new_run_id
 from pipeline.config import BackboneConfig, NeighborsConfig, RuntimeConfig
-from pipeline.sink import ERRORS_DIR, EmbeddingReader, write_run_record
-from pipeline.spec import EmbeddingSpec
+from pipeline.output.layout import ERRORS_DIR
+from pipeline.output.reader import EmbeddingReader
+from pipeline.output.spec import EmbeddingSpec
+from pipeline.output.writer import write_run_record
 
 # queries per search call: larger batches amortize faiss's per-call work (1M x 256 IVF-PQ on 2 cores, in
 # memory: 10,700 queries/s in batches of 1,024, 12,300 in batches of 8,192)
@@ -94,7 +96,7 @@ def neighbors(cfg: NeighborsConfig) -> dict[str, Any]:
     runtime = cfg.runtime
     asked: int | None = None
     if cfg.images is not None:
-        from pipeline.backbones import build_backbone
+        from pipeline.backbone import build_backbone
         from pipeline.commands.run import estimated_images, plan_for
         from pipeline.plan import precision_of
         from pipeline.sources import check_source, list_shards

@@ -20,7 +20,7 @@ from pipeline.commands.extract import extract
 from pipeline.commands.heads import predict
 from pipeline.commands.run import format_summary
 from pipeline.config import ExtractConfig, NightlyConfig
-from pipeline.sink import EMBEDDINGS_DIR
+from pipeline.output.layout import EMBEDDINGS_DIR
 
 
 def nightly(cfg: NightlyConfig, run_date: str | None = None) -> dict[str, Any]:

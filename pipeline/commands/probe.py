@@ -9,15 +9,16 @@ import time
 from typing import Any
 
 from pipeline import storage
-from pipeline.backbones import build_backbone
+from pipeline.backbone import build_backbone
+from pipeline.backbone.cuts import make_capture, stage_names
+from pipeline.backbone.models import create_model, input_size
 from pipeline.commands.run import ImageRun, estimated_images, plan_for, versions
 from pipeline.config import ConfigError, HeadTrainConfig, ProbeConfig
-from pipeline.cuts import make_capture, stage_names
 from pipeline.embed import Embedder, embedding_column
-from pipeline.ledger import clear_or_refuse
-from pipeline.models import create_model, input_size
+from pipeline.output.layout import EMBEDDINGS_DIR, ERRORS_DIR
+from pipeline.output.ledger import clear_or_refuse
+from pipeline.output.writer import EMBEDDING_COLUMNS, Output
 from pipeline.plan import precision_of
-from pipeline.sink import EMBEDDING_COLUMNS, EMBEDDINGS_DIR, ERRORS_DIR, Output
 from pipeline.sources import check_source, list_shards, sample_shards
 
 

@@ -11,22 +11,15 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from pipeline import __version__, storage
-from pipeline.backbones import Backbone
+from pipeline import storage
+from pipeline.backbone import Backbone, check_compilable
+from pipeline.backbone.models import BackboneError, input_size
 from pipeline.config import ConfigError, RuntimeConfig, SourceConfig
-from pipeline.cuts import check_compilable
-from pipeline.ledger import Ledger, Plan
-from pipeline.models import BackboneError, input_size
+from pipeline.output.layout import EMBEDDINGS_DIR, ERRORS_DIR, PREDICTIONS_DIR
+from pipeline.output.ledger import Ledger, Plan
+from pipeline.output.spec import package_version
+from pipeline.output.writer import Output, ParquetSink, WriteStats, write_run_record
 from pipeline.plan import Decision, plan_images
-from pipeline.sink import (
-    EMBEDDINGS_DIR,
-    ERRORS_DIR,
-    PREDICTIONS_DIR,
-    Output,
-    ParquetSink,
-    WriteStats,
-    write_run_record,
-)
 from pipeline.sources import Shard
 
 
@@ -38,15 +31,12 @@ def versions() -> dict[str, str]:
 
     # str(): torch.__version__ is a TorchVersion, and a spec holding one (the sink carries the spec into every
     # write task) makes each Ray worker that unpickles it import torch (about 450 MiB more RSS per process).
-    out = {"pipeline": __version__, "torch": str(torch.__version__), "torchvision": torchvision.__version__,
-           "timm": timm.__version__, "pyarrow": pyarrow.__version__,
+    out = {"pipeline": package_version("pipeline"), "torch": str(torch.__version__),
+           "torchvision": torchvision.__version__, "timm": timm.__version__, "pyarrow": pyarrow.__version__,
            "python": sys.version.split()[0]}
-    try:
-        import ray
-
-        out["ray"] = ray.__version__
-    except ImportError:  # pragma: no cover
-        pass
+    ray = package_version("ray")  # from its metadata: Ray itself is imported only under pipeline/ray/
+    if ray != "unknown":
+        out["ray"] = ray
     return out
 
 
@@ -90,13 +80,13 @@ def plan_for(runtime: RuntimeConfig, backbone: Backbone, images: int) -> Decisio
     cluster = cluster_shape(runtime)
     agreement = None
     if runtime.autocast == "auto" and (cluster.cpu_bf16 or cluster.gpu_nodes()):
-        from pipeline.inference import precision_agreement
+        from pipeline.backbone.inference import precision_agreement
 
         agreement = precision_agreement(backbone)
-    from pipeline.inference import activation_bytes
+    from pipeline.backbone.inference import activation_bytes
 
     activations = activation_bytes(backbone) if runtime.forward_batch is None else None
-    from pipeline.tensorprep import TensorPrepError, TensorTransform
+    from pipeline.preprocess.tensorprep import TensorPrepError, TensorTransform
 
     try:
         TensorTransform.from_transform(backbone.transform)

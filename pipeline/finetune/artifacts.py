@@ -141,7 +141,7 @@ def write_artifacts(cfg: FinetuneConfig, model_state: dict[str, torch.Tensor], s
     from safetensors.torch import save
     from torch import nn
 
-    from pipeline.backbones import build_backbone
+    from pipeline.backbone import build_backbone
     from pipeline.config import BackboneConfig
     from pipeline.heads import FORMAT_VERSION, HEAD_META, HEAD_WEIGHTS, metrics_from_confusion
 

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.decode import MAX_BYTES, MAX_PIXELS
+from pipeline.config import MAX_BYTES, MAX_PIXELS
 from pipeline.sources import Shard
 from pipeline.split import Split
 
@@ -73,7 +73,7 @@ class TrainBatches:
                  threads: int | None = None) -> None:
         import torch
 
-        from pipeline.embed import Preprocessor
+        from pipeline.preprocess import Preprocessor
 
         self.prep = Preprocessor(transform, torch.device("cpu"), decoder="pil", max_pixels=max_pixels,
                                  max_bytes=max_bytes, threads=threads)

@@ -19,7 +19,7 @@ def replace_classifier(model: nn.Module, name: str, num_classes: int) -> str:
     """Swap the classifier for a new linear layer with num_classes outputs; returns its module name."""
     from torch import nn
 
-    from pipeline.models import is_torchvision, last_linear_name
+    from pipeline.backbone.models import is_torchvision, last_linear_name
 
     if not is_torchvision(name) and hasattr(model, "reset_classifier"):
         model.reset_classifier(num_classes)
@@ -38,7 +38,7 @@ def replace_classifier(model: nn.Module, name: str, num_classes: int) -> str:
 
 def data_config(model: nn.Module, name: str, weights: str) -> dict[str, Any]:
     """Input size, interpolation, mean, std, crop of the model's own preprocessing (timm or torchvision)."""
-    from pipeline.models import preprocessing_for
+    from pipeline.backbone.models import preprocessing_for
 
     _, desc = preprocessing_for(model, name, weights)
     if desc["library"] == "timm":
@@ -57,7 +57,7 @@ def transforms(model: nn.Module, name: str, weights: str) -> tuple[Callable, Cal
     uses). Torchvision models get the same augmentation with their weights' size, mean and std."""
     import timm.data
 
-    from pipeline.models import is_torchvision, preprocessing_for
+    from pipeline.backbone.models import is_torchvision, preprocessing_for
 
     if is_torchvision(name):
         cfg = data_config(model, name, weights)
@@ -88,7 +88,7 @@ def _execution_order(model: nn.Module, input_size: tuple[int, ...]) -> list[str]
 
 
 def freeze_choices(model: nn.Module, name: str) -> str:
-    from pipeline.cuts import stage_names
+    from pipeline.backbone.cuts import stage_names
 
     return f"none, final, {', '.join(stage_names(model, name))}"
 
@@ -97,7 +97,7 @@ def frozen_modules(model: nn.Module, name: str, freeze_until: str, input_size: t
                    classifier: str | None = None) -> list[str]:
     """Names of the modules whose own parameters and buffers stay frozen ("" is the root, e.g. ViT's
     cls_token and pos_embed, frozen with the stem). ConfigError naming the valid layers for a bad name."""
-    from pipeline.models import last_linear_name
+    from pipeline.backbone.models import last_linear_name
 
     if freeze_until == "none":
         return []
@@ -146,8 +146,8 @@ def frozen_stat_modules(model: nn.Module, frozen: list[str]) -> list[nn.Module]:
 def stage_depths(model: nn.Module, name: str, classifier: str) -> dict[str, int]:
     """Parameter name -> stage depth below the head (0 = the new classifier). timm models use their own
     coarse group_matcher (stem, each stage, head); others the stages `pipeline layers` lists."""
-    from pipeline.cuts import stage_names
-    from pipeline.models import is_torchvision
+    from pipeline.backbone.cuts import stage_names
+    from pipeline.backbone.models import is_torchvision
 
     names = [n for n, _ in model.named_parameters()]
     is_head = {n: n.startswith(classifier + ".") for n in names}
@@ -205,7 +205,7 @@ def build_training_model(cfg: FinetuneConfig, classes: list[str] | None = None) 
     original one when classes is None: validation only), frozen up to train.freeze_until."""
     import torch
 
-    from pipeline.models import create_model, last_linear_name
+    from pipeline.backbone.models import create_model, last_linear_name
 
     model, source, sha = create_model(cfg.backbone.model, cfg.backbone.weights)
     input_size = tuple(data_config(model, cfg.backbone.model, cfg.backbone.weights)["input_size"])

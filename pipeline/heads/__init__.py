@@ -22,7 +22,7 @@ from pipeline.heads.model import (
 )
 from pipeline.heads.predict import HeadPredictor, predict_local
 from pipeline.heads.train import MIN_STEPS, metrics_from_confusion, train_head
-from pipeline.sink import EmbeddingReader
+from pipeline.output.reader import EmbeddingReader
 
 __all__ = [
     "FORMAT_VERSION", "HEAD_META", "HEAD_REPORT", "HEAD_WEIGHTS", "MIN_STEPS",

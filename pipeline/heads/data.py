@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from pipeline.sink import READ_ROWS, EmbeddingChunk, EmbeddingReader
+from pipeline.output.reader import READ_ROWS, EmbeddingChunk, EmbeddingReader
 from pipeline.split import Split
 
 

@@ -55,7 +55,7 @@ class HeadModel(nn.Module):
 
 def head_device(device: str) -> torch.device:
     """The head's device setting as a torch device; ValueError naming the head's own setting."""
-    from pipeline.embed import resolve_device
+    from pipeline.preprocess import resolve_device
 
     return resolve_device(device, fix="device cpu (or auto)")
 

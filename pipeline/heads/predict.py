@@ -9,13 +9,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
 from pipeline import storage
 from pipeline.heads.model import load_head
-from pipeline.sink import PREDICTIONS_DIR, EmbeddingReader
-from pipeline.spec import EmbeddingSpec
+from pipeline.output.layout import PREDICTIONS_DIR, write_parquet
+from pipeline.output.reader import EmbeddingReader
+from pipeline.output.spec import EmbeddingSpec
 
 
 class HeadPredictor:
@@ -99,10 +99,6 @@ def predict_local(head_uri: str, embeddings_uri: str, output_uri: str, top_k: in
                  if rb.num_rows]
         table = pa.concat_tables(parts).replace_schema_metadata(schema.metadata) if parts \
             else schema.empty_table()
-        buf = pa.BufferOutputStream()
-        pq.write_table(table, buf, compression="zstd")
-        uri = storage.join(output_uri, PREDICTIONS_DIR, f.rel)
-        storage.write_bytes(uri, buf.getvalue().to_pybytes())
-        files.append(uri)
+        files.append(write_parquet(storage.join(output_uri, PREDICTIONS_DIR, f.rel), table))
         rows += table.num_rows
     return {"files": files, "rows": rows, "head": head_uri, "embeddings": reader.uri}

@@ -26,8 +26,8 @@ from pipeline.heads.model import (
     head_device,
     write_head,
 )
-from pipeline.sink import READ_ROWS, EmbeddingChunk, EmbeddingReader, LabelTable
-from pipeline.spec import EmbeddingSpec
+from pipeline.output.reader import READ_ROWS, EmbeddingChunk, EmbeddingReader, LabelTable
+from pipeline.output.spec import EmbeddingSpec
 from pipeline.split import Split, SplitStats, hash_unit
 
 log = logging.getLogger(__name__)

@@ -22,10 +22,10 @@ from ray.data.datasource import Datasink, Datasource, ReadTask
 from ray.data.exceptions import ExecutionTimeoutError
 
 from pipeline import storage
-from pipeline.ledger import Ledger
+from pipeline.output.ledger import Ledger
+from pipeline.output.writer import ParquetSink, WriteStats
 from pipeline.plan import READ_TASK_CPUS
 from pipeline.ray import init_ray
-from pipeline.sink import ParquetSink, WriteStats
 from pipeline.sources import Shard, read_shard
 
 

@@ -25,9 +25,9 @@ from ray.train import DataConfig
 
 from pipeline import finetune as F
 from pipeline import storage
+from pipeline.output.writer import write_error_rows
 from pipeline.ray import init_ray
 from pipeline.ray.data import READ_TASK_CPUS, read_shards
-from pipeline.sink import write_error_rows
 
 
 def train_storage(uri: str):

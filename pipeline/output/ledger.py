@@ -33,7 +33,6 @@ and ``finish`` (the driver, after the run: every shard it ran must be committed;
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -45,10 +44,9 @@ import pyarrow as pa
 
 from pipeline import storage
 from pipeline.config import ConfigError
-from pipeline.spec import EmbeddingSpec, dict_differences
+from pipeline.output.layout import ERRORS_DIR, LEDGER_DIR, STAGING_DIR, write_parquet
+from pipeline.output.spec import EmbeddingSpec, dict_differences
 
-LEDGER_DIR = "_ledger"
-STAGING_DIR = "_staging"
 COMPACT = "committed.parquet"
 _TOTAL = "total.json"
 _COMPACT_SCHEMA = pa.schema([
@@ -213,16 +211,13 @@ class Ledger:
         entries folded into it; only the driver calls it, when no task can commit. Returns the table
         written."""
         import pyarrow.compute as pc
-        import pyarrow.parquet as pq
 
         loose = self._loose()
         table = self.index(loose)
         if drop:
             table = table.filter(pc.invert(pc.is_in(table["key"], pa.array(sorted(drop), pa.string()))))
         if loose or drop or not storage.exists(self.uri(LEDGER_DIR, COMPACT)):
-            buf = io.BytesIO()
-            pq.write_table(table.sort_by("key"), buf, compression="zstd")
-            storage.write_bytes(self.uri(LEDGER_DIR, COMPACT), buf.getvalue())
+            write_parquet(self.uri(LEDGER_DIR, COMPACT), table.sort_by("key"))
             for key in loose:
                 storage.remove(self._shard_uri(key))
         return table
@@ -245,7 +240,6 @@ class Ledger:
         """
         import pyarrow.compute as pc
 
-        from pipeline.sink import ERRORS_DIR
 
         storage.check_writable(self.output_uri)
         want = {"source": source_uri, "tables": tables}
@@ -368,7 +362,6 @@ class Ledger:
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
-        from pipeline.sink import ERRORS_DIR
 
         stamp = entry.get("gone") or self.run_id or datetime.now(timezone.utc).isoformat()
         if len(stay) == len(mine):
@@ -384,9 +377,7 @@ class Ledger:
             if not table.num_rows:
                 continue
             name = re.sub(r"(-kept\d+)?\.parquet$", f"-kept{generation}.parquet", rel)
-            buf = io.BytesIO()
-            pq.write_table(table, buf)
-            storage.write_bytes(self.uri(name), buf.getvalue())
+            write_parquet(self.uri(name), table)
             files.append(name)
             if rel.startswith(ERRORS_DIR + "/"):
                 failed += table.num_rows

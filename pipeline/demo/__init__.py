@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.commands.probe import format_probe, probe
     from pipeline.commands.run import format_summary
     from pipeline.config import ExtractConfig, HeadTrainConfig, ProbeConfig
+    from pipeline.demo.s3local import local_s3
     from pipeline.heads import train_head
-    from pipeline.s3local import local_s3
 
     t0 = time.perf_counter()
     work = Path(args.workdir)

@@ -129,3 +129,13 @@ def dict_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "")
 def read_spec(schema: pa.Schema) -> dict[str, Any]:
     """The stored spec of a Parquet schema as a plain dict (for callers that index it)."""
     return EmbeddingSpec.from_schema(schema).to_dict()
+
+
+def package_version(name: str) -> str:
+    """An installed distribution's version from its metadata (no import); 'unknown' when not installed."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"

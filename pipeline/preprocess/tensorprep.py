@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.decode import DecodeError, aspect_error, decode_image
+from pipeline.preprocess.decode import DecodeError, aspect_error, decode_image
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 # JPEG modes decode_jpeg(mode=RGB) converts exactly like PIL's convert("RGB"); CMYK/YCCK go through PIL.

@@ -14,9 +14,9 @@ How a model is cut (``Backbone.cut`` says which way was taken):
   (``final``) and output (``logits``); nodes past the deepest wanted one are dropped. ``logits`` alone: the
   model's forward.
 - any other module: forward hooks on the whole model, the pass stopped at the deepest layer by an exception
-  (`make_capture` on an uncut model, `_hook_capture`).
+  (`make_capture` on an uncut model, `hook_capture`).
 
-A hook-free cut (`_cut_model`) is taken only when it gives exactly the hook path's tensors on a test image, at
+A hook-free cut (`cut_model`) is taken only when it gives exactly the hook path's tensors on a test image, at
 build time; it is kept on the model (``_CUT_ATTR``) and only such cuts can be compiled (`compile_backbone`).
 `pool_output` turns an activation into one vector per image.
 """
@@ -27,12 +27,12 @@ import copy
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-from pipeline.models import (
+from pipeline.backbone.models import (
     HEAD_LAYERS,
     MAP_POOLS,
     TOKEN_POOLS,
@@ -42,10 +42,6 @@ from pipeline.models import (
     last_linear_name,
     num_prefix_tokens,
 )
-
-if TYPE_CHECKING:
-    from pipeline.backbones import Backbone
-
 
 # --------------------------------------------------------------------------------------------------
 # Stages and capturing activations (hooks, or the cut when there is one)
@@ -76,7 +72,7 @@ def stage_names(model: nn.Module, name: str) -> list[str]:
     return [n for n, _ in children]
 
 
-def _first_tensor(out: Any) -> torch.Tensor:
+def first_tensor(out: Any) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
     if isinstance(out, (list, tuple)):
@@ -108,10 +104,10 @@ def make_capture(model: nn.Module, name: str, layers: list[str] | tuple[str, ...
                 f"model '{name}' was cut for layers {', '.join(cut.layers)} and no longer holds "
                 f"{', '.join(x for x in layers if x not in cut.layers)}; build the backbone with those layers"
             )
-    return _hook_capture(model, name, layers)
+    return hook_capture(model, name, layers)
 
 
-def _hook_capture(model: nn.Module, name: str, layers: list[str] | tuple[str, ...]
+def hook_capture(model: nn.Module, name: str, layers: list[str] | tuple[str, ...]
                   ) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
     """Images -> {layer: raw activation} through forward hooks on the whole model, from one forward pass.
 
@@ -138,7 +134,7 @@ def _hook_capture(model: nn.Module, name: str, layers: list[str] | tuple[str, ..
         handles = []
 
         def keep(layer: str, out: Any) -> None:
-            got.setdefault(layer, _first_tensor(out))
+            got.setdefault(layer, first_tensor(out))
             if stop_early and len(got) == len(inter):
                 raise _Stop()
 
@@ -158,7 +154,7 @@ def _hook_capture(model: nn.Module, name: str, layers: list[str] | tuple[str, ..
             else:
                 out = model(x)
                 if want_logits:
-                    got["logits"] = _first_tensor(out)
+                    got["logits"] = first_tensor(out)
         except _Stop:
             pass
         finally:
@@ -299,7 +295,7 @@ def _cut_capture(model: nn.Module, cut: _Cut, layers: list[str] | tuple[str, ...
     """
     layers = tuple(layers)
     if cut.kind == "forward":
-        return lambda x: {"logits": _first_tensor(model(x))}
+        return lambda x: {"logits": first_tensor(model(x))}
     if cut.kind == "graph":
         graph = model if set(layers) == set(cut.layers) else _graph_subset(model, layers)
         return lambda x: {layer: out for layer, out in graph(x).items() if layer in layers}
@@ -328,7 +324,7 @@ def _cut_capture(model: nn.Module, cut: _Cut, layers: list[str] | tuple[str, ...
     return capture
 
 
-def _cut_model(model: nn.Module, name: str, weights: str, layers: list[str], ref: dict[str, torch.Tensor],
+def cut_model(model: nn.Module, name: str, weights: str, layers: list[str], ref: dict[str, torch.Tensor],
                x: torch.Tensor) -> tuple[nn.Module, _Cut | None]:
     """Cut the model without hooks where that gives exactly ``ref`` (the hooks' activations for ``x``);
     otherwise the whole model (built again if pruning had started) with no cut: the hooks are used."""
@@ -354,12 +350,15 @@ def _cut_model(model: nn.Module, name: str, weights: str, layers: list[str], ref
 # Compiling a cut, pooling an activation
 
 
-def _compile_target(bb: Backbone) -> str:
-    cut = getattr(bb.model, _CUT_ATTR, None)
+def compile_target(model: nn.Module, name: str, layers: tuple[str, ...]) -> str:
+    """The method of a cut model that torch.compile wraps (timm: forward_features or forward_intermediates;
+    torchvision: the model's or cut graph's forward); BackboneError naming ``--set runtime.compile=false``
+    when the layers are captured with hooks."""
+    cut = getattr(model, _CUT_ATTR, None)
     if not isinstance(cut, _Cut):
-        stages = ", ".join(stage_names(bb.model, bb.model_name))
+        stages = ", ".join(stage_names(model, name))
         raise BackboneError(
-            f"runtime.compile cannot compile layer {', '.join(bb.layers)} of {bb.model_name}: it is captured "
+            f"runtime.compile cannot compile layer {', '.join(layers)} of {name}: it is captured "
             "with forward hooks, which a compiled graph does not run. Compilable layers: final, logits and "
             f"the stage boundaries ({stages}) of timm models, any module of torchvision models; or use "
             "--set runtime.compile=false"
@@ -367,18 +366,6 @@ def _compile_target(bb: Backbone) -> str:
     if cut.kind == "timm":
         return "forward_intermediates" if cut.indices else "forward_features"
     return "forward"
-
-
-def check_compilable(bb: Backbone) -> None:
-    """Raise BackboneError (naming ``--set runtime.compile=false``) when the cut goes through hooks."""
-    _compile_target(bb)
-
-
-def compile_backbone(bb: Backbone, backend: str = "inductor") -> None:
-    """Wrap the cut's forward (timm: forward_features or forward_intermediates; torchvision: the model's or
-    cut graph's forward) in ``torch.compile(dynamic=False)``, in place. Raises as `check_compilable`."""
-    name = _compile_target(bb)
-    setattr(bb.model, name, torch.compile(getattr(bb.model, name), backend=backend, dynamic=False))
 
 
 def pool_output(x: torch.Tensor, pool: str, prefix_tokens: int = 0) -> torch.Tensor:

@@ -1,0 +1,3 @@
+from pipeline.demo import main
+
+raise SystemExit(main())
