@@ -13,6 +13,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline jobs tests bench
+	$(VENV)/bin/lint-imports
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
