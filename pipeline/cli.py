@@ -8,8 +8,25 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import typer
+
+from pipeline.config import (
+    ClassifyConfig,
+    DedupConfig,
+    ExtractConfig,
+    FinetuneConfig,
+    HeadTrainConfig,
+    IndexAddConfig,
+    IndexBuildConfig,
+    NeighborsConfig,
+    NightlyConfig,
+    ProbeConfig,
+    RuntimeConfig,
+)
+from pipeline.config.files import merge_sources
 
 app = typer.Typer(
     add_completion=False,
@@ -24,6 +41,11 @@ SET_HELP = "override any config key, e.g. --set runtime.batch_size=64 (repeatabl
 def _fail(msg: str, code: int = 2) -> None:
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(code)
+
+
+def _echo(result: Any, fmt: Callable[[Any], str], as_json: bool) -> None:
+    """A command's result as its formatted text, or with --json as JSON."""
+    typer.echo(json.dumps(result, indent=2, default=str) if as_json else fmt(result))
 
 
 def _run(fn, rerun_hint: bool = False):
@@ -76,23 +98,20 @@ def extract(
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Embed every image under --source with a pretrained backbone cut at --layer; write Parquet."""
-    from pipeline.config import ExtractConfig, merge_sources
 
-    flags = {
-        "source.uri": source, "output.uri": output, "backbone.model": model, "backbone.weights": weights,
-        "backbone.layer": layer, "backbone.pool": pool, "source.format": format, "source.labels": labels,
-        "source.root": root, "source.on_removed": on_removed,
-        "runtime.batch_size": batch_size, "runtime.actors": actors, "runtime.gpus_per_actor": gpus_per_actor,
-        "output.dtype": dtype, "backbone.normalize": normalize,
-    }
+    flags = {"source.uri": source, "output.uri": output, "backbone.model": model, "backbone.weights": weights,
+             "backbone.layer": layer, "backbone.pool": pool, "source.format": format, "source.labels": labels,
+             "source.root": root, "source.on_removed": on_removed, "runtime.batch_size": batch_size,
+             "runtime.actors": actors, "runtime.gpus_per_actor": gpus_per_actor, "output.dtype": dtype,
+             "backbone.normalize": normalize}
 
     def go():
         from pipeline.commands.extract import extract as run_extract
         from pipeline.commands.run import format_summary
 
         cfg = merge_sources(ExtractConfig, config, flags, set_)
-        summary = run_extract(cfg, overwrite=overwrite, incremental=incremental, run_date=run_date)
-        typer.echo(json.dumps(summary, indent=2, default=str) if as_json else format_summary(summary))
+        _echo(run_extract(cfg, overwrite=overwrite, incremental=incremental, run_date=run_date),
+              format_summary, as_json)
 
     _run(go)
 
@@ -121,22 +140,19 @@ def classify(
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Use the pretrained model as is: top-k ImageNet classes per image -> OUTPUT/predictions/ Parquet."""
-    from pipeline.config import ClassifyConfig, merge_sources
 
-    flags = {
-        "source.uri": source, "output.uri": output, "backbone.model": model, "backbone.weights": weights,
-        "top_k": top_k, "source.format": format, "runtime.batch_size": batch_size,
-        "source.root": root, "source.on_removed": on_removed,
-        "runtime.actors": actors, "runtime.gpus_per_actor": gpus_per_actor,
-    }
+    flags = {"source.uri": source, "output.uri": output, "backbone.model": model, "backbone.weights": weights,
+             "top_k": top_k, "source.format": format, "runtime.batch_size": batch_size, "source.root": root,
+             "source.on_removed": on_removed, "runtime.actors": actors,
+             "runtime.gpus_per_actor": gpus_per_actor}
 
     def go():
         from pipeline.commands.extract import classify as run_classify
         from pipeline.commands.run import format_summary
 
         cfg = merge_sources(ClassifyConfig, config, flags, set_)
-        summary = run_classify(cfg, overwrite=overwrite, incremental=incremental, run_date=run_date)
-        typer.echo(json.dumps(summary, indent=2, default=str) if as_json else format_summary(summary))
+        _echo(run_classify(cfg, overwrite=overwrite, incremental=incremental, run_date=run_date),
+              format_summary, as_json)
 
     _run(go)
 
@@ -183,19 +199,16 @@ def heads_train(
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Train a linear or MLP head on stored embeddings; writes head.safetensors, head.json, report.png."""
-    from pipeline.config import merge_sources
 
     flags = {"embeddings": embeddings, "output": output, "head": head, "labels_from": labels_from,
              "test": test, "epochs": epochs, "val_fraction": val_fraction}
 
     def go():
         from pipeline.commands.heads import format_train
-        from pipeline.config import HeadTrainConfig
         from pipeline.heads import train_head
 
         cfg = merge_sources(HeadTrainConfig, config, flags, set_)
-        meta = train_head(cfg)
-        typer.echo(json.dumps(meta, indent=2, default=str) if as_json else format_train(meta))
+        _echo(train_head(cfg), format_train, as_json)
 
     _run(go)
 
@@ -214,10 +227,9 @@ def heads_predict(
 
     def go():
         from pipeline.commands.heads import format_predict, predict
-        from pipeline.config import RuntimeConfig
 
-        s = predict(head, embeddings, output, top_k=top_k, runtime=RuntimeConfig(actors=actors))
-        typer.echo(json.dumps(s, indent=2) if as_json else format_predict(s))
+        _echo(predict(head, embeddings, output, top_k=top_k, runtime=RuntimeConfig(actors=actors)),
+              format_predict, as_json)
 
     _run(go)
 
@@ -241,7 +253,6 @@ def probe(
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Which cut is best: a head per candidate layer (and backbone), ranked by validation accuracy."""
-    from pipeline.config import ProbeConfig, merge_sources
 
     flags = {"source.uri": source, "output.uri": output, "backbone.model": model, "models": models,
              "layers": layers, "backbone.weights": weights, "source.labels": labels or "folder",
@@ -252,11 +263,7 @@ def probe(
         from pipeline.commands.probe import probe as run_probe
 
         cfg = merge_sources(ProbeConfig, config, flags, set_)
-        report = run_probe(cfg, overwrite=overwrite)
-        if as_json:
-            typer.echo(json.dumps(report, indent=2, default=str))
-            return
-        typer.echo(format_probe(report))
+        _echo(run_probe(cfg, overwrite=overwrite), format_probe, as_json)
 
     _run(go)
 
@@ -287,7 +294,6 @@ def finetune(
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Fine-tune a pretrained backbone with Ray Train; writes backbone.safetensors for `extract --weights`."""
-    from pipeline.config import merge_sources
 
     flags = {"source.uri": source, "output.uri": output, "backbone.model": model, "backbone.weights": weights,
              "train.freeze_until": freeze_until, "train.lr_decay": lr_decay, "train.lr": lr,
@@ -298,14 +304,9 @@ def finetune(
     def go():
         from pipeline.commands.finetune import finetune as run_finetune
         from pipeline.commands.finetune import format_finetune
-        from pipeline.config import FinetuneConfig
 
         cfg = merge_sources(FinetuneConfig, config, flags, set_)
-        report = run_finetune(cfg, overwrite=overwrite)
-        if as_json:
-            typer.echo(json.dumps(report, indent=2, default=str))
-            return
-        typer.echo(format_finetune(report))
+        _echo(run_finetune(cfg, overwrite=overwrite), format_finetune, as_json)
 
     _run(go)
 
@@ -320,15 +321,13 @@ def nightly(
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Nightly: extract the new or changed shards under embeddings/run_date=.../, then apply the head."""
-    from pipeline.config import NightlyConfig, merge_sources
 
     def go():
         from pipeline.commands.nightly import format_nightly
         from pipeline.commands.nightly import nightly as run_nightly
 
         cfg = merge_sources(NightlyConfig, config, None, set_)
-        result = run_nightly(cfg, run_date)
-        typer.echo(json.dumps(result, indent=2, default=str) if as_json else format_nightly(result))
+        _echo(run_nightly(cfg, run_date), format_nightly, as_json)
 
     _run(go, rerun_hint=True)
 
@@ -352,7 +351,6 @@ def index_build(
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Build a faiss index over stored embeddings; writes index.faiss, ids.parquet, index.json."""
-    from pipeline.config import IndexBuildConfig, merge_sources
 
     flags = {"embeddings": embeddings, "output": output, "metric": metric, "kind": kind,
              "max_memory": max_memory}
@@ -360,8 +358,7 @@ def index_build(
     def go():
         from pipeline.commands.index import build, format_build
 
-        s = build(merge_sources(IndexBuildConfig, config, flags, set_))
-        typer.echo(json.dumps(s, indent=2, default=str) if as_json else format_build(s))
+        _echo(build(merge_sources(IndexBuildConfig, config, flags, set_)), format_build, as_json)
 
     _run(go)
 
@@ -377,13 +374,12 @@ def index_add(
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Add the embedding files the index does not hold yet (no retraining); replaced files' rows leave it."""
-    from pipeline.config import IndexAddConfig, merge_sources
 
     def go():
         from pipeline.commands.index import add, format_add
 
-        s = add(merge_sources(IndexAddConfig, config, {"index": index, "embeddings": embeddings}, set_))
-        typer.echo(json.dumps(s, indent=2, default=str) if as_json else format_add(s))
+        _echo(add(merge_sources(IndexAddConfig, config, {"index": index, "embeddings": embeddings}, set_)),
+              format_add, as_json)
 
     _run(go)
 
@@ -404,7 +400,6 @@ def neighbors(
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """The k nearest rows of an index for each query image, id or embedding: query_id, rank, id, score."""
-    from pipeline.config import NeighborsConfig, merge_sources
 
     flags = {"index": index, "output": output, "images.uri": images, "ids": ids, "embeddings": embeddings,
              "k": k, "runtime.actors": actors}
@@ -413,8 +408,7 @@ def neighbors(
         from pipeline.commands.neighbors import format_neighbors
         from pipeline.commands.neighbors import neighbors as run_neighbors
 
-        s = run_neighbors(merge_sources(NeighborsConfig, config, flags, set_))
-        typer.echo(json.dumps(s, indent=2, default=str) if as_json else format_neighbors(s))
+        _echo(run_neighbors(merge_sources(NeighborsConfig, config, flags, set_)), format_neighbors, as_json)
 
     _run(go)
 
@@ -432,7 +426,6 @@ def dedup(
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Semantic near-duplicates, clusters and outliers of stored embeddings (k-means, pairwise cosine)."""
-    from pipeline.config import DedupConfig, merge_sources
 
     flags = {"embeddings": embeddings, "output": output, "threshold": threshold, "clusters": clusters}
 
@@ -440,8 +433,7 @@ def dedup(
         from pipeline.commands.dedup import dedup as run_dedup
         from pipeline.commands.dedup import format_dedup
 
-        s = run_dedup(merge_sources(DedupConfig, config, flags, set_))
-        typer.echo(json.dumps(s, indent=2, default=str) if as_json else format_dedup(s))
+        _echo(run_dedup(merge_sources(DedupConfig, config, flags, set_)), format_dedup, as_json)
 
     _run(go)
 

@@ -133,7 +133,8 @@ def test_rayjob_manifest_runs_the_extract_job():
 def test_s3_gpu_config_fits_the_gpu_node_type():
     """jobs/configs/s3-gpu.yaml sizes actors for cluster.yaml's GPU nodes: one GPU each, CPUs left over for
     the read and write tasks, no more actors than GPU nodes."""
-    from pipeline.config import ExtractConfig, merge_sources
+    from pipeline.config import ExtractConfig
+    from pipeline.config.files import merge_sources
 
     cfg = merge_sources(ExtractConfig, str(ROOT / "jobs" / "configs" / "s3-gpu.yaml"))
     gpu = _cluster_yaml()["available_node_types"]["gpu_g5"]

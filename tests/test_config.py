@@ -1,6 +1,7 @@
 import pytest
 
-from pipeline.config import ConfigError, ExtractConfig, merge_sources, parse_actors, to_yaml
+from pipeline.config import ConfigError, ExtractConfig, parse_actors
+from pipeline.config.files import build, merge_sources, to_yaml
 
 
 def _flags(**kw):
@@ -104,21 +105,23 @@ def test_batch_size_defaults_from_the_models_input_size():
     assert set_.batch_for((448, 448)) == 48
 
 
-def test_every_command_takes_the_one_backbone_section_and_the_old_keys():
+def test_every_command_takes_the_one_backbone_section_and_names_it_for_a_misplaced_key():
     from pipeline.config import FinetuneConfig, ProbeConfig
 
     base = {"source": {"uri": "/in", "labels": "folder"}, "output": {"uri": "/out"}}
     bb = {"model": "tf_efficientnet_lite0", "weights": "none"}
     new = FinetuneConfig.model_validate({**base, "backbone": bb})
-    old = FinetuneConfig.model_validate({**base, **bb})  # the keys of earlier configs
-    assert new == old and new.backbone.model == "tf_efficientnet_lite0" and new.backbone.weights == "none"
+    assert new.backbone.model == "tf_efficientnet_lite0" and new.backbone.weights == "none"
+    with pytest.raises(ConfigError, match=r"unknown key 'weights': it belongs in the backbone section "
+                                          r"\(backbone.weights, or --weights\)"):
+        build(FinetuneConfig, {**base, "backbone": {"model": "tf_efficientnet_lite0"}, "weights": "none"})
     probe = ProbeConfig.model_validate({**base, "models": "tf_efficientnet_lite0,tv:mobilenet_v2",
-                                        "weights": "none", "pool": "max"})
+                                        "backbone": {"weights": "none", "pool": "max"}})
     assert probe.backbone.weights == "none" and probe.backbone.pool == "max"
     assert probe.model_names() == ["tf_efficientnet_lite0", "tv:mobilenet_v2"]
     one = ProbeConfig.model_validate({**base, "backbone": bb})
     assert one.model_names() == ["tf_efficientnet_lite0"]
-    with pytest.raises(ConfigError, match=r"missing 'backbone.model' \(pass --model\)"):
+    with pytest.raises(ConfigError, match=r"missing 'backbone' \(pass --model\)"):
         merge_sources(FinetuneConfig, flags={"source.uri": "/in", "output.uri": "/out"})
 
 

@@ -34,7 +34,6 @@ and ``finish`` (the driver, after the run: every shard it ran must be committed;
 from __future__ import annotations
 
 import json
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -44,6 +43,7 @@ import pyarrow as pa
 
 from pipeline import storage
 from pipeline.config import ConfigError
+from pipeline.output.kept import keep_removed
 from pipeline.output.layout import ERRORS_DIR, LEDGER_DIR, STAGING_DIR, write_parquet
 from pipeline.output.spec import EmbeddingSpec, dict_differences
 
@@ -143,6 +143,10 @@ class Ledger:
 
     def _parts_uri(self, key: str) -> str:
         return self.uri(LEDGER_DIR, "parts", key)
+
+    def write_entry(self, entry: dict[str, Any]) -> None:
+        """Replace a committed shard's entry (on_removed=keep marks it gone)."""
+        self._write_json(self._shard_uri(entry["key"]), entry)
 
     def _read_json(self, uri: str) -> Any:
         return json.loads(storage.read_bytes(uri))
@@ -290,7 +294,7 @@ class Ledger:
         kept = 0
         if on_removed == "keep":
             todo = [s for s in shards if s.key not in done]
-            removed, kept = self._keep_removed(stale, gone, todo)
+            removed, kept = keep_removed(self, stale, gone, todo)
         else:
             for entry in [*stale, *gone]:
                 self.remove_shard(entry)
@@ -321,76 +325,6 @@ class Ledger:
             else:
                 stale.append(json.loads(entry))
         return done, stale, gone
-
-    def _keep_removed(self, stale: list[dict[str, Any]], gone: list[dict[str, Any]], todo: list[Any]
-                      ) -> tuple[set[str], int]:
-        """on_removed=keep: a stale shard's rows of images still listed (they run again, in another shard)
-        are removed; the rows of images that left the source stay, and the entry is marked gone with their
-        ids. A gone entry whose images come back loses their rows the same way. Returns (keys whose entry
-        was removed, entries newly marked gone)."""
-        ids = {e["key"]: self._ids(e) for e in stale}
-        ids.update({e["key"]: list(e.get("ids") or []) for e in gone})
-        wanted = {i for v in ids.values() for i in v}
-        present = {m.rel for s in todo for m in s.members() if m.rel in wanted} if wanted else set()
-        removed: set[str] = set()
-        kept = 0
-        for entry in [*stale, *gone]:
-            mine = ids[entry["key"]]
-            stay = [i for i in mine if i not in present]
-            if not stay:
-                self.remove_shard(entry)
-                removed.add(entry["key"])
-            elif len(stay) < len(mine) or entry.get("gone") is None:
-                kept += entry.get("gone") is None
-                self._keep_rows(entry, stay, mine)
-        return removed, kept
-
-    def _ids(self, entry: dict[str, Any]) -> list[str]:
-        import pyarrow.parquet as pq
-
-        out: list[str] = []
-        for rel in entry["files"]:
-            with storage.open_input(self.uri(rel)) as f:
-                out += pq.read_table(f, columns=["id"])["id"].to_pylist()
-        return out
-
-    def _keep_rows(self, entry: dict[str, Any], stay: list[str], mine: list[str]) -> None:
-        """Mark a committed shard gone, keeping the rows of ``stay``; when that is fewer than all its rows
-        (``mine``), its files are rewritten to those rows (renamed ``...-keptN``). Order: new files, then the
-        entry, then the old files are deleted; a crash in between leaves rows that the next plan, finding
-        the entry unchanged, rewrites again under the same names."""
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
-
-
-        stamp = entry.get("gone") or self.run_id or datetime.now(timezone.utc).isoformat()
-        if len(stay) == len(mine):
-            self._write_json(self._shard_uri(entry["key"]), {**entry, "ids": sorted(stay), "gone": stamp})
-            return
-        generation = int(entry.get("kept_generation", 0)) + 1
-        keep = pa.array(stay, pa.string())
-        files, embedded, failed, kinds = [], 0, 0, {}
-        for rel in entry["files"]:
-            with storage.open_input(self.uri(rel)) as f:
-                table = pq.read_table(f)
-            table = table.filter(pc.is_in(table["id"], keep))
-            if not table.num_rows:
-                continue
-            name = re.sub(r"(-kept\d+)?\.parquet$", f"-kept{generation}.parquet", rel)
-            write_parquet(self.uri(name), table)
-            files.append(name)
-            if rel.startswith(ERRORS_DIR + "/"):
-                failed += table.num_rows
-                for k in table["error"].to_pylist():
-                    kinds[k] = kinds.get(k, 0) + 1
-            else:
-                embedded += table.num_rows
-        new = {**entry, "files": files, "embedded": embedded, "failed": failed, "error_kinds": kinds,
-               "rows": embedded + failed, "ids": sorted(stay), "kept_generation": generation, "gone": stamp}
-        self._write_json(self._shard_uri(entry["key"]), new)
-        for rel in entry["files"]:
-            if rel not in files:
-                storage.remove(self.uri(rel))
 
     # -- steps 2 and 3, in Ray tasks: record work and commit what is complete ----------------------------
 

@@ -1,17 +1,15 @@
-"""Typed configuration: YAML files, CLI flags and ``--set a.b=c`` overrides all map onto these models.
+"""Typed configuration: YAML files, CLI flags and ``--set a.b=c`` overrides all map onto these models
+(`pipeline.config.files` reads and merges them).
 
 Unknown keys are an error. The resolved config is written next to each run's output.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # The decode limits' defaults, for every command (runtime.max_pixels, source.max_bytes).
 MAX_PIXELS = 50_000_000
@@ -163,16 +161,6 @@ class RuntimeConfig(RayRuntime):
         return 2 if (self.gpus_per_actor or 0) > 0 and self.device != "cpu" else 1
 
 
-def into_backbone(data: dict[str, Any], old_keys: tuple[str, ...]) -> dict[str, Any]:
-    """A copy of a command's raw config with the old top-level ``old_keys`` moved into its backbone
-    section (a key set in both places keeps the section's value)."""
-    data = dict(data)
-    backbone = dict(data.get("backbone") or {})
-    for key in old_keys:
-        if key in data:
-            backbone.setdefault(key, data.pop(key))
-    data["backbone"] = backbone
-    return data
 
 
 def check_distinct(source_uri: str, output_uri: str, what: str) -> None:
@@ -237,8 +225,8 @@ class ProbeConfig(StrictModel):
     """`pipeline probe`: which backbone and layer give the best head on a labelled sample.
 
     ``backbone`` is the section every command shares (its weights, pool and normalize apply to each model
-    compared; its layer is replaced by ``layers``). The old top-level keys ``weights`` and ``pool`` are
-    accepted and moved into it; ``models`` lists the backbones to compare (default: backbone.model).
+    compared; its layer is replaced by ``layers``); ``models`` lists the backbones to compare (default:
+    backbone.model).
     """
 
     source: SourceConfig
@@ -255,13 +243,14 @@ class ProbeConfig(StrictModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _old_keys(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
+    def _first_model(cls, data: Any) -> Any:
+        """backbone.model defaults to the first of ``models``."""
+        if not isinstance(data, dict) or data.get("models") is None:
             return data
-        data = into_backbone(data, ("weights", "pool"))
-        models = cls._split(data.get("models")) if data.get("models") is not None else []
-        if models and "model" not in data["backbone"]:
-            data["backbone"]["model"] = models[0]
+        models = cls._split(data["models"])
+        backbone = dict(data.get("backbone") or {})
+        if models and "model" not in backbone:
+            data = {**data, "backbone": {**backbone, "model": models[0]}}
         return data
 
     @model_validator(mode="after")
@@ -349,7 +338,7 @@ class FinetuneRuntime(RayRuntime):
 
 class FinetuneConfig(StrictModel):
     """Everything `pipeline finetune` needs. ``backbone`` is the section every command shares (its model and
-    weights are the starting point); the old top-level keys ``model`` and ``weights`` are accepted."""
+    weights are the starting point)."""
 
     source: SourceConfig
     output: OutputConfig
@@ -359,10 +348,10 @@ class FinetuneConfig(StrictModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _old_keys(cls, data: Any) -> Any:
+    def _folder_labels(cls, data: Any) -> Any:
+        """source.labels defaults to folder: fine-tuning needs labels."""
         if not isinstance(data, dict):
             return data
-        data = into_backbone(data, ("model", "weights"))
         source = data.get("source")
         if isinstance(source, dict) and "labels" not in source:
             data["source"] = {**source, "labels": "folder"}
@@ -457,88 +446,3 @@ class DedupConfig(StrictModel):
 
 # --------------------------------------------------------------------------------------------------
 # Building configs from files, flags and --set overrides
-
-
-def load_yaml(path: str) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file '{path}' not found: pass an existing YAML file to --config")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file '{path}' must hold a mapping of sections (source:, backbone: ...)")
-    return data
-
-
-def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
-    """data['a']['b'] = value for dotted='a.b'."""
-    keys = dotted.split(".")
-    node = data
-    for k in keys[:-1]:
-        nxt = node.setdefault(k, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"cannot set '{dotted}': '{k}' is not a section")
-        node = nxt
-    node[keys[-1]] = value
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> None:
-    """Apply ``a.b=c`` strings; values are parsed as YAML (numbers, true/false, null, [lists], {maps})."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set takes KEY=VALUE (e.g. --set runtime.batch_size=64), got '{item}'")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError:
-            value = raw
-        set_path(data, key.strip(), value)
-
-
-_REQUIRED_FLAGS = {
-    "source": "--source", "source.uri": "--source", "output": "--output", "output.uri": "--output",
-    "backbone": "--model", "backbone.model": "--model",
-}
-
-
-def _format_errors(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"])
-        if e["type"] == "extra_forbidden":
-            lines.append(f"unknown key '{loc}' (check the spelling; see `pipeline extract --help`)")
-        elif e["type"] == "missing":
-            flag = _REQUIRED_FLAGS.get(loc)
-            lines.append(f"missing '{loc}'" + (f" (pass {flag})" if flag else ""))
-        else:
-            lines.append(f"{loc}: {e['msg']}" if loc else e["msg"])
-    return "; ".join(lines)
-
-
-def build(model: type[BaseModel], data: dict[str, Any]):
-    """Validate a nested dict into a config model, with one readable error line."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(f"invalid configuration: {_format_errors(e)}") from None
-
-
-def merge_sources(
-    model: type[BaseModel],
-    config_file: str | None = None,
-    flags: dict[str, Any] | None = None,
-    overrides: list[str] | None = None,
-):
-    """Config file < flags < --set overrides. Flags are dotted keys; None values are ignored."""
-    data: dict[str, Any] = load_yaml(config_file) if config_file else {}
-    for key, value in (flags or {}).items():
-        if value is not None:
-            set_path(data, key, value)
-    apply_overrides(data, overrides or [])
-    return build(model, data)
-
-
-def to_yaml(cfg: BaseModel) -> str:
-    return yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)
