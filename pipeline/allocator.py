@@ -3,10 +3,9 @@
 Every batch allocates the same large buffers again: decoded images, the resized batch, the model's
 activations. glibc starts with a 128 KiB mmap threshold that it raises only as mmapped blocks are freed,
 and it gives the top of its heap back to the OS whenever more than twice that is free, so a worker keeps
-faulting in fresh zeroed pages: about 450 page faults per image for tf_efficientnet_lite0 (500x375 JPEGs,
-tensor decoder, bf16, forwards of 8). With the threshold fixed where the dynamic one ends (32 MiB) and
-64 MiB of free heap kept, the faults stop (under 3,000 for 1,024 images) and two one-thread workers on the
-2-core machine decode and embed 1.13x faster (216 -> 245 images/s), for about 10 MiB more peak memory.
+faulting in fresh zeroed pages, hundreds per image. With the threshold fixed where the dynamic one ends
+(32 MiB) and 64 MiB of free heap kept, a batch reuses the memory of the one before (tests/test_allocator.py
+measures both in one run; bench/RESULTS.md, "allocator", what it gains).
 
 A process whose environment already sets these thresholds (``MALLOC_MMAP_THRESHOLD_`` and the like, or
 their ``glibc.malloc`` tunables in ``GLIBC_TUNABLES``) is left as it is, and so is one on another C library.

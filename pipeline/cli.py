@@ -48,7 +48,7 @@ def _echo(result: Any, fmt: Callable[[Any], str], as_json: bool) -> None:
     typer.echo(json.dumps(result, indent=2, default=str) if as_json else fmt(result))
 
 
-def _run(fn, rerun_hint: bool = False):
+def _invoke(fn, rerun_hint: bool = False):
     """Call fn; turn input errors into one line and exit 2, run failures into one line and exit 1."""
     try:
         return fn()
@@ -113,7 +113,7 @@ def extract(
         _echo(run_extract(cfg, overwrite=overwrite, incremental=incremental, run_date=run_date),
               format_summary, as_json)
 
-    _run(go)
+    _invoke(go)
 
 
 @app.command()
@@ -154,7 +154,7 @@ def classify(
         _echo(run_classify(cfg, overwrite=overwrite, incremental=incremental, run_date=run_date),
               format_summary, as_json)
 
-    _run(go)
+    _invoke(go)
 
 
 @app.command()
@@ -177,7 +177,7 @@ def layers(
             shape = "x".join(str(d) for d in i.shape)
             typer.echo(f"{i.name:<{width}}  {shape:<14} {i.kind}")
 
-    _run(go)
+    _invoke(go)
 
 
 heads_app = typer.Typer(no_args_is_help=True, help="Lightweight heads (linear, MLP) on stored embeddings.")
@@ -210,7 +210,7 @@ def heads_train(
         cfg = merge_sources(HeadTrainConfig, config, flags, set_)
         _echo(train_head(cfg), format_train, as_json)
 
-    _run(go)
+    _invoke(go)
 
 
 @heads_app.command("predict")
@@ -231,7 +231,7 @@ def heads_predict(
         _echo(predict(head, embeddings, output, top_k=top_k, runtime=RuntimeConfig(actors=actors)),
               format_predict, as_json)
 
-    _run(go)
+    _invoke(go)
 
 
 @app.command()
@@ -265,7 +265,7 @@ def probe(
         cfg = merge_sources(ProbeConfig, config, flags, set_)
         _echo(run_probe(cfg, overwrite=overwrite), format_probe, as_json)
 
-    _run(go)
+    _invoke(go)
 
 
 @app.command()
@@ -308,7 +308,7 @@ def finetune(
         cfg = merge_sources(FinetuneConfig, config, flags, set_)
         _echo(run_finetune(cfg, overwrite=overwrite), format_finetune, as_json)
 
-    _run(go)
+    _invoke(go)
 
 
 @app.command()
@@ -329,7 +329,7 @@ def nightly(
         cfg = merge_sources(NightlyConfig, config, None, set_)
         _echo(run_nightly(cfg, run_date), format_nightly, as_json)
 
-    _run(go, rerun_hint=True)
+    _invoke(go, rerun_hint=True)
 
 
 index_app = typer.Typer(no_args_is_help=True,
@@ -360,7 +360,7 @@ def index_build(
 
         _echo(build(merge_sources(IndexBuildConfig, config, flags, set_)), format_build, as_json)
 
-    _run(go)
+    _invoke(go)
 
 
 @index_app.command("add")
@@ -381,7 +381,7 @@ def index_add(
         _echo(add(merge_sources(IndexAddConfig, config, {"index": index, "embeddings": embeddings}, set_)),
               format_add, as_json)
 
-    _run(go)
+    _invoke(go)
 
 
 @app.command()
@@ -410,7 +410,7 @@ def neighbors(
 
         _echo(run_neighbors(merge_sources(NeighborsConfig, config, flags, set_)), format_neighbors, as_json)
 
-    _run(go)
+    _invoke(go)
 
 
 @app.command()
@@ -435,7 +435,7 @@ def dedup(
 
         _echo(run_dedup(merge_sources(DedupConfig, config, flags, set_)), format_dedup, as_json)
 
-    _run(go)
+    _invoke(go)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,18 +2,14 @@
 
 - ``fold_batchnorm``: each eval-mode BatchNorm that directly follows a convolution is folded into that
   convolution's weights and bias (timm's BatchNormAct2d keeps its activation). The same arithmetic in fp32
-  up to rounding, one pass over the activations fewer: tf_efficientnet_lite0 runs 1.5x faster on the 2-core
-  CPU (fp32 50 -> 75 images/s, bf16 120 -> 169).
+  up to rounding, one pass over the activations fewer.
 - ``fuse_conv_activations``: each convolution whose output goes only to a ReLU or ReLU6 (found in the traced
   graph of the model: what runs, not the order modules were registered in) runs as one oneDNN convolution
   with the activation as a post-op, on CPU. The same values (bit for bit, tested); one pass over the
   activations fewer, and a TensorFlow-"same" depthwise convolution reads its input without a padded copy.
-  tf_efficientnet_lite0, bf16, channels-last, 2 threads, batch 32: 156 -> 184 images/s.
 - ``keep_stem_fp32``: under bf16 autocast, the stem and the first stage (the modules up to the first stage
   boundary) run in fp32. bf16 rounding of the high-resolution early activations is what costs
   depthwise-separable networks their agreement with fp32; the early stages are a small share of the work.
-  tf_efficientnet_lite0 on the sample photos: bf16 cosine 0.9983 to fp32, bf16 with an fp32 stem 0.9996,
-  at 146 images/s against 169 all-bf16 and 75 fp32.
 - ``activation_bytes``: the largest module output of one image, per precision, for the planner's CPU
   forward batch (plan.FORWARD_BYTES).
 - ``precision_agreement``: the lowest cosine of each candidate precision's embeddings to fp32 ones, on the
@@ -21,7 +17,8 @@
   planner picks the fastest precision that keeps ``plan.BF16_MIN_COSINE``.
 
 The rewrites keep module names (the cut's captured layers are never rewritten) and are checked against the
-unrewritten model on a test image when they are applied.
+unrewritten model on a test image when they are applied. What each gains, measured: bench/RESULTS.md
+("BatchNorm folded", "activations fused", "precision").
 """
 
 from __future__ import annotations

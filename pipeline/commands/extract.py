@@ -10,14 +10,14 @@ from typing import Any
 from pipeline.backbone import build_backbone
 from pipeline.commands.run import ImageRun, estimated_images, partition_for, plan_for, versions
 from pipeline.config import ClassifyConfig, ConfigError, ExtractConfig
-from pipeline.embed import Embedder
+from pipeline.embed import CLASSIFY_COLUMNS, Embedder
 from pipeline.output.layout import EMBEDDINGS_DIR, PREDICTIONS_DIR
 from pipeline.output.ledger import Ledger
 from pipeline.output.writer import EMBEDDING_COLUMNS, Output
 from pipeline.plan import precision_of
 from pipeline.sources import SHARDING, Layout, Shard, check_source, layout_of, list_shards
 
-CLASSIFY_COLUMNS = ("id", "source", "labels", "scores", "classes")
+PREDICTION_COLUMNS = ("id", "source", *(name for name, _ in CLASSIFY_COLUMNS))  # OUTPUT/predictions/
 RUN_DATE = "{run_date}"
 
 
@@ -39,7 +39,7 @@ def _inputs(cfg: Any, partition: str | None, overwrite: bool) -> tuple[Any, Layo
     return cfg, layout, shards, skipped
 
 
-def _run(kind: str, cfg: ExtractConfig | ClassifyConfig, backbone_cfg: Any, table: str,
+def _map_images(kind: str, cfg: ExtractConfig | ClassifyConfig, backbone_cfg: Any, table: str,
          columns: dict[str, str], spec_extra: dict[str, Any], stage_extra: dict[str, Any], *,
          overwrite: bool, incremental: bool, run_date: str | None) -> dict[str, Any]:
     t_start = time.perf_counter()
@@ -52,9 +52,8 @@ def _run(kind: str, cfg: ExtractConfig | ClassifyConfig, backbone_cfg: Any, tabl
     spec = backbone.spec(versions=versions(), precision=precision_of(runtime.autocast), **spec_extra)
     del backbone
     outputs = [Output(table, columns, spec)]
-    loose = shards[0].format in ("files", "manifest")
-    sharding = {"scheme": SHARDING, "depth": layout.depth} if loose else None
-    plan = Ledger(cfg.output.uri).plan(layout.root or cfg.source.uri, {table: spec.table_key()}, shards,
+    sharding = {"scheme": SHARDING, "depth": layout.depth} if shards[0].loose else None
+    work = Ledger(cfg.output.uri).plan(layout.root or cfg.source.uri, {table: spec.table_key()}, shards,
                                        overwrite=overwrite, scope=layout.prefix,
                                        on_removed=cfg.source.on_removed, sharding=sharding)
     run = ImageRun(
@@ -62,8 +61,8 @@ def _run(kind: str, cfg: ExtractConfig | ClassifyConfig, backbone_cfg: Any, tabl
         stage_kwargs={"backbone": backbone_cfg.model_dump(), "runtime": runtime.model_dump(),
                       "max_bytes": cfg.source.max_bytes, **stage_extra},
         outputs=outputs, config=json.loads(cfg.model_dump_json()), extra={"spec": spec.to_dict()},
-        rows_per_file=cfg.output.rows_per_file, plan=plan, partition=partition, decision=decision)
-    return run.run(plan.todo, skipped, t_start)
+        rows_per_file=cfg.output.rows_per_file, work=work, partition=partition, decision=decision)
+    return run.run(work.todo, skipped, t_start)
 
 
 def extract(cfg: ExtractConfig, *, overwrite: bool = False, incremental: bool = False,
@@ -73,7 +72,7 @@ def extract(cfg: ExtractConfig, *, overwrite: bool = False, incremental: bool = 
     Reruns resume: shards the output already holds are skipped. ``incremental`` (the nightly mode) puts
     this run's rows under ``embeddings/run_date=YYYY-MM-DD/``.
     """
-    return _run("extract", cfg, cfg.backbone, EMBEDDINGS_DIR, EMBEDDING_COLUMNS,
+    return _map_images("extract", cfg, cfg.backbone, EMBEDDINGS_DIR, EMBEDDING_COLUMNS,
                 {"dtype": cfg.output.dtype}, {"dtype": cfg.output.dtype},
                 overwrite=overwrite, incremental=incremental, run_date=run_date)
 
@@ -82,6 +81,6 @@ def classify(cfg: ClassifyConfig, *, overwrite: bool = False, incremental: bool 
              run_date: str | None = None) -> dict[str, Any]:
     """The pretrained model as a classifier: ``OUTPUT/predictions/`` with top-k ImageNet classes per image."""
     backbone_cfg = cfg.backbone.model_copy(update={"layer": "logits", "normalize": False})
-    return _run("classify", cfg, backbone_cfg, PREDICTIONS_DIR, {c: c for c in CLASSIFY_COLUMNS},
+    return _map_images("classify", cfg, backbone_cfg, PREDICTIONS_DIR, {c: c for c in PREDICTION_COLUMNS},
                 {"dtype": "float32", "top_k": cfg.top_k}, {"task": "classify", "top_k": cfg.top_k},
                 overwrite=overwrite, incremental=incremental, run_date=run_date)

@@ -16,7 +16,7 @@ from pipeline.backbone import Backbone, check_compilable
 from pipeline.backbone.models import BackboneError, input_size
 from pipeline.config import ConfigError, RuntimeConfig, SourceConfig
 from pipeline.output.layout import EMBEDDINGS_DIR, ERRORS_DIR, PREDICTIONS_DIR
-from pipeline.output.ledger import Ledger, Plan
+from pipeline.output.ledger import Ledger, Work
 from pipeline.output.spec import package_version
 from pipeline.output.writer import Output, ParquetSink, WriteStats, write_run_record
 from pipeline.plan import Decision, plan_images
@@ -60,7 +60,7 @@ def partition_for(incremental: bool, run_date: str | None) -> str | None:
 
 def estimated_images(shards: list[Shard]) -> int:
     """Images the shards hold: counted for loose files, estimated from the bytes for .tar/Parquet shards."""
-    return sum(s.count if s.format in ("files", "manifest") else max(1, s.size // 100_000) for s in shards)
+    return sum(s.count if s.loose else max(1, s.size // 100_000) for s in shards)
 
 
 def plan_for(runtime: RuntimeConfig, backbone: Backbone, images: int) -> Decision:
@@ -118,7 +118,7 @@ class ImageRun:
     extra: dict[str, Any]
     decision: Decision | None = None  # the resource plan, recorded in the run summary
     rows_per_file: int = 1024
-    plan: Plan | None = None  # from the ledger; None: files written in place (the probe)
+    work: Work | None = None  # from the ledger; None: files written in place (the probe)
     partition: str | None = None
     limit: int | None = None
 
@@ -129,7 +129,7 @@ class ImageRun:
         run_id = new_run_id()
         started = datetime.now(timezone.utc).isoformat()
         t_validated = time.perf_counter()
-        staged = self.plan is not None
+        staged = self.work is not None
         sink = ParquetSink(self.output_uri, outputs=self.outputs, staged=staged, partition=self.partition)
         if shards:
             from pipeline.ray.data import map_images
@@ -181,9 +181,9 @@ class ImageRun:
             **self.extra,
             "config": self.config,
         }
-        if self.plan is not None:
-            before = self.plan.rows_before
-            summary["ledger"] = {**self.plan.counts(), "ran": n_shards,
+        if self.work is not None:
+            before = self.work.rows_before
+            summary["ledger"] = {**self.work.counts(), "ran": n_shards,
                                  "output_rows": {"embedded": before["embedded"] + stats.embedded,
                                                  "failed": before["failed"] + stats.failed}}
             if self.partition:

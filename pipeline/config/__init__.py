@@ -95,8 +95,7 @@ class RuntimeConfig(RayRuntime):
         "CPU")
     forward_batch: int | None = Field(
         None, ge=1, description="images per model forward inside a batch; default: the whole batch on a GPU; "
-        "on CPU planned from the model's largest activation, so that one forward's tensors stay under 32 MiB "
-        "(tf_efficientnet_lite0 in bf16: 8)")
+        "on CPU planned from the model's largest activation, so that one forward's tensors stay under 32 MiB")
     actors: str | None = Field(None, description="N, or MIN,MAX for an autoscaling actor pool; default: "
                                "planned from the cluster (one per GPU; on CPUs, enough to fill the nodes)")
     gpus_per_actor: float | None = Field(None, ge=0, description="default: 1 when the cluster has GPUs")
@@ -427,9 +426,9 @@ class DedupConfig(StrictModel):
     output: str = Field(description="duplicates.parquet, keep.parquet, clusters.parquet, dedup.json, "
                         "dedup.png")
     threshold: float = Field(0.8, gt=0, le=1, description="cosine similarity at or above which two rows "
-                             "are near-duplicates (0.8: measured for tf_efficientnet_lite0 --layer blocks.5 "
-                             "--pool grid3; another model, layer or pooling has another scale: see "
-                             "dedup.json's by_threshold)")
+                             "are near-duplicates (chosen for tf_efficientnet_lite0 --layer blocks.5 --pool "
+                             "grid3; another model, layer or pooling has another scale: see dedup.json's "
+                             "by_threshold)")
     clusters: int | None = Field(None, ge=1, description="k-means clusters (default: about sqrt(rows))")
     groups: int | None = Field(None, ge=1, description="clusters are spread over this many tasks "
                                "(default: 4 per CPU, at most the clusters)")

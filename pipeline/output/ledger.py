@@ -104,7 +104,7 @@ def clear_or_refuse(output_uri: str, tables: list[str], overwrite: bool, what: s
 
 
 @dataclass
-class Plan:
+class Work:
     """What a run has to do at an output: the shards to run and the counts the run record reports."""
 
     todo: list[Any]  # the listed shards (sources.Shard) that are not committed
@@ -230,7 +230,7 @@ class Ledger:
 
     def plan(self, source_uri: str, tables: dict[str, dict[str, Any]], shards: list[Any], *,
              overwrite: bool, scope: str = "", on_removed: str = "delete",
-             sharding: dict[str, Any] | None = None) -> Plan:
+             sharding: dict[str, Any] | None = None) -> Work:
         """Decide what a run has to do here. ``tables``: subdir -> the spec its rows are made with
         (without library versions); ``scope``: the prefix under the source root this run listed (committed
         shards outside it are left alone); ``sharding``: how loose files were cut into shards (scheme and
@@ -300,7 +300,7 @@ class Ledger:
                 self.remove_shard(entry)
                 removed.add(entry["key"])
         after = self.fold(drop=removed)
-        return Plan(todo=[s for s in shards if s.key not in done], listed=len(shards),
+        return Work(todo=[s for s in shards if s.key not in done], listed=len(shards),
                     done_before=len(done), recovered=recovered,
                     removed_stale=len(removed), kept=kept, scope=scope,
                     rows_before={"embedded": int(pc.sum(after["embedded"]).as_py() or 0),

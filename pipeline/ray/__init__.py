@@ -22,3 +22,15 @@ def init_ray(runtime: Any) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(num_cpus=runtime.num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def data_context(runtime: Any, progress: bool = True) -> None:
+    """Ray Data's settings for a run: progress bars as asked, and the no-progress timeout after which a
+    stalled run ends (runtime.stall_timeout_s)."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = runtime.progress and progress
+    timeout = getattr(runtime, "stall_timeout_s", None)
+    if timeout:
+        ctx.execution_no_progress_timeout_s = timeout

@@ -12,15 +12,14 @@ from typing import Any
 
 import pyarrow as pa
 import ray
-from ray.data import ActorPoolStrategy, DataContext
+from ray.data import ActorPoolStrategy
 from ray.data.datasource import Datasink
 
 from pipeline import storage
 from pipeline.analytics.dedup import GroupResult, assign_file, dedup_group
 from pipeline.analytics.search import NeighborsWriter, add_counts
-from pipeline.ray import init_ray
-
-READ_TASK_CPUS = 0.25  # read and write tasks wait on storage; the searchers hold the CPUs
+from pipeline.plan import READ_TASK_CPUS
+from pipeline.ray import data_context, init_ray
 
 
 def _cpus(runtime: Any) -> float:
@@ -144,7 +143,7 @@ def search_tables(files: list[storage.FileInfo], stage: type, stage_kwargs: dict
                   runtime: Any, batch_size: int) -> dict[str, Any]:
     """Neighbours of the rows of embeddings files: read_parquet -> the Searcher's actor pool -> Parquet."""
     init_ray(runtime)
-    DataContext.get_current().enable_progress_bars = runtime.progress
+    data_context(runtime)
     fs, _ = storage.get_fs(files[0].uri)
     ds = ray.data.read_parquet([storage.get_fs(f.uri)[1] for f in files], filesystem=fs,
                                columns=["id", "embedding"], num_cpus=READ_TASK_CPUS)
@@ -157,6 +156,6 @@ def search_images(shards: list[Any], source_cfg: Any, stage: type, stage_kwargs:
     from pipeline.ray.data import read_shards  # noqa: I001 - the image path reuses extract's read tasks
 
     init_ray(runtime)
-    DataContext.get_current().enable_progress_bars = runtime.progress
+    data_context(runtime)
     ds = read_shards(shards, source_cfg)
     return _search_map(ds, stage, stage_kwargs, out_uri, runtime, runtime.batch_size or 32)

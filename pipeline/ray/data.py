@@ -16,7 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 import ray
-from ray.data import ActorPoolStrategy, DataContext
+from ray.data import ActorPoolStrategy
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasink, Datasource, ReadTask
 from ray.data.exceptions import ExecutionTimeoutError
@@ -25,7 +25,7 @@ from pipeline import storage
 from pipeline.output.ledger import Ledger
 from pipeline.output.writer import ParquetSink, WriteStats
 from pipeline.plan import READ_TASK_CPUS
-from pipeline.ray import init_ray
+from pipeline.ray import data_context, init_ray
 from pipeline.sources import Shard, read_shard
 
 
@@ -108,7 +108,7 @@ def map_images(stage: type, stage_kwargs: dict[str, Any], shards: list[Shard], s
     ``stage_kwargs``) over the shards' rows on an actor pool, into ``sink``; returns (the summed write
     stats, the perf_counter time the run started)."""
     init_ray(runtime)
-    _context(runtime)
+    data_context(runtime)
     lo, hi = runtime.actor_range()
     calls = runtime.actor_calls()
     ds = read_shards(shards, source_cfg, sink.output_uri if sink.staged else None)
@@ -132,12 +132,6 @@ def map_images(stage: type, stage_kwargs: dict[str, Any], shards: list[Shard], s
     with stall_guard(runtime, f"the {stage.__name__} actors", need):
         ds.write_datasink(datasink)
     return datasink.result, t_run
-
-
-def _context(runtime: Any) -> None:
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = runtime.progress
-    ctx.execution_no_progress_timeout_s = runtime.stall_timeout_s
 
 
 @contextlib.contextmanager
@@ -171,7 +165,7 @@ def predict(stage: type, stage_kwargs: dict[str, Any], files: list[storage.FileI
     import pyarrow.dataset as pads
 
     init_ray(runtime)
-    _context(runtime)
+    data_context(runtime)
     fs, _ = storage.get_fs(files[0].uri)
     lo, hi = runtime.actor_range()
     ds = ray.data.read_parquet([storage.get_fs(f.uri)[1] for f in files], filesystem=fs,

@@ -19,15 +19,15 @@ from typing import Any
 import ray
 import ray.train
 import ray.train.torch
-from ray.data import DataContext
 from ray.data.collate_fn import ArrowBatchCollateFn
 from ray.train import DataConfig
 
 from pipeline import finetune as F
 from pipeline import storage
 from pipeline.output.writer import write_error_rows
-from pipeline.ray import init_ray
-from pipeline.ray.data import READ_TASK_CPUS, read_shards
+from pipeline.plan import READ_TASK_CPUS
+from pipeline.ray import data_context, init_ray
+from pipeline.ray.data import read_shards
 
 
 def train_storage(uri: str):
@@ -174,9 +174,7 @@ def fit(cfg: Any, shards: list[Any], split: Any, *, fingerprint: dict[str, Any],
 
     rt = cfg.runtime
     init_ray(rt)
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = rt.progress and progress
-    ctx.execution_no_progress_timeout_s = rt.stall_timeout_s
+    data_context(rt, progress)
     rows = read_shards(F.mixed_shards(shards, cfg.source.files_per_shard), cfg.source)
     datasets = {"train": rows.map_batches(F.select_rows, fn_kwargs={"which": "train", "split": split},
                                           batch_format="pyarrow", num_cpus=READ_TASK_CPUS)}
