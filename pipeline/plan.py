@@ -211,49 +211,11 @@ def plan_images(cluster: Cluster, runtime: RuntimeConfig, *, images: int, input_
         raise ConfigError(f"--gpus-per-actor {rt.gpus_per_actor:g} asks for GPUs but no node (or node group) "
                           "of this cluster has one: drop --gpus-per-actor (the planner then runs on CPUs)")
     if use_gpu:
-        node = max(gpu_nodes, key=lambda n: (n.gpus, n.cpus))
-        kind = node.gpu_kind or device_kind
-        if _unset(rt, "gpus_per_actor"):
-            up["gpus_per_actor"] = 1.0
-            most = _count(cluster.total("GPU", True))
-            more = f", up to {most} with the autoscaler" if cluster.scales else ""
-            why.append(f"1 GPU per actor: {_count(cluster.total('GPU'))} GPUs alive{more}")
-        gpa = up.get("gpus_per_actor", rt.gpus_per_actor)
-        per_gpu_cpus = node.cpus / node.gpus
-        if _unset(rt, "cpus_per_actor"):
-            up["cpus_per_actor"] = max(1.0, math.floor(per_gpu_cpus * gpa / 2))
-            why.append(f"{up['cpus_per_actor']:g} CPUs per actor: half of the {per_gpu_cpus:g} CPUs per GPU "
-                       f"of a {kind or 'GPU'} node, the rest for read and write tasks")
-        if _unset(rt, "actors"):
-            lo = max(1, int(cluster.total("GPU") // gpa))
-            hi = max(lo, int(min(cluster.total("GPU", True), 10**4) // gpa))
-            up["actors"] = f"{lo},{hi}" if hi > lo else str(lo)
         device = "cuda"
-        bf16 = gpu_bf16(kind)
-        amp, amp_why = ("bf16", f"{kind or 'the GPU'} computes bf16") if bf16 else \
-            ("fp16", f"{kind} has no bf16: fp16 autocast")
+        amp, amp_why = _plan_gpu_actors(cluster, rt, gpu_nodes, device_kind, up, why)
     else:
-        cpu_nodes = [n for n in cluster.nodes if n.cpus > 0]
-        node = max(cpu_nodes, key=lambda n: n.cpus) if cpu_nodes else NodeType(cpus=1)
-        if _unset(rt, "gpus_per_actor"):
-            up["gpus_per_actor"] = 0.0
-        usable = max(node.cpus - _read_reserve(node.cpus), 0.5)
-        if _unset(rt, "cpus_per_actor"):
-            per_node, mem_why = _cpu_actors_per_node(node, usable, model_bytes)
-            up["cpus_per_actor"] = round(usable / per_node, 2)
-            why.append(f"{up['cpus_per_actor']:g} CPUs per actor, {per_node} per {node.cpus:g}-CPU node: "
-                       f"{_read_reserve(node.cpus):g} CPU kept for read tasks; " + mem_why)
-        cpa = up.get("cpus_per_actor", rt.cpus_per_actor)
-        if _unset(rt, "actors"):
-            # (cpus_per_actor is rounded to 0.01: 14 CPUs / 4.67 still hold 3 actors)
-            lo = max(1, int(sum(math.floor((n.cpus - _read_reserve(n.cpus)) / cpa + 0.01) * n.alive
-                                for n in cpu_nodes)))
-            hi = max(lo, int(sum(math.floor((n.cpus - _read_reserve(n.cpus)) / cpa + 0.01) * n.most
-                                 for n in cpu_nodes)))
-            up["actors"] = f"{lo},{min(hi, 10**4)}" if hi > lo else str(lo)
         device = "cpu"
-        amp, amp_why = ("bf16", "the CPU has AVX-512 BF16/AMX") if cluster.cpu_bf16 else \
-            ("none", "the CPU has no native bf16: fp32")
+        amp, amp_why = _plan_cpu_actors(cluster, rt, model_bytes, up, why)
     cpa = up.get("cpus_per_actor", rt.cpus_per_actor)
     if _unset(rt, "threads"):
         # a fractional CPU share still runs on whole cores: the read tasks beside it mostly wait on storage
@@ -262,17 +224,93 @@ def plan_images(cluster: Cluster, runtime: RuntimeConfig, *, images: int, input_
                    "explicitly)")
     if _unset(rt, "autocast"):
         if amp == "bf16" and agreement:
-            kept = [m for m in BF16_MODES if agreement.get(m, 0.0) >= BF16_MIN_COSINE]
-            measured = ", ".join(f"{m} {agreement[m]:.4f}" for m in BF16_MODES if m in agreement)
-            if kept:
-                amp = kept[0]
-                amp_why += f"; the sample photos' embeddings keep cosine to fp32 ({measured}; bound " \
-                           f"{BF16_MIN_COSINE})"
-            else:
-                amp, amp_why = "none", (f"the sample photos' bf16 embeddings lose too much of fp32 "
-                                        f"({measured}; bound {BF16_MIN_COSINE}): this model stays in fp32")
+            amp, amp_why = _bf16_mode(agreement, amp_why)
         up["autocast"] = amp
         why.append(f"autocast {amp}: {amp_why}")
+    _plan_layout(rt, device, tensor_decodable, up, why)
+    _plan_batches(rt, device, input_hw, activations, up, why)
+    if _unset(rt, "compile"):
+        _plan_compile(rt, device, images, compilable, up, why)
+    if rt.device == "auto":
+        up["device"] = device
+    resolved = rt.model_copy(update=up)
+    need = {"CPU": resolved.cpus_per_actor, "GPU": resolved.gpus_per_actor or 0.0,
+            **resolved.actor_resources}
+    waits = _check_bundle(cluster, need, {"CPU": "--set runtime.cpus_per_actor", "GPU": "--gpus-per-actor",
+                                          "*": "--set runtime.actor_resources"})
+    lo, hi = resolved.actor_range()
+    why.insert(0, f"{lo if lo == hi else f'{lo}-{hi}'} actor{'s' if hi > 1 else ''} x "
+                  f"{resolved.cpus_per_actor:g} CPU" + (f" + {resolved.gpus_per_actor:g} GPU"
+                                                        if resolved.gpus_per_actor else ""))
+    return Decision(resolved, why, waits)
+
+
+def _plan_gpu_actors(cluster: Cluster, rt: RuntimeConfig, gpu_nodes: list[NodeType], device_kind: str | None,
+                     up: dict[str, Any], why: list[str]) -> tuple[str, str]:
+    """GPUs and CPUs per actor and the actor count for GPU actors, into ``up`` and ``why``; returns the
+    autocast mode the GPU computes and why."""
+    node = max(gpu_nodes, key=lambda n: (n.gpus, n.cpus))
+    kind = node.gpu_kind or device_kind
+    if _unset(rt, "gpus_per_actor"):
+        up["gpus_per_actor"] = 1.0
+        most = _count(cluster.total("GPU", True))
+        more = f", up to {most} with the autoscaler" if cluster.scales else ""
+        why.append(f"1 GPU per actor: {_count(cluster.total('GPU'))} GPUs alive{more}")
+    gpa = up.get("gpus_per_actor", rt.gpus_per_actor)
+    per_gpu_cpus = node.cpus / node.gpus
+    if _unset(rt, "cpus_per_actor"):
+        up["cpus_per_actor"] = max(1.0, math.floor(per_gpu_cpus * gpa / 2))
+        why.append(f"{up['cpus_per_actor']:g} CPUs per actor: half of the {per_gpu_cpus:g} CPUs per GPU "
+                   f"of a {kind or 'GPU'} node, the rest for read and write tasks")
+    if _unset(rt, "actors"):
+        lo = max(1, int(cluster.total("GPU") // gpa))
+        hi = max(lo, int(min(cluster.total("GPU", True), 10**4) // gpa))
+        up["actors"] = f"{lo},{hi}" if hi > lo else str(lo)
+    bf16 = gpu_bf16(kind)
+    return ("bf16", f"{kind or 'the GPU'} computes bf16") if bf16 else \
+        ("fp16", f"{kind} has no bf16: fp16 autocast")
+
+
+def _plan_cpu_actors(cluster: Cluster, rt: RuntimeConfig, model_bytes: int, up: dict[str, Any],
+                     why: list[str]) -> tuple[str, str]:
+    """CPUs per actor and the actor count for CPU-only actors, into ``up`` and ``why``; returns the
+    autocast mode the CPU computes natively and why."""
+    cpu_nodes = [n for n in cluster.nodes if n.cpus > 0]
+    node = max(cpu_nodes, key=lambda n: n.cpus) if cpu_nodes else NodeType(cpus=1)
+    if _unset(rt, "gpus_per_actor"):
+        up["gpus_per_actor"] = 0.0
+    usable = max(node.cpus - _read_reserve(node.cpus), 0.5)
+    if _unset(rt, "cpus_per_actor"):
+        per_node, mem_why = _cpu_actors_per_node(node, usable, model_bytes)
+        up["cpus_per_actor"] = round(usable / per_node, 2)
+        why.append(f"{up['cpus_per_actor']:g} CPUs per actor, {per_node} per {node.cpus:g}-CPU node: "
+                   f"{_read_reserve(node.cpus):g} CPU kept for read tasks; " + mem_why)
+    cpa = up.get("cpus_per_actor", rt.cpus_per_actor)
+    if _unset(rt, "actors"):
+        # (cpus_per_actor is rounded to 0.01: 14 CPUs / 4.67 still hold 3 actors)
+        lo = max(1, int(sum(math.floor((n.cpus - _read_reserve(n.cpus)) / cpa + 0.01) * n.alive
+                            for n in cpu_nodes)))
+        hi = max(lo, int(sum(math.floor((n.cpus - _read_reserve(n.cpus)) / cpa + 0.01) * n.most
+                             for n in cpu_nodes)))
+        up["actors"] = f"{lo},{min(hi, 10**4)}" if hi > lo else str(lo)
+    return ("bf16", "the CPU has AVX-512 BF16/AMX") if cluster.cpu_bf16 else \
+        ("none", "the CPU has no native bf16: fp32")
+
+
+def _bf16_mode(agreement: dict[str, float], amp_why: str) -> tuple[str, str]:
+    """The first of BF16_MODES whose measured ``agreement`` keeps BF16_MIN_COSINE (else fp32), and why."""
+    kept = [m for m in BF16_MODES if agreement.get(m, 0.0) >= BF16_MIN_COSINE]
+    measured = ", ".join(f"{m} {agreement[m]:.4f}" for m in BF16_MODES if m in agreement)
+    if kept:
+        return kept[0], amp_why + f"; the sample photos' embeddings keep cosine to fp32 ({measured}; bound " \
+                                  f"{BF16_MIN_COSINE})"
+    return "none", (f"the sample photos' bf16 embeddings lose too much of fp32 "
+                    f"({measured}; bound {BF16_MIN_COSINE}): this model stays in fp32")
+
+
+def _plan_layout(rt: RuntimeConfig, device: str, tensor_decodable: bool, up: dict[str, Any],
+                 why: list[str]) -> None:
+    """Channels-last and the decoder, where unset, into ``up`` and ``why``."""
     if _unset(rt, "channels_last"):
         # measured on the 2-core CPU: tf_efficientnet_lite0 fp32 26.7 -> 48.8 images/s, bf16 needs it
         up["channels_last"] = True
@@ -285,6 +323,12 @@ def plan_images(cluster: Cluster, runtime: RuntimeConfig, *, images: int, input_
         why.append("decoder tensor: " + ("nvjpeg and batched resize on the GPU" if device == "cuda" else
                                          "libjpeg-turbo and batched resize, faster than PIL's per-image path")
                    if tensor_decodable else "decoder pil: the tensor decoder cannot reproduce this transform")
+
+
+def _plan_batches(rt: RuntimeConfig, device: str, input_hw: tuple[int, int],
+                  activations: dict[str, int] | None, up: dict[str, Any], why: list[str]) -> None:
+    """Calls in flight per actor, the batch size and the forward batch, where unset, into ``up`` and
+    ``why``."""
     if rt.calls_per_actor is None:
         up["calls_per_actor"] = 2 if device == "cuda" else 1
     if rt.batch_size is None:
@@ -301,27 +345,20 @@ def plan_images(cluster: Cluster, runtime: RuntimeConfig, *, images: int, input_
                        f"{FORWARD_BYTES // 2**20} MiB are reused by the allocator instead of mapped afresh")
         else:
             up["forward_batch"] = batch
-    if _unset(rt, "compile"):
-        cost, speedup, rate = COMPILE[device]
-        actors_hi = int(str(up.get("actors", rt.actors)).split(",")[-1])
-        saved = images / (rate * max(1, actors_hi)) * (1 - 1 / speedup)  # wall seconds, actors in parallel
-        up["compile"] = bool(compilable and saved > cost)
-        why.append(f"compile {'on' if up['compile'] else 'off'}: " + (
-            "this cut cannot compile" if not compilable else
-            "the eager forward (activations fused into the convolutions) is as fast" if speedup <= 1 else
-            f"{images} images {'repay' if up['compile'] else 'do not repay'} ~{cost:.0f} s of compiling"))
-    if rt.device == "auto":
-        up["device"] = device
-    resolved = rt.model_copy(update=up)
-    need = {"CPU": resolved.cpus_per_actor, "GPU": resolved.gpus_per_actor or 0.0,
-            **resolved.actor_resources}
-    waits = _check_bundle(cluster, need, {"CPU": "--set runtime.cpus_per_actor", "GPU": "--gpus-per-actor",
-                                          "*": "--set runtime.actor_resources"})
-    lo, hi = resolved.actor_range()
-    why.insert(0, f"{lo if lo == hi else f'{lo}-{hi}'} actor{'s' if hi > 1 else ''} x "
-                  f"{resolved.cpus_per_actor:g} CPU" + (f" + {resolved.gpus_per_actor:g} GPU"
-                                                        if resolved.gpus_per_actor else ""))
-    return Decision(resolved, why, waits)
+
+
+def _plan_compile(rt: RuntimeConfig, device: str, images: int, compilable: bool, up: dict[str, Any],
+                  why: list[str]) -> None:
+    """``compile: auto``: on when the images listed repay the compile cost (COMPILE), into ``up`` and
+    ``why``."""
+    cost, speedup, rate = COMPILE[device]
+    actors_hi = int(str(up.get("actors", rt.actors)).split(",")[-1])
+    saved = images / (rate * max(1, actors_hi)) * (1 - 1 / speedup)  # wall seconds, actors in parallel
+    up["compile"] = bool(compilable and saved > cost)
+    why.append(f"compile {'on' if up['compile'] else 'off'}: " + (
+        "this cut cannot compile" if not compilable else
+        "the eager forward (activations fused into the convolutions) is as fast" if speedup <= 1 else
+        f"{images} images {'repay' if up['compile'] else 'do not repay'} ~{cost:.0f} s of compiling"))
 
 
 def cpu_forward_batch(activation: int, batch: int) -> int:

@@ -106,6 +106,58 @@ def _counts(index: Any, params: ix.IndexParams, meta_files: dict[str, Any], next
             "unused_codes": next_label - live if params.kind == "ivfpq" and params.refine else 0}
 
 
+def _encode_files(files: list[storage.FileInfo], firsts: list[int], rows: list[int], dim: int,
+                  params: ix.IndexParams, runtime: RuntimeConfig, what: str, shared: dict[str, Any],
+                  kwargs: list[dict[str, Any]] | None = None) -> list[store.FilePart]:
+    """Encode each file into an index part with the trained quantizers (``shared["template"]``), a Ray task
+    each; ``kwargs``: per file, the extra arguments of store.encode_file."""
+    from pipeline.ray.analytics import map_files
+
+    return map_files(store.encode_file,
+                     [((f.uri, f.rel, dim, params.to_dict(), first, n), kwargs[i] if kwargs else {})
+                      for i, (f, first, n) in enumerate(zip(files, firsts, rows))],
+                     runtime, what, shared=shared)
+
+
+def _merge_built(template: bytes, params: ix.IndexParams, parts: list[store.FilePart], n_queries: int
+                 ) -> tuple[Any, ix.TopK, list[pa.Table]]:
+    """The trained index with every part merged in label order, the queries' exact neighbours over all
+    parts, and the parts' id tables; each part's bytes are dropped once merged."""
+    index = ix.deserialize(template)
+    truth = ix.TopK.empty(n_queries, ix.RECALL_K + 1)
+    id_parts: list[pa.Table] = []
+    for p in parts:
+        ix.merge_part(index, params, p.part, p.labels)
+        p.part = b""
+        if p.truth is not None:
+            truth = truth.merge(p.truth)
+        id_parts.append(store.ids_table([p.labels], [p.ids], [p.rel]))
+    return index, truth, id_parts
+
+
+def _build_meta(cfg: IndexBuildConfig, params: ix.IndexParams, reader: EmbeddingReader, index: Any,
+                firsts: list[int], next_label: int, recall: dict[str, Any], times: dict[str, float],
+                started: str) -> dict[str, Any]:
+    """index.json of a new index (generation 1)."""
+    meta_files = {f.rel: {"version": f.version, "size": f.size, "rows": rows, "first_label": first}
+                  for f, rows, first in zip(reader.files, reader.rows, firsts)}
+    build_s = times["sample_s"] + times["train_s"] + times["encode_s"] + times["merge_s"]
+    return {
+        "format": 1, "kind": params.kind, "metric": params.metric, "factory": params.factory(),
+        "params": params.to_dict(), "spec": reader.spec.to_dict(), "embeddings": reader.uri,
+        "files": meta_files, "next_label": next_label, "generation": 1,
+        "counts": _counts(index, params, meta_files, next_label),
+        "recall": {**recall, "measured_at": _now(), "generation": 1},
+        "recall_history": [{"generation": 1, "at": _now(), "recall_at_10": recall.get("recall_at_10"),
+                            "vectors": ix.live_count(index, params), "kind": "build"}],
+        "build": {"seconds": {k: round(v, 3) for k, v in times.items()},
+                  "vectors_per_s": round(reader.num_rows / build_s, 1) if build_s > 0 else None,
+                  "seed": cfg.seed, "recall_queries": cfg.recall_queries, "max_memory": cfg.max_memory},
+        "created_at": started, "updated_at": _now(),
+        "versions": {"faiss": _faiss_version(), "pipeline": package_version("pipeline")},
+    }
+
+
 def build(cfg: IndexBuildConfig) -> dict[str, Any]:
     """Build an index over the embeddings table; returns the run summary (index.json holds the rest)."""
     from pipeline.ray.analytics import map_files
@@ -144,11 +196,8 @@ def build(cfg: IndexBuildConfig) -> dict[str, Any]:
 
     # 3. encode each file into a part (and its exact neighbours of the queries), a task each
     t = time.perf_counter()
-    parts = map_files(store.encode_file,
-                      [((f.uri, f.rel, dim, params.to_dict(), first, rows), {})
-                       for f, first, rows in zip(files, firsts, reader.rows)],
-                      cfg.runtime, "encoding files", shared={"template": template,
-                                                             "queries": queries if n_queries else None})
+    parts = _encode_files(files, firsts, reader.rows, dim, params, cfg.runtime, "encoding files",
+                          {"template": template, "queries": queries if n_queries else None})
     wall = time.perf_counter() - t
     # the tasks also found the held-out queries' exact neighbours: that share of the wall time is recall's
     truth_share = sum(p.truth_s for p in parts) / max(sum(p.seconds for p in parts), 1e-9)
@@ -157,15 +206,7 @@ def build(cfg: IndexBuildConfig) -> dict[str, Any]:
 
     # 4. merge in label order
     t = time.perf_counter()
-    index = ix.deserialize(template)
-    truth = ix.TopK.empty(len(queries), ix.RECALL_K + 1)
-    id_parts: list[pa.Table] = []
-    for p in parts:
-        ix.merge_part(index, params, p.part, p.labels)
-        p.part = b""
-        if p.truth is not None:
-            truth = truth.merge(p.truth)
-        id_parts.append(store.ids_table([p.labels], [p.ids], [p.rel]))
+    index, truth, id_parts = _merge_built(template, params, parts, len(queries))
     del parts
     next_label = firsts[-1] + reader.rows[-1]
     times["merge_s"] = time.perf_counter() - t
@@ -177,23 +218,7 @@ def build(cfg: IndexBuildConfig) -> dict[str, Any]:
     times["recall_s"] = time.perf_counter() - t + exact_s
 
     t = time.perf_counter()
-    meta_files = {f.rel: {"version": f.version, "size": f.size, "rows": rows, "first_label": first}
-                  for f, rows, first in zip(files, reader.rows, firsts)}
-    build_s = times["sample_s"] + times["train_s"] + times["encode_s"] + times["merge_s"]
-    meta = {
-        "format": 1, "kind": params.kind, "metric": params.metric, "factory": params.factory(),
-        "params": params.to_dict(), "spec": reader.spec.to_dict(), "embeddings": reader.uri,
-        "files": meta_files, "next_label": next_label, "generation": 1,
-        "counts": _counts(index, params, meta_files, next_label),
-        "recall": {**recall, "measured_at": _now(), "generation": 1},
-        "recall_history": [{"generation": 1, "at": _now(), "recall_at_10": recall.get("recall_at_10"),
-                            "vectors": ix.live_count(index, params), "kind": "build"}],
-        "build": {"seconds": {k: round(v, 3) for k, v in times.items()},
-                  "vectors_per_s": round(n / build_s, 1) if build_s > 0 else None, "seed": cfg.seed,
-                  "recall_queries": cfg.recall_queries, "max_memory": cfg.max_memory},
-        "created_at": started, "updated_at": _now(),
-        "versions": {"faiss": _faiss_version(), "pipeline": package_version("pipeline")},
-    }
+    meta = _build_meta(cfg, params, reader, index, firsts, next_label, recall, times, started)
     storage.write_bytes(storage.join(cfg.output, TRAINED_FILE), template)
     if n_queries:
         write_parquet(storage.join(cfg.output, QUERIES_FILE), _queries_table(q_labels, queries))
@@ -240,10 +265,86 @@ def plan_add(meta: dict[str, Any], reader: EmbeddingReader) -> tuple[list[int], 
     return sorted(todo), remove, keep
 
 
+def _kept_queries(cfg: IndexAddConfig, params: ix.IndexParams, meta: dict[str, Any],
+                  remove: list[tuple[int, int]]) -> tuple[int, np.ndarray, np.ndarray]:
+    """How many held-out queries to keep, and the stored ones whose rows stay in the index."""
+    n_queries = 0 if params.kind == "flat" else (
+        cfg.recall_queries if cfg.recall_queries is not None else meta["build"]["recall_queries"])
+    q_labels, queries = _read_queries(cfg.index, params.dim)
+    if len(q_labels) and remove:
+        gone = np.zeros(len(q_labels), bool)
+        for a, b in remove:
+            gone |= (q_labels >= a) & (q_labels < b)
+        q_labels, queries = q_labels[~gone], queries[~gone]
+    return n_queries, q_labels, queries
+
+
+def _held_ids(index_uri: str, meta: dict[str, Any], keep: dict[str, Any], remove: list[tuple[int, int]]
+              ) -> pa.Table:
+    """The index's ids table without the rows of the files it no longer keeps."""
+    ids = store.read_ids(index_uri)
+    if remove:
+        dead = pa.array(sorted(set(meta["files"]) - set(keep)), pa.string())
+        ids = ids.filter(pc.invert(pc.is_in(ids.column("file"), value_set=dead)))
+    return ids
+
+
+def _merge_added(index: Any, params: ix.IndexParams, parts: list[store.FilePart], ids: pa.Table
+                 ) -> tuple[list[pa.Table], list[np.ndarray], list[np.ndarray]]:
+    """Merge the new parts into ``index`` in label order (each part's bytes dropped once merged); returns the
+    id tables (``ids`` first) and the new files' sampled query labels and vectors."""
+    id_parts = [ids]
+    new_q_labels, new_queries = [], []
+    for p in parts:
+        ix.merge_part(index, params, p.part, p.labels)
+        p.part = b""
+        id_parts.append(store.ids_table([p.labels], [p.ids], [p.rel]))
+        if p.sample is not None and len(p.sample.labels):
+            new_q_labels.append(p.sample.labels)
+            new_queries.append(p.sample.x)
+    return id_parts, new_q_labels, new_queries
+
+
+def _mix_queries(seed: int, n_queries: int, q_labels: np.ndarray, queries: np.ndarray,
+                 new_q_labels: list[np.ndarray], new_queries: list[np.ndarray]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The new files' sampled queries, topped up to ``n_queries`` with a random share of the kept ones."""
+    rng = np.random.default_rng(seed)
+    keep_old = max(0, n_queries - sum(len(x) for x in new_q_labels))
+    old = np.sort(rng.permutation(len(q_labels))[:keep_old])
+    return (np.concatenate([q_labels[old], *new_q_labels]),
+            np.ascontiguousarray(np.concatenate([queries[old], *new_queries])))
+
+
+def _files_after_add(keep: dict[str, Any], reader: EmbeddingReader, todo: list[int], firsts: list[int],
+                     new_rows: list[int]) -> dict[str, Any]:
+    """index.json's files: the kept ones, then the added ones with their first labels."""
+    files_meta = dict(keep)
+    for i, first, rows in zip(todo, firsts, new_rows):
+        f = reader.files[i]
+        files_meta[f.rel] = {"version": f.version, "size": f.size, "rows": rows, "first_label": first}
+    return files_meta
+
+
+def _update_meta(meta: dict[str, Any], files_meta: dict[str, Any], next_label: int, index: Any,
+                 params: ix.IndexParams, reader: EmbeddingReader, recall: dict[str, Any]) -> None:
+    """index.json after an add: the next generation, its files, counts and recall."""
+    generation = int(meta["generation"]) + 1
+    r = recall.get("recall_at_10")
+    meta.update({
+        "files": files_meta, "next_label": next_label, "generation": generation,
+        "counts": _counts(index, params, files_meta, next_label), "embeddings": reader.uri,
+        "recall": {**recall, "measured_at": _now(), "generation": generation},
+        "recall_history": [*meta.get("recall_history", []),
+                           {"generation": generation, "at": _now(), "recall_at_10": r,
+                            "vectors": ix.live_count(index, params), "kind": "add"}],
+        "updated_at": _now(),
+    })
+    meta.setdefault("versions", {})["faiss"] = _faiss_version()
+
+
 def add(cfg: IndexAddConfig) -> dict[str, Any]:
     """Add the embedding files the index does not hold yet (no retraining); returns the run summary."""
-    from pipeline.ray.analytics import map_files
-
     t0 = time.perf_counter()
     started = _now()
     meta = store.read_meta(cfg.index)
@@ -269,14 +370,7 @@ def add(cfg: IndexAddConfig) -> dict[str, Any]:
     firsts = _firsts(new_rows, next_label)
 
     # queries: keep the stored ones still in the index, replace a share by rows of the new files
-    n_queries = 0 if params.kind == "flat" else (
-        cfg.recall_queries if cfg.recall_queries is not None else meta["build"]["recall_queries"])
-    q_labels, queries = _read_queries(cfg.index, params.dim)
-    if len(q_labels) and remove:
-        gone = np.zeros(len(q_labels), bool)
-        for a, b in remove:
-            gone |= (q_labels >= a) & (q_labels < b)
-        q_labels, queries = q_labels[~gone], queries[~gone]
+    n_queries, q_labels, queries = _kept_queries(cfg, params, meta, remove)
     total = sum(reader.rows)
     n_new_q = min(n_queries, math.ceil(n_queries * sum(new_rows) / total)) if total else 0
     per_file = _proportional(n_new_q, new_rows)
@@ -284,60 +378,30 @@ def add(cfg: IndexAddConfig) -> dict[str, Any]:
     t = time.perf_counter()
     template = storage.read_bytes(storage.join(cfg.index, TRAINED_FILE))
     seed = int(meta["build"].get("seed", 0)) + int(meta["generation"])
-    parts = map_files(store.encode_file,
-                      [((reader.files[i].uri, reader.files[i].rel, params.dim, params.to_dict(), first, rows),
-                        {"sample_count": c, "seed": seed})
-                       for i, first, rows, c in zip(todo, firsts, new_rows, per_file)],
-                      cfg.runtime, "encoding new files", shared={"template": template})
+    parts = _encode_files([reader.files[i] for i in todo], firsts, new_rows, params.dim, params, cfg.runtime,
+                          "encoding new files", {"template": template},
+                          [{"sample_count": c, "seed": seed} for c in per_file])
     times["encode_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     index = store.load_for_update(cfg.index)
     removed = ix.remove_labels(index, params, remove)
-    ids = store.read_ids(cfg.index)
-    if remove:
-        dead = pa.array(sorted(set(meta["files"]) - set(keep)), pa.string())
-        ids = ids.filter(pc.invert(pc.is_in(ids.column("file"), value_set=dead)))
-    id_parts = [ids]
-    new_q_labels, new_queries = [], []
-    for p in parts:
-        ix.merge_part(index, params, p.part, p.labels)
-        p.part = b""
-        id_parts.append(store.ids_table([p.labels], [p.ids], [p.rel]))
-        if p.sample is not None and len(p.sample.labels):
-            new_q_labels.append(p.sample.labels)
-            new_queries.append(p.sample.x)
+    id_parts, new_q_labels, new_queries = _merge_added(index, params, parts,
+                                                       _held_ids(cfg.index, meta, keep, remove))
     added = sum(len(p.labels) for p in parts)
     next_label = firsts[-1] + new_rows[-1] if todo else next_label
     times["merge_s"] = time.perf_counter() - t
     if new_q_labels:
-        rng = np.random.default_rng(seed)
-        keep_old = max(0, n_queries - sum(len(x) for x in new_q_labels))
-        old = np.sort(rng.permutation(len(q_labels))[:keep_old])
-        q_labels = np.concatenate([q_labels[old], *new_q_labels])
-        queries = np.ascontiguousarray(np.concatenate([queries[old], *new_queries]))
+        q_labels, queries = _mix_queries(seed, n_queries, q_labels, queries, new_q_labels, new_queries)
 
     t = time.perf_counter()
-    files_meta = dict(keep)
-    for i, first, rows in zip(todo, firsts, new_rows):
-        f = reader.files[i]
-        files_meta[f.rel] = {"version": f.version, "size": f.size, "rows": rows, "first_label": first}
+    files_meta = _files_after_add(keep, reader, todo, firsts, new_rows)
     all_firsts = {rel: info["first_label"] for rel, info in files_meta.items()}
     recall = _recall(index, params, reader, all_firsts, q_labels, queries, None, cfg.runtime, tune=False)
     times["recall_s"] = time.perf_counter() - t
 
-    generation = int(meta["generation"]) + 1
     r = recall.get("recall_at_10")
-    meta.update({
-        "files": files_meta, "next_label": next_label, "generation": generation,
-        "counts": _counts(index, params, files_meta, next_label), "embeddings": reader.uri,
-        "recall": {**recall, "measured_at": _now(), "generation": generation},
-        "recall_history": [*meta.get("recall_history", []),
-                           {"generation": generation, "at": _now(), "recall_at_10": r,
-                            "vectors": ix.live_count(index, params), "kind": "add"}],
-        "updated_at": _now(),
-    })
-    meta.setdefault("versions", {})["faiss"] = _faiss_version()
+    _update_meta(meta, files_meta, next_label, index, params, reader, recall)
     t = time.perf_counter()
     if params.kind != "flat":
         write_parquet(storage.join(cfg.index, QUERIES_FILE), _queries_table(q_labels, queries))

@@ -19,7 +19,7 @@ from pipeline.output.layout import EMBEDDINGS_DIR, ERRORS_DIR
 from pipeline.output.ledger import clear_or_refuse
 from pipeline.output.writer import EMBEDDING_COLUMNS, Output
 from pipeline.plan import precision_of
-from pipeline.sources import check_source, list_shards, sample_shards
+from pipeline.sources import Shard, check_source, list_shards, sample_shards
 
 
 def _slug(text: str) -> str:
@@ -46,6 +46,34 @@ def forward_cost_ms(backbone, layers: list[str], batch: int = 8, repeats: int = 
     return out
 
 
+def _extract_run(cfg: ProbeConfig, model: str, shards: list[Shard], limit: int | None
+                 ) -> tuple[ImageRun, str, list[str], tuple[int, ...], dict[str, float]]:
+    """One model's extraction run over all its candidate layers (the backbone built on CPU checks every
+    layer and pooling up front), with the layers, their dims and forward costs."""
+    bcfg = cfg.backbone.model_copy(update={"model": model})
+    if cfg.layers == ["all"]:
+        layers = [*stage_names(create_model(model, "none")[0], model), "final", "logits"]
+    else:
+        layers = list(cfg.layers)
+    backbone = build_backbone(bcfg, "cpu", layers)  # validates every layer and pooling up front
+    decision = plan_for(cfg.runtime, backbone, estimated_images(shards) if limit is None else limit)
+    runtime = decision.runtime
+    outputs = [
+        Output(f"{_slug(model)}/{layer}/{EMBEDDINGS_DIR}",
+               {**EMBEDDING_COLUMNS, "embedding": embedding_column(i, len(layers))},
+               backbone.spec(i, dtype="float32", versions=versions(),
+                             precision=precision_of(runtime.autocast)))
+        for i, layer in enumerate(layers)
+    ]
+    run = ImageRun(kind="probe-extract", source=cfg.source, runtime=runtime, output_uri=cfg.output.uri,
+                   stage=Embedder, stage_kwargs={"backbone": bcfg.model_dump(), "layers": layers,
+                                                 "runtime": runtime.model_dump(),
+                                                 "max_bytes": cfg.source.max_bytes},
+                   outputs=outputs, config=json.loads(cfg.model_dump_json()),
+                   extra={"model": model, "layers": layers}, limit=limit, decision=decision)
+    return run, model, layers, backbone.dims, forward_cost_ms(backbone, layers)
+
+
 def probe(cfg: ProbeConfig, *, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Rank cuts by the validation accuracy of a head trained on each.
 
@@ -66,31 +94,7 @@ def probe(cfg: ProbeConfig, *, overwrite: bool = False, progress: bool = True) -
         else:
             shards = sampled
 
-    runs_to_do = []
-    for model in cfg.model_names():
-        bcfg = cfg.backbone.model_copy(update={"model": model})
-        if cfg.layers == ["all"]:
-            layers = [*stage_names(create_model(model, "none")[0], model), "final", "logits"]
-        else:
-            layers = list(cfg.layers)
-        backbone = build_backbone(bcfg, "cpu", layers)  # validates every layer and pooling up front
-        decision = plan_for(cfg.runtime, backbone, estimated_images(shards) if limit is None else limit)
-        runtime = decision.runtime
-        outputs = [
-            Output(f"{_slug(model)}/{layer}/{EMBEDDINGS_DIR}",
-                   {**EMBEDDING_COLUMNS, "embedding": embedding_column(i, len(layers))},
-                   backbone.spec(i, dtype="float32", versions=versions(),
-                                 precision=precision_of(runtime.autocast)))
-            for i, layer in enumerate(layers)
-        ]
-        run = ImageRun(kind="probe-extract", source=cfg.source, runtime=runtime, output_uri=cfg.output.uri,
-                       stage=Embedder, stage_kwargs={"backbone": bcfg.model_dump(), "layers": layers,
-                                                     "runtime": runtime.model_dump(),
-                                                     "max_bytes": cfg.source.max_bytes},
-                       outputs=outputs, config=json.loads(cfg.model_dump_json()),
-                       extra={"model": model, "layers": layers}, limit=limit, decision=decision)
-        runs_to_do.append((run, model, layers, backbone.dims, forward_cost_ms(backbone, layers)))
-        del backbone
+    runs_to_do = [_extract_run(cfg, model, shards, limit) for model in cfg.model_names()]
     storage.check_writable(cfg.output.uri)
     clear_or_refuse(cfg.output.uri, [o.subdir for r in runs_to_do for o in r[0].outputs] + [ERRORS_DIR],
                     overwrite)

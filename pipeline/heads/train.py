@@ -160,6 +160,37 @@ def _check_labels(stats: SplitStats, reader: EmbeddingReader, cfg: HeadTrainConf
                             "validation metrics; add examples")
 
 
+def _first_pass(reader: EmbeddingReader, val_fraction: float, read_rows: int, streamed: bool
+                ) -> tuple[SplitStats, Moments, list[tuple[EmbeddingChunk, np.ndarray]]]:
+    """One pass over the embeddings: the split's statistics, the feature moments, and (unless streamed) the
+    chunks with their ids' hashes."""
+    stats = SplitStats(val_fraction)
+    moments = Moments()  # of the labelled rows at or above the threshold, then corrected with the split
+    kept: list[tuple[EmbeddingChunk, np.ndarray]] = []
+    for chunk in reader.chunks(rows=read_rows):
+        h = hash_unit(chunk.ids)
+        moments.add(chunk.x[stats.update(chunk.ids, chunk.labels, h, chunk.x)])
+        if not streamed:
+            kept.append((chunk, h))
+    return stats, moments, kept
+
+
+def _training_data(reader: EmbeddingReader, kept: list[tuple[EmbeddingChunk, np.ndarray]], encode: Encoder,
+                   streamed: bool, batch_size: int, seed: int, read_rows: int, device: torch.device
+                   ) -> InMemory | Streamed:
+    """The rows to train on: read again from storage when streamed, else the kept chunks encoded into
+    arrays (``kept`` is emptied)."""
+    if streamed:
+        return Streamed(reader, encode, batch_size, seed, read_rows)
+    parts = [encode(c, h) for c, h in kept]
+    kept.clear()
+    x = np.concatenate([p[0] for p in parts])
+    y = np.concatenate([p[1] for p in parts])
+    is_val = np.concatenate([p[2] for p in parts])
+    del parts
+    return InMemory(x, y, is_val, batch_size, seed, device)
+
+
 def train_head(cfg: HeadTrainConfig | dict[str, Any], progress: bool = True) -> dict[str, Any]:
     """Train a head on stored embeddings and write its artifacts; returns head.json's content + "output"."""
     cfg = cfg if isinstance(cfg, HeadTrainConfig) else HeadTrainConfig(**cfg)
@@ -171,14 +202,7 @@ def train_head(cfg: HeadTrainConfig | dict[str, Any], progress: bool = True) -> 
     warnings: list[str] = []
 
     # pass one: labels, split, train-split moments (and the rows themselves when they fit)
-    stats = SplitStats(cfg.val_fraction)
-    moments = Moments()  # of the labelled rows at or above the threshold, then corrected with the split
-    kept: list[tuple[EmbeddingChunk, np.ndarray]] = []
-    for chunk in reader.chunks(rows=read_rows):
-        h = hash_unit(chunk.ids)
-        moments.add(chunk.x[stats.update(chunk.ids, chunk.labels, h, chunk.x)])
-        if not streamed:
-            kept.append((chunk, h))
+    stats, moments, kept = _first_pass(reader, cfg.val_fraction, read_rows, streamed)
     _check_labels(stats, reader, cfg, warnings)
     for w in warnings:
         log.warning(w)
@@ -191,17 +215,7 @@ def train_head(cfg: HeadTrainConfig | dict[str, Any], progress: bool = True) -> 
     n_train, n_val = split.train_rows, split.val_rows
     # small tables: smaller minibatches, so an epoch still takes MIN_STEPS optimizer steps
     batch_size = min(cfg.batch_size, max(32, math.ceil(n_train / MIN_STEPS)))
-    if streamed:
-        data: InMemory | Streamed = Streamed(reader, encode, batch_size, cfg.seed, read_rows)
-    else:
-        parts = [encode(c, h) for c, h in kept]
-        kept.clear()
-        x = np.concatenate([p[0] for p in parts])
-        y = np.concatenate([p[1] for p in parts])
-        is_val = np.concatenate([p[2] for p in parts])
-        del parts
-        data = InMemory(x, y, is_val, batch_size, cfg.seed, device)
-        del x, y, is_val
+    data = _training_data(reader, kept, encode, streamed, batch_size, cfg.seed, read_rows, device)
 
     cw = _class_weights(cfg, split, classes)
     loss_fn = nn.CrossEntropyLoss(weight=torch.from_numpy(cw).to(device) if cw is not None else None)

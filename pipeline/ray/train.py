@@ -86,14 +86,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
     tm = F.build_training_model(cfg, classes)
-    state: dict[str, Any] = {"epoch": 0, "step": 0, "history": [], "classes": classes,
-                             "classifier": tm.classifier, "fingerprint": config["fingerprint"],
-                             "weights_source": tm.weights_source, "weights_sha256": tm.weights_sha256,
-                             "frozen": {"until": tc.freeze_until, "tensors": len(tm.frozen_keys),
-                                        "parameters": sum(p.numel() for p in tm.model.parameters()
-                                                          if not p.requires_grad)},
-                             "trainable_parameters": sum(p.numel() for p in tm.model.parameters()
-                                                         if p.requires_grad)}
+    state = _initial_state(tm, classes, config["fingerprint"], tc.freeze_until)
     ckpt = ray.train.get_checkpoint()
     with (ckpt.as_directory() if ckpt else contextlib.nullcontext(None)) as restored:
         if restored:
@@ -157,13 +150,30 @@ def worker_loop(config: dict[str, Any]) -> None:
         if train_rows.errors or val_rows.errors:  # unreadable images: this worker's error rows so far
             write_error_rows(cfg.output.uri, f"{F.ERROR_PARTS}{rank}",
                              {**train_rows.errors, **val_rows.errors})
-        with tempfile.TemporaryDirectory() as d:
-            checkpoint = None
-            if rank == 0:
-                F.save_checkpoint(d, model, optimizer, state)
-                checkpoint = ray.train.Checkpoint.from_directory(d)
-            metrics = {key: v for key, v in entry.items() if isinstance(v, (int, float)) and v is not None}
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=F.checkpoint_name(epoch))
+        _report_epoch(rank, epoch, model, optimizer, state, entry)
+
+
+def _initial_state(tm: F.TrainingModel, classes: list[str], fingerprint: dict[str, Any], freeze_until: str
+                   ) -> dict[str, Any]:
+    """The training state before the first epoch (a checkpoint's state replaces it on resume)."""
+    return {"epoch": 0, "step": 0, "history": [], "classes": classes,
+            "classifier": tm.classifier, "fingerprint": fingerprint,
+            "weights_source": tm.weights_source, "weights_sha256": tm.weights_sha256,
+            "frozen": {"until": freeze_until, "tensors": len(tm.frozen_keys),
+                       "parameters": sum(p.numel() for p in tm.model.parameters() if not p.requires_grad)},
+            "trainable_parameters": sum(p.numel() for p in tm.model.parameters() if p.requires_grad)}
+
+
+def _report_epoch(rank: int, epoch: int, model: Any, optimizer: Any, state: dict[str, Any],
+                  entry: dict[str, Any]) -> None:
+    """Report the epoch's numeric metrics to Ray Train, with a checkpoint written by rank 0."""
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint = None
+        if rank == 0:
+            F.save_checkpoint(d, model, optimizer, state)
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+        metrics = {key: v for key, v in entry.items() if isinstance(v, (int, float)) and v is not None}
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=F.checkpoint_name(epoch))
 
 
 def fit(cfg: Any, shards: list[Any], split: Any, *, fingerprint: dict[str, Any], run_id: str,
