@@ -12,7 +12,8 @@ Rows (same model and machine):
   forward-cl-bf16           channels-last with bf16 autocast
   forward-cl-bf16-compiled  and torch.compile
   forward-folded-*          the same with BatchNorm folded into the convolutions and, eager on CPU, each
-                            ReLU run inside its convolution, as the actors prepare it (pipeline/inference.py)
+                            ReLU run inside its convolution, as the actors prepare it
+                            (pipeline/backbone/inference.py)
   forward-planned           the model as the pipeline's actors run it: folded, the planner's precision
                             (e.g. bf16-stem-fp32 for tf_efficientnet_lite0), channels-last, not compiled
   forward-planned-compiled  and torch.compile: the fastest forward that keeps the planner's precision bound

@@ -5,7 +5,8 @@ Ray-free and deterministic: the cluster is plain data (``Cluster``, built from R
 always win: only the fields a user left unset (``None`` or ``"auto"``) are chosen here, and each choice
 comes with its reason, which the run record keeps.
 
-Rules, in short (docs/operations.md explains them):
+Rules, in short (docs/operations.md explains them; bench/RESULTS.md, "Where the planner's constants were
+measured", has the numbers behind each):
 - GPUs anywhere in the cluster (alive, or in a node group the autoscaler may start): one actor per GPU,
   half of the node's CPUs per GPU for the actor (the rest for read and write tasks), the tensor decoder,
   channels-last, two batches in flight, bf16 autocast where the GPU computes it (fp16 on older cards).
@@ -38,27 +39,20 @@ from pipeline.config import ConfigError, FinetuneRuntime, RuntimeConfig
 READ_TASK_CPUS = 0.25  # read tasks wait on storage: a quarter CPU each lets several run beside the actors
 MAX_THREADS_PER_CPU_ACTOR = 4  # past ~4 threads a CNN forward at batch 32 gains little per extra thread
 # A CPU actor's memory: the process with torch, timm and Ray imported, decode buffers and a batch of 32 in
-# the model (peak RSS 1.2 GiB for tf_efficientnet_lite0 and resnet50, 1.5-1.7 for ViT-B/ConvNeXt-B), plus
-# the model twice (its weights, and a copy while the BatchNorm fold is checked).
+# the model, plus the model twice (its weights, and a copy while the BatchNorm fold is checked).
 CPU_ACTOR_BASE_GIB = 1.2
 ACTOR_MEMORY_SHARE = 0.8  # of a node's Ray `memory` resource, for the actors' copies of the model
 # GPUs without native bf16 (compute capability < 8.0); Ray's accelerator_type names.
 NO_BF16_GPUS = ("V100", "T4", "P100", "P4", "K80", "M60", "P40", "K40")
 # torch.compile: (seconds to compile in each actor, forward speed-up once compiled, images/s of an eager
-# forward to price the saving), measured on the 2-core CI CPU and on an H100 (resnet50 eager bf16 12,880
-# images/s, compiled 20,836: 1.6x). On CPU the eager forward runs each ReLU inside its convolution
-# (inference.fuse_conv_activations), which a compiled one does not: compiled against eager, as the actors
-# run them, tf_efficientnet_lite0 0.99x (244 against 247 images/s), resnet50 1.06x, for 33-60 s of
-# compiling in each actor; a speed-up of 1 keeps compile: auto off there.
+# forward to price the saving). On CPU the eager forward runs each ReLU inside its convolution, which a
+# compiled one does not; a speed-up of 1 keeps compile: auto off there.
 COMPILE = {"cpu": (60.0, 1.0, 120.0), "cuda": (40.0, 1.6, 10_000.0)}
 # A CPU forward's largest tensor stays under this: glibc serves larger blocks with mmap (its dynamic
 # threshold stops at 32 MiB) and unmaps them when freed, so each forward page-faults them afresh.
-# tf_efficientnet_lite0 on one core: bf16 batches of 8 (19 MiB) 120 images/s, of 16 or 32 74-81; fp32
-# batches of 4 72, of 8-32 44. pipeline extract: 156 against 114 images/s with batches of 32.
 FORWARD_BYTES = 32 * 2**20
 BF16_MIN_COSINE = 0.999  # bf16 autocast only for models whose embeddings keep this much of fp32's
-# fastest first: all bf16, then bf16 with the stem and first stage in fp32 (lite0 on the 2-core CPU:
-# 169 and 146 images/s against 75 in fp32, all with BatchNorm folded)
+# fastest first: all bf16, then bf16 with the stem and first stage in fp32
 BF16_MODES = ("bf16", "bf16-stem-fp32")
 
 
@@ -312,13 +306,10 @@ def _plan_layout(rt: RuntimeConfig, device: str, tensor_decodable: bool, up: dic
                  why: list[str]) -> None:
     """Channels-last and the decoder, where unset, into ``up`` and ``why``."""
     if _unset(rt, "channels_last"):
-        # measured on the 2-core CPU: tf_efficientnet_lite0 fp32 26.7 -> 48.8 images/s, bf16 needs it
         up["channels_last"] = True
         why.append("channels-last: " + ("faster convolutions with tensor cores" if device == "cuda" else
                                         "oneDNN's CPU convolutions prefer it"))
     if _unset(rt, "decoder"):
-        # CPU, tf_efficientnet_lite0, 500x375 JPEGs, one thread: decode + preprocess to a channels-last batch
-        # 844-882 images/s against PIL's 259-282; embeddings within cosine 0.99999 of the PIL path's
         up["decoder"] = "tensor" if tensor_decodable else "pil"
         why.append("decoder tensor: " + ("nvjpeg and batched resize on the GPU" if device == "cuda" else
                                          "libjpeg-turbo and batched resize, faster than PIL's per-image path")
@@ -377,9 +368,8 @@ def _cpu_actors_per_node(node: NodeType, usable: float, model_bytes: int) -> tup
     """CPU actors per node, and why: one per usable CPU (rounded up: the read tasks beside them mostly wait
     on storage), each with one torch thread. Side by side, one-thread actors run more images per core than
     one actor's threads: no synchronisation between threads, and one actor's gaps between batches are
-    another's work (tf_efficientnet_lite0 on the 2-core CPU: 2 actors x 1 thread 116-120 images/s, 1 actor x
-    2 threads 94; resnet50 37.3 and 32.9). Fewer actors, with more threads each, where the node's memory
-    cannot hold one copy of the model per CPU."""
+    another's work. Fewer actors, with more threads each, where the node's memory cannot hold one copy of
+    the model per CPU."""
     want = max(1, math.ceil(usable - 1e-9))
     side_by_side = "one-thread actors side by side run more images per core than one actor's threads"
     if not node.memory_gib:

@@ -24,7 +24,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline import finetune as F
+from pipeline import finetune as ft
 from pipeline.commands.extract import extract
 from pipeline.commands.finetune import collect_labels, finetune
 from pipeline.config import ConfigError, FinetuneConfig
@@ -99,7 +99,7 @@ def test_labels_are_required(tmp_path):
 
 
 def test_freeze_until_covers_the_stem_and_the_named_layer(tmp_path):
-    tm = F.build_training_model(_cfg(tmp_path, tmp_path / "o", freeze_until="blocks.3"), ["a", "b", "c"])
+    tm = ft.build_training_model(_cfg(tmp_path, tmp_path / "o", freeze_until="blocks.3"), ["a", "b", "c"])
     grads = {n: p.requires_grad for n, p in tm.model.named_parameters()}
     assert all(not g for n, g in grads.items() if n.startswith(FROZEN_PREFIXES))
     assert all(g for n, g in grads.items() if not n.startswith(FROZEN_PREFIXES))
@@ -109,15 +109,15 @@ def test_freeze_until_covers_the_stem_and_the_named_layer(tmp_path):
     bn = tm.model.get_submodule("blocks.3.0.bn1")
     assert bn in tm.stat_modules and tm.model.get_submodule("blocks.4.0.bn1") not in tm.stat_modules
 
-    head_only = F.build_training_model(_cfg(tmp_path, tmp_path / "o", freeze_until="final"), ["a", "b"])
+    head_only = ft.build_training_model(_cfg(tmp_path, tmp_path / "o", freeze_until="final"), ["a", "b"])
     assert [n for n, p in head_only.model.named_parameters() if p.requires_grad] == \
         ["classifier.weight", "classifier.bias"]
 
 
 def test_lr_decay_per_stage(tmp_path):
     cfg = _cfg(tmp_path, tmp_path / "o", freeze_until="none", lr_decay=0.5, lr=1e-3)
-    tm = F.build_training_model(cfg, ["a", "b"])
-    opt = F.make_optimizer(tm, cfg.backbone.model, cfg.train)
+    tm = ft.build_training_model(cfg, ["a", "b"])
+    opt = ft.make_optimizer(tm, cfg.backbone.model, cfg.train)
     lr_of = {}
     for g in opt.param_groups:
         for p in g["params"]:
@@ -137,14 +137,14 @@ def test_split_is_deterministic_and_matches_heads():
 
     ids = [f"{c}/{i:03d}.jpg" for c in ("a", "b", "c") for i in range(30)] + ["lonely/0.jpg"]
     labels = [i.split("/")[0] for i in ids]
-    s = F.make_split(ids, labels, 0.2)
+    s = ft.make_split(ids, labels, 0.2)
     assert s.classes == ["a", "b", "c", "lonely"]
     np.testing.assert_array_equal(s.is_val(ids), split_ids(ids, labels, 0.2))
     assert s.per_class["lonely"] == {"train": 1, "validation": 0}
     t = pa.table({"id": ids + ["x.jpg"], "label": labels + [None], "bytes": [b"x"] * 92,
                   "error_kind": [None] * 91 + ["missing"]})
-    train = F.select_rows(t, which="train", split=s)
-    val = F.select_rows(t, which="val", split=s)
+    train = ft.select_rows(t, which="train", split=s)
+    val = ft.select_rows(t, which="val", split=s)
     assert train.num_rows == s.train_rows and val.num_rows == s.val_rows
     assert set(train.column("id").to_pylist()).isdisjoint(val.column("id").to_pylist())
 
@@ -156,7 +156,7 @@ def test_training_batches_decode_like_extract_and_keep_the_bad_images_as_error_r
 
     model, _, _ = create_model("tf_efficientnet_lite0", "none")
     transform, _ = preprocessing_for(model, "tf_efficientnet_lite0", "none")
-    tb = F.TrainBatches(transform, ["brick", "grass"], (3, 224, 224), threads=1)
+    tb = ft.TrainBatches(transform, ["brick", "grass"], (3, 224, 224), threads=1)
     good = (textures_dir / "brick" / "000.jpg").read_bytes()
     batch = pa.table({"id": ["a", "b", "c", "d"], "source": ["s/a", "s/b", "s/c", "s/d"],
                       "label": ["brick", "grass", "brick", "brick"],
@@ -184,7 +184,7 @@ def test_labels_of_shard_formats_come_from_one_ray_data_pass(ray_session, textur
     ids, labels = collect_labels(shards, source, _cfg(textures_dir, tmp_path).runtime)
     assert len(ids) == len(set(ids)) == 24
     assert sorted(labels) == sorted(["brick", "grass", "gravel"] * 8)
-    split = F.make_split(ids, labels, 0.2)
+    split = ft.make_split(ids, labels, 0.2)
     assert split.train_rows + split.val_rows == 24 and split.classes == ["brick", "grass", "gravel"]
 
 
@@ -194,10 +194,10 @@ def test_loose_files_are_regrouped_across_class_folders(textures_dir):
 
     shards, _ = list_shards(SourceConfig(uri=str(textures_dir), files_per_shard=6))
     assert [{r.split("/")[0] for r in s.rels} for s in shards][0] == {"brick"}  # listing order: by folder
-    mixed = F.mixed_shards(shards, 6)
+    mixed = ft.mixed_shards(shards, 6)
     assert sorted(r for s in mixed for r in s.rels) == sorted(r for s in shards for r in s.rels)
     assert all(len({r.split("/")[0] for r in s.rels}) >= 2 for s in mixed)
-    ids, labels = F.folder_labels(shards)
+    ids, labels = ft.folder_labels(shards)
     assert dict(zip(ids, labels))["grass/003.jpg"] == "grass"
 
 

@@ -1,6 +1,6 @@
-"""Inference-time rewrites (pipeline/inference.py): BatchNorm folded into convolutions, each ReLU run inside
-the convolution before it, and the stem kept in fp32 under bf16, all keeping module names and the
-embeddings, undone or skipped where they would change what a cut captures."""
+"""Inference-time rewrites (pipeline/backbone/inference.py): BatchNorm folded into convolutions, each ReLU
+run inside the convolution before it, and the stem kept in fp32 under bf16, all keeping module names and
+the embeddings, undone or skipped where they would change what a cut captures."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from pipeline import finetune as F
+from pipeline import finetune as ft
 from pipeline import storage
 from pipeline.commands.run import new_run_id, versions
 from pipeline.config import ConfigError
@@ -21,7 +21,7 @@ def collect_labels(shards: list[Shard], source_cfg: Any, runtime: Any) -> tuple[
     """(ids, labels) of the readable rows: from the listing for loose files with --labels folder, else one
     Ray Data pass over the shards that keeps only id and label (bytes are dropped inside the read tasks)."""
     if shards[0].format == "files" and source_cfg.labels == "folder":
-        return F.folder_labels(shards)
+        return ft.folder_labels(shards)
     from pipeline.ray.data import collect_labels as ray_collect_labels
 
     return ray_collect_labels(shards, source_cfg, runtime)
@@ -32,12 +32,12 @@ def _check_output(cfg: Any, overwrite: bool) -> tuple[str, dict[str, Any]] | Non
     out = cfg.output.uri
     storage.check_writable(out)
     if overwrite:
-        for name in (F.CHECKPOINTS_DIR, *F.ARTIFACTS):
+        for name in (ft.CHECKPOINTS_DIR, *ft.ARTIFACTS):
             uri = storage.join(out, name)
             if storage.exists(uri):
                 storage.remove_tree(uri)
-    latest = F.latest_checkpoint(out)
-    done = [a for a in (F.BACKBONE_FILE, F.FINETUNE_JSON) if storage.exists(storage.join(out, a))]
+    latest = ft.latest_checkpoint(out)
+    done = [a for a in (ft.BACKBONE_FILE, ft.FINETUNE_JSON) if storage.exists(storage.join(out, a))]
     if latest is None and done:
         raise ConfigError(f"output '{out}' already holds a fine-tuned model ({', '.join(done)}) but no "
                           "checkpoints to continue from: pass --overwrite to replace it, or choose a new "
@@ -59,14 +59,14 @@ def finetune(cfg: Any, *, overwrite: bool = False, progress: bool = True) -> dic
     # Everything the user can get wrong is checked before Ray starts: source, model, weights, freeze layer.
     shards, skipped = list_shards(cfg.source)
     check_source(cfg.source, shards)
-    del F.build_training_model(cfg).model  # validates model, weights and freeze_until
+    del ft.build_training_model(cfg).model  # validates model, weights and freeze_until
     latest = _check_output(cfg, overwrite)
 
     ids, labels = collect_labels(shards, cfg.source, cfg.runtime)
-    split = F.make_split(ids, labels, cfg.train.val_fraction)
-    fingerprint = F.resume_fingerprint(cfg, split.classes)
+    split = ft.make_split(ids, labels, cfg.train.val_fraction)
+    fingerprint = ft.resume_fingerprint(cfg, split.classes)
     if latest is not None:
-        diff = F.resume_differences(latest[1].get("fingerprint") or {}, fingerprint)
+        diff = ft.resume_differences(latest[1].get("fingerprint") or {}, fingerprint)
         if diff:
             raise ConfigError(f"output '{out}' holds checkpoints of a different fine-tuning run "
                               f"({'; '.join(diff)}): pass --overwrite to start over, or choose a new "
@@ -96,9 +96,9 @@ def finetune(cfg: Any, *, overwrite: bool = False, progress: bool = True) -> dic
                                       progress=progress)
     t_done = time.perf_counter()
     with checkpoint.as_directory() as d:
-        state = F.load_checkpoint_state(d)
-        model_state = load_file(os.path.join(d, F.CKPT_MODEL))
-    errors = merge_error_rows(out, F.ERROR_PARTS, F.ERRORS_NAME)
+        state = ft.load_checkpoint_state(d)
+        model_state = load_file(os.path.join(d, ft.CKPT_MODEL))
+    errors = merge_error_rows(out, ft.ERROR_PARTS, ft.ERRORS_NAME)
     new_epochs = [h["epoch"] for h in state["history"] if h.get("run_id") == run_id and h["epoch"] > 0]
     this_run = [r for r in state.get("runs", []) if r["run_id"] == run_id]
     extra = {
@@ -111,8 +111,8 @@ def finetune(cfg: Any, *, overwrite: bool = False, progress: bool = True) -> dic
         "workers": rt.workers,
         "plan": decision.record(),
         "steps_per_epoch": steps_per_epoch,
-        "checkpoints": storage.join(out, F.CHECKPOINTS_DIR),
-        "last_checkpoint": F.checkpoint_name(state["epoch"]),
+        "checkpoints": storage.join(out, ft.CHECKPOINTS_DIR),
+        "last_checkpoint": ft.checkpoint_name(state["epoch"]),
         "skipped_files": skipped,
         "failed_images": errors["failed"],
         "error_kinds": errors["error_kinds"],
@@ -120,7 +120,7 @@ def finetune(cfg: Any, *, overwrite: bool = False, progress: bool = True) -> dic
                     "total_s": round(time.perf_counter() - t_start, 3)},
         "versions": versions(),
     }
-    report = F.write_artifacts(cfg, model_state, state, split, extra)
+    report = ft.write_artifacts(cfg, model_state, state, split, extra)
     record = {"kind": "finetune", **{k: v for k, v in report.items() if k != "epochs"},
               "epochs": state["history"]}
     report["run_record"] = write_run_record(out, run_id, record)
@@ -143,6 +143,6 @@ def format_finetune(report: dict) -> str:
     if report.get("failed_images"):
         kinds = ", ".join(f"{k}={v}" for k, v in sorted(report["error_kinds"].items()))
         lines.append(f"errors:   {report['failed_images']} unreadable images left out, in "
-                     f"{storage.join(report['config']['output']['uri'], F.ERRORS_DIR)} ({kinds})")
+                     f"{storage.join(report['config']['output']['uri'], ft.ERRORS_DIR)} ({kinds})")
     lines.append(f"report:   {out['finetune_json']}, {out['report']}")
     return "\n".join(lines)

@@ -67,8 +67,6 @@ def _queries_table(labels: np.ndarray, x: np.ndarray) -> pa.Table:
                      "vector": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), dim)})
 
 
-
-
 def _read_queries(index_uri: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
     uri = storage.join(index_uri, QUERIES_FILE)
     if not storage.exists(uri):

@@ -22,7 +22,7 @@ import ray.train.torch
 from ray.data.collate_fn import ArrowBatchCollateFn
 from ray.train import DataConfig
 
-from pipeline import finetune as F
+from pipeline import finetune as ft
 from pipeline import storage
 from pipeline.output.writer import write_error_rows
 from pipeline.plan import READ_TASK_CPUS
@@ -79,31 +79,31 @@ def worker_loop(config: dict[str, Any]) -> None:
     training (epoch 0), then train/evaluate each epoch and checkpoint (rank 0 writes, all report)."""
     import torch
 
-    cfg = F.FinetuneConfig.model_validate(config["cfg"])
+    cfg = ft.FinetuneConfig.model_validate(config["cfg"])
     tc, rc = cfg.train, cfg.runtime
     classes: list[str] = config["classes"]
     k = len(classes)
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
-    tm = F.build_training_model(cfg, classes)
+    tm = ft.build_training_model(cfg, classes)
     state = _initial_state(tm, classes, config["fingerprint"], tc.freeze_until)
     ckpt = ray.train.get_checkpoint()
     with (ckpt.as_directory() if ckpt else contextlib.nullcontext(None)) as restored:
         if restored:
-            state = F.load_checkpoint_state(restored)
-            F.load_checkpoint_model(restored, tm.model)
+            state = ft.load_checkpoint_state(restored)
+            ft.load_checkpoint_model(restored, tm.model)
         model = ray.train.torch.prepare_model(tm.model)  # to the worker's device; DDP when world > 1
-        optimizer = F.make_optimizer(tm, cfg.backbone.model, tc)
+        optimizer = ft.make_optimizer(tm, cfg.backbone.model, tc)
         if restored:
-            F.load_checkpoint_optimizer(restored, optimizer)
+            ft.load_checkpoint_optimizer(restored, optimizer)
             for g in optimizer.param_groups:  # the schedule follows this run's lr
                 g["base_lr"] = tc.lr * g["lr_scale"]
 
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and rc.autocast == "fp16" else None
     decode = {"max_pixels": rc.max_pixels, "max_bytes": cfg.source.max_bytes}
-    train_rows = F.TrainBatches(tm.train_transform, classes, tm.input_size, **decode)
-    val_rows = F.TrainBatches(tm.eval_transform, classes, tm.input_size, **decode)
+    train_rows = ft.TrainBatches(tm.train_transform, classes, tm.input_size, **decode)
+    val_rows = ft.TrainBatches(tm.eval_transform, classes, tm.input_size, **decode)
     train_collate, val_collate = DecodeCollate(train_rows), DecodeCollate(val_rows)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if config["has_val"] else None
@@ -113,31 +113,31 @@ def worker_loop(config: dict[str, Any]) -> None:
         if val_shard is None:
             return None
         batches = val_shard.iter_torch_batches(batch_size=tc.batch_size, collate_fn=val_collate)
-        return F.all_reduce(F.evaluate(model, batches, k, device=device, autocast=rc.autocast), k, device)
+        return ft.all_reduce(ft.evaluate(model, batches, k, device=device, autocast=rc.autocast), k, device)
 
     def say(entry):
         if rank == 0 and config["progress"]:
-            sys.stderr.write(F.epoch_line(entry, tc.epochs) + "\n")  # not print: Ray Train patches it
+            sys.stderr.write(ft.epoch_line(entry, tc.epochs) + "\n")  # not print: Ray Train patches it
             sys.stderr.flush()
 
     state["runs"] = [*state.get("runs", []), {"run_id": config["run_id"], "start_epoch": state["epoch"]}]
     if not state["history"]:
-        F.seed_everything(tc.seed, 0, rank)
+        ft.seed_everything(tc.seed, 0, rank)
         t0 = time.perf_counter()
         va = validate()
         state["history"].append({"epoch": 0, **(va.metrics("val") if va else {}),
                                  "seconds": round(time.perf_counter() - t0, 3), "run_id": config["run_id"]})
         say(state["history"][0])
     for epoch in range(state["epoch"] + 1, tc.epochs + 1):
-        shuffle_seed = F.seed_everything(tc.seed, epoch, rank)
+        shuffle_seed = ft.seed_everything(tc.seed, epoch, rank)
         t0 = time.perf_counter()
         batches = train_shard.iter_torch_batches(
             batch_size=tc.batch_size, collate_fn=train_collate,
             local_shuffle_buffer_size=max(tc.batch_size, tc.shuffle_buffer), local_shuffle_seed=shuffle_seed)
-        sums, step = F.train_epoch(model, batches, optimizer, loss_fn, device=device, step=state["step"],
+        sums, step = ft.train_epoch(model, batches, optimizer, loss_fn, device=device, step=state["step"],
                                    total_steps=total_steps, stat_modules=tm.stat_modules,
                                    autocast=rc.autocast, scaler=scaler)
-        tr = F.all_reduce(sums, k, device)
+        tr = ft.all_reduce(sums, k, device)
         t_train = time.perf_counter() - t0
         va = validate()
         entry = {"epoch": epoch, **tr.metrics("train"), **(va.metrics("val") if va else {}),
@@ -148,12 +148,12 @@ def worker_loop(config: dict[str, Any]) -> None:
                      val_confusion=va.confusion.tolist() if va else None)
         say(entry)
         if train_rows.errors or val_rows.errors:  # unreadable images: this worker's error rows so far
-            write_error_rows(cfg.output.uri, f"{F.ERROR_PARTS}{rank}",
+            write_error_rows(cfg.output.uri, f"{ft.ERROR_PARTS}{rank}",
                              {**train_rows.errors, **val_rows.errors})
         _report_epoch(rank, epoch, model, optimizer, state, entry)
 
 
-def _initial_state(tm: F.TrainingModel, classes: list[str], fingerprint: dict[str, Any], freeze_until: str
+def _initial_state(tm: ft.TrainingModel, classes: list[str], fingerprint: dict[str, Any], freeze_until: str
                    ) -> dict[str, Any]:
     """The training state before the first epoch (a checkpoint's state replaces it on resume)."""
     return {"epoch": 0, "step": 0, "history": [], "classes": classes,
@@ -170,10 +170,10 @@ def _report_epoch(rank: int, epoch: int, model: Any, optimizer: Any, state: dict
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
         if rank == 0:
-            F.save_checkpoint(d, model, optimizer, state)
+            ft.save_checkpoint(d, model, optimizer, state)
             checkpoint = ray.train.Checkpoint.from_directory(d)
         metrics = {key: v for key, v in entry.items() if isinstance(v, (int, float)) and v is not None}
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=F.checkpoint_name(epoch))
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=ft.checkpoint_name(epoch))
 
 
 def fit(cfg: Any, shards: list[Any], split: Any, *, fingerprint: dict[str, Any], run_id: str,
@@ -185,11 +185,11 @@ def fit(cfg: Any, shards: list[Any], split: Any, *, fingerprint: dict[str, Any],
     rt = cfg.runtime
     init_ray(rt)
     data_context(rt, progress)
-    rows = read_shards(F.mixed_shards(shards, cfg.source.files_per_shard), cfg.source)
-    datasets = {"train": rows.map_batches(F.select_rows, fn_kwargs={"which": "train", "split": split},
+    rows = read_shards(ft.mixed_shards(shards, cfg.source.files_per_shard), cfg.source)
+    datasets = {"train": rows.map_batches(ft.select_rows, fn_kwargs={"which": "train", "split": split},
                                           batch_format="pyarrow", num_cpus=READ_TASK_CPUS)}
     if split.val_rows:
-        datasets["val"] = rows.map_batches(F.select_rows, fn_kwargs={"which": "val", "split": split},
+        datasets["val"] = rows.map_batches(ft.select_rows, fn_kwargs={"which": "val", "split": split},
                                            batch_format="pyarrow", num_cpus=READ_TASK_CPUS)
     steps_per_epoch = max(1, math.ceil((split.train_rows // rt.workers) / cfg.train.batch_size))
     path, fs = train_storage(cfg.output.uri)
@@ -203,7 +203,7 @@ def fit(cfg: Any, shards: list[Any], split: Any, *, fingerprint: dict[str, Any],
             resources_per_worker={"CPU": rt.cpus_per_worker,
                                   **({"GPU": rt.gpus_per_worker} if rt.gpus_per_worker else {})}),
         run_config=RunConfig(
-            name=F.CHECKPOINTS_DIR, storage_path=path, storage_filesystem=fs,
+            name=ft.CHECKPOINTS_DIR, storage_path=path, storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=rt.max_failures),
             logging_config=LoggingConfig(log_level="INFO" if progress and rt.progress else "WARNING")),
