@@ -34,7 +34,8 @@ def ray_session(s3_server):
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, object_store_memory=300 * 1024 * 1024, include_dashboard=False,
+        # address="local": a Ray of its own, even where another one runs on this machine
+        ray.init(address="local", num_cpus=2, object_store_memory=300 * 1024 * 1024, include_dashboard=False,
                  log_to_driver=False)
     from ray.data import DataContext
 
