@@ -14,18 +14,10 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server on 127.0.0.1 for the whole session; its env is applied before Ray starts."""
-    from pipeline.demo.s3local import LocalS3
+    from pipeline.demo.s3local import local_s3
 
-    server = LocalS3().start()
-    saved = {k: os.environ.get(k) for k in server.env}
-    server.apply_env()
-    yield server
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with local_s3() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
