@@ -334,7 +334,7 @@ def test_train_heads_job_rejects_bad_config(tmp_path):
     assert r.returncode == 2 and "unknown key 'hed'" in r.stderr, r.stderr
     assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
     shipped = subprocess.run([sys.executable, "-c", (
-        "from pipeline.config import merge_sources; from pipeline.heads import HeadTrainConfig; "
+        "from pipeline.config.files import merge_sources; from pipeline.heads import HeadTrainConfig; "
         "print(merge_sources(HeadTrainConfig, 'jobs/configs/heads-local.yaml').output)")],
         capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert shipped.returncode == 0, shipped.stderr

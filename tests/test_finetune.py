@@ -37,8 +37,7 @@ def _cfg(source, output, **train) -> FinetuneConfig:
     return FinetuneConfig.model_validate({
         "source": {"uri": str(source)},
         "output": {"uri": str(output)},
-        "model": "tf_efficientnet_lite0",
-        "weights": "packaged",
+        "backbone": {"model": "tf_efficientnet_lite0", "weights": "packaged"},
         "train": {"epochs": 1, "batch_size": 4, "lr": 1e-3, "freeze_until": "blocks.3", **train},
         "runtime": {"workers": 2, "progress": False},
     })
@@ -92,7 +91,8 @@ def test_fewer_than_two_classes(textures_dir, tmp_path, monkeypatch):
 def test_labels_are_required(tmp_path):
     with pytest.raises(ValueError, match="finetune needs labels"):
         FinetuneConfig.model_validate({"source": {"uri": str(tmp_path), "labels": "none"},
-                                       "output": {"uri": str(tmp_path / "o")}, "model": "resnet18"})
+                                       "output": {"uri": str(tmp_path / "o")},
+                                       "backbone": {"model": "resnet18"}})
 
 
 # -- the model: freezing and parameter groups (no Ray) ---------------------------------------------------
