@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -64,14 +65,6 @@ def gpu_utilization(device: torch.device) -> float | None:
         return None
 
 
-
-
-
-
-
-
-
-
 def _column(batch: dict[str, Any] | pa.Table, name: str, n: int) -> list[Any]:
     if isinstance(batch, pa.Table):
         return batch.column(name).to_pylist() if name in batch.column_names else [None] * n
@@ -81,48 +74,63 @@ def _column(batch: dict[str, Any] | pa.Table, name: str, n: int) -> list[Any]:
     return list(col.tolist() if isinstance(col, np.ndarray) and col.dtype != object else col)
 
 
+@dataclass(frozen=True)
+class EmbedderSpec:
+    """What an Embedder is built from, typed and frozen; a command builds it once on the driver with the
+    runtime the planner resolved, and each actor builds its Embedder from it.
+
+    ``layers``: capture several layers in one pass (columns embedding_0..; default: backbone.layer);
+    ``dtype``: float32 | float16 output values; ``task``: embed | classify (the backbone cut at ``logits``,
+    softmax top-``top_k`` with ImageNet class names); ``max_bytes``: larger encoded images are error rows
+    (source.max_bytes). Runtime settings left ``auto`` (a spec made by hand) are resolved for the actor's
+    device: bf16 on a CUDA device that computes it, the tensor decoder on CUDA, else fp32 and PIL.
+    """
+
+    backbone: BackboneConfig
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    layers: tuple[str, ...] | None = None
+    dtype: str = "float32"
+    task: str = "embed"
+    top_k: int = 5
+    max_bytes: int = MAX_BYTES
+
+    def __post_init__(self) -> None:
+        if self.task not in ("embed", "classify"):
+            raise ValueError(f"task must be embed or classify, got '{self.task}'")
+        if self.task == "classify":  # the model's own head, as is
+            object.__setattr__(self, "backbone",
+                               self.backbone.model_copy(update={"layer": "logits", "normalize": False}))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(self.layers))
+
+    @classmethod
+    def of(cls, backbone: BackboneConfig | dict[str, Any],
+           runtime: RuntimeConfig | dict[str, Any] | None = None, **fields: Any) -> EmbedderSpec:
+        """A spec from a backbone section and runtime settings, either as configs or as their dicts."""
+        cfg = backbone if isinstance(backbone, BackboneConfig) else BackboneConfig(**backbone)
+        rt = runtime if isinstance(runtime, RuntimeConfig) else RuntimeConfig(**(runtime or {}))
+        return cls(cfg, rt, **fields)
 
 
 class Embedder:
     """Decode, preprocess, forward to the cut layer(s), pool; or, with ``task="classify"``, the top-k
-    classes of the model's own head.
-
-    Args:
-        backbone: a BackboneConfig (or its dict).
-        runtime: a RuntimeConfig (or its dict): device, autocast, decoder, channels_last, compile,
-            forward_batch, max_pixels, jpeg_draft are read from it.
-        layers: capture several layers in one pass (columns embedding_0..); default: backbone.layer.
-        dtype: float32 | float16 output values.
-        task: embed | classify (the logits layer; softmax top-k with ImageNet class names).
-        top_k: classes kept per image (classify).
-        max_bytes: larger encoded images are error rows (source.max_bytes).
-        threads: decode/preprocess threads (default: torch's intra-op thread count).
-        compile_backend: torch.compile's backend (inductor; eager only traces, for tests).
+    classes of the model's own head. Built from an `EmbedderSpec`; ``threads``: decode/preprocess threads
+    (default: the runtime's, else torch's intra-op thread count); ``compile_backend``: torch.compile's
+    backend (inductor; eager only traces, for tests).
 
     With ``runtime.compile`` the first batch pays for compilation (seconds on a GPU, about a minute on CPU);
     shorter forwards are padded to the compiled size so that one graph serves the whole run.
     ``runtime.forward_batch`` splits each batch into forwards of that many images (planned on CPU).
     """
 
-    def __init__(
-        self,
-        backbone: BackboneConfig | dict[str, Any],
-        runtime: RuntimeConfig | dict[str, Any] | None = None,
-        *,
-        layers: list[str] | None = None,
-        dtype: str = "float32",
-        task: str = "embed",
-        top_k: int = 5,
-        max_bytes: int = MAX_BYTES,
-        threads: int | None = None,
-        compile_backend: str = "inductor",
-    ) -> None:
-        cfg = backbone if isinstance(backbone, BackboneConfig) else BackboneConfig(**backbone)
-        rt = runtime if isinstance(runtime, RuntimeConfig) else RuntimeConfig(**(runtime or {}))
-        if task not in ("embed", "classify"):
-            raise ValueError(f"task must be embed or classify, got '{task}'")
-        if task == "classify":
-            cfg = cfg.model_copy(update={"layer": "logits", "normalize": False})
+    def __init__(self, spec: EmbedderSpec, *, threads: int | None = None,
+                 compile_backend: str = "inductor") -> None:
+        if not isinstance(spec, EmbedderSpec):
+            raise TypeError(f"Embedder takes an EmbedderSpec, got {type(spec).__name__}: "
+                            "use Embedder(EmbedderSpec.of(backbone, runtime))")
+        cfg, rt, task, dtype = spec.backbone, spec.runtime, spec.task, spec.dtype
+        layers = list(spec.layers) if spec.layers else None
+        self.spec = spec
         self.task = task
         self.device = resolve_device(rt.device)
         # every batch allocates the same large buffers: keep them mapped instead of faulting them in again
@@ -140,7 +148,7 @@ class Embedder:
         self.schema = output_schema(list(self.backbone.dims), dtype, task)
         if task == "classify":
             self.names = imagenet_class_names(cfg.model, self.backbone.dim)
-            self.top_k = min(top_k, self.backbone.dim)
+            self.top_k = min(spec.top_k, self.backbone.dim)
         if rt.channels_last is None:  # unplanned: on for CUDA and for bf16
             self.channels_last = self.device.type == "cuda" or self.autocast.startswith("bf16")
         else:
@@ -149,7 +157,7 @@ class Embedder:
             self.backbone.model.to(memory_format=torch.channels_last)
         side = resize_side(self.backbone.preprocessing)
         self.prep = Preprocessor(self.backbone.transform, self.device, decoder=rt.decoder,
-                                 max_pixels=rt.max_pixels, max_bytes=max_bytes, resize_side=side,
+                                 max_pixels=rt.max_pixels, max_bytes=spec.max_bytes, resize_side=side,
                                  jpeg_draft=rt.jpeg_draft, threads=threads, channels_last=self.channels_last)
         self.forward_batch = rt.forward_batch  # images per model forward; None: the whole batch
         self.compiled_batch = 0  # the batch size the compiled graph was built for; 0: not compiled

@@ -23,7 +23,7 @@ if sys.argv[1] == "glibc-default":
     allocator._tuned = False  # as if already decided: the Embedder leaves glibc's defaults
 from pipeline.backbone import build_backbone
 from pipeline.config import BackboneConfig
-from pipeline.embed import Embedder
+from pipeline.embed import Embedder, EmbedderSpec
 from pipeline.backbone.inference import activation_bytes
 from pipeline.plan import cpu_forward_batch, cpu_has_bf16
 from pipeline.sources import rows_from_bytes
@@ -38,7 +38,7 @@ autocast = "bf16-stem-fp32" if cpu_has_bf16() else "none"  # lite0's planned pre
 forward = cpu_forward_batch(activation_bytes(build_backbone(cfg))[autocast], 32)
 rt = dict(device="cpu", autocast=autocast, channels_last=True, decoder="tensor", forward_batch=forward,
           compile=False, threads=1)
-e = Embedder(cfg, rt)
+e = Embedder(EmbedderSpec.of(cfg, rt))
 per_batch = []
 for _ in range(8):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

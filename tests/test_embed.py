@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline import samples
-from pipeline.embed import Embedder
+from pipeline.embed import Embedder, EmbedderSpec
 from pipeline.sources import rows_from_bytes
 
 
@@ -24,7 +24,7 @@ def photos():
 
 
 def test_good_and_bad_rows_in_one_batch(photos):
-    e = Embedder({"model": "tf_efficientnet_lite0", "weights": "packaged"}, threads=2)
+    e = Embedder(EmbedderSpec.of({"model": "tf_efficientnet_lite0", "weights": "packaged"}), threads=2)
     out = e(rows_from_bytes([photos["chelsea"], b"", b"not an image", None, photos["coffee"]],
                    kinds=[None, None, None, "read_error", None]))
     assert out.num_rows == 5
@@ -42,7 +42,7 @@ def test_concurrent_calls_give_the_same_rows_and_their_own_timings(photos):
     """runtime.calls_per_actor > 1: Ray calls one Embedder from several threads at once."""
     import threading
 
-    e = Embedder({"model": "tf_efficientnet_lite0", "weights": "packaged"}, threads=1)
+    e = Embedder(EmbedderSpec.of({"model": "tf_efficientnet_lite0", "weights": "packaged"}), threads=1)
     batches = [rows_from_bytes([photos["chelsea"]] * 3), rows_from_bytes([photos["coffee"], b""]),
                rows_from_bytes([photos["coffee"]] * 4), rows_from_bytes([b"junk"])]
     alone = [e(b) for b in batches]
@@ -69,16 +69,18 @@ def test_concurrent_calls_give_the_same_rows_and_their_own_timings(photos):
 
 def test_one_pass_multi_layer_equals_separate_runs(photos):
     cfg = {"model": "tf_efficientnet_lite0", "weights": "packaged", "pool": "avg"}
-    multi = Embedder(cfg, layers=["blocks.2", "blocks.4", "final"])(rows_from_bytes([photos["chelsea"]]))
+    multi = Embedder(EmbedderSpec.of(cfg, layers=["blocks.2", "blocks.4", "final"]))(
+        rows_from_bytes([photos["chelsea"]]))
     assert [multi.schema.field(f"embedding_{i}").type.list_size for i in range(3)] == [40, 112, 1280]
     for i, layer in enumerate(["blocks.2", "blocks.4", "final"]):
-        single = Embedder({**cfg, "layer": layer})(rows_from_bytes([photos["chelsea"]]))
+        single = Embedder(EmbedderSpec.of({**cfg, "layer": layer}))(rows_from_bytes([photos["chelsea"]]))
         np.testing.assert_allclose(multi.column(f"embedding_{i}")[0].as_py(),
                                    single.column("embedding")[0].as_py(), rtol=1e-5, atol=1e-6)
 
 
 def test_classifier_names_the_cat_and_the_coffee(photos):
-    c = Embedder({"model": "tf_efficientnet_lite0", "weights": "packaged"}, task="classify", top_k=5)
+    c = Embedder(EmbedderSpec.of({"model": "tf_efficientnet_lite0", "weights": "packaged"}, task="classify",
+                                 top_k=5))
     out = c(rows_from_bytes([photos["chelsea"], photos["coffee"], b""]))
     classes = out.column("classes").to_pylist()
     assert 281 <= classes[0][0] <= 285  # a domestic cat class top-1
@@ -93,9 +95,9 @@ def test_jpeg_draft_decodes_large_photos_at_a_reduced_scale_with_nearly_equal_em
     from PIL import Image
 
     big = [_jpeg(samples.photo(n).resize((1600, 1200), Image.BICUBIC)) for n in ("chelsea", "coffee")]
-    full = Embedder({"model": "tf_efficientnet_lite0", "weights": "packaged"}, threads=1)
-    draft = Embedder({"model": "tf_efficientnet_lite0", "weights": "packaged"}, {"jpeg_draft": True},
-                     threads=1)
+    full = Embedder(EmbedderSpec.of({"model": "tf_efficientnet_lite0", "weights": "packaged"}), threads=1)
+    draft = Embedder(EmbedderSpec.of({"model": "tf_efficientnet_lite0", "weights": "packaged"},
+                                     {"jpeg_draft": True}), threads=1)
     assert draft.draft_size == (256, 256)  # 224 / crop_pct 0.875: the eval transform's resize
     a, b = (np.stack(e(rows_from_bytes(big)).column("embedding").to_numpy(zero_copy_only=False))
             for e in (full, draft))
@@ -108,8 +110,8 @@ def test_compiled_model_pads_short_batches_and_gives_the_eager_rows(photos, monk
     torch.compile's "eager" backend traces the same graph without generating code (inductor takes about a
     minute per model on this CPU)."""
     cfg = {"model": "tf_efficientnet_lite0", "weights": "packaged"}
-    plain = Embedder(cfg, threads=1)
-    compiled = Embedder(cfg, {"compile": True}, threads=1, compile_backend="eager")
+    plain = Embedder(EmbedderSpec.of(cfg), threads=1)
+    compiled = Embedder(EmbedderSpec.of(cfg, {"compile": True}), threads=1, compile_backend="eager")
     shapes = []
     real = compiled.backbone.model.forward_features
     monkeypatch.setattr(compiled.backbone.model, "forward_features",
@@ -131,8 +133,9 @@ def test_forward_batch_splits_a_batch_into_forwards_with_the_same_rows(photos, m
     """runtime.forward_batch (planned on CPU): a batch of 5 in forwards of 2, 2 and 1 (padded to 2 when
     compiled) gives the rows one forward of 5 gives, in order."""
     cfg = {"model": "tf_efficientnet_lite0", "weights": "packaged"}
-    whole = Embedder(cfg, threads=1)
-    split = Embedder(cfg, {"forward_batch": 2, "compile": compiled}, threads=1, compile_backend="eager")
+    whole = Embedder(EmbedderSpec.of(cfg), threads=1)
+    split = Embedder(EmbedderSpec.of(cfg, {"forward_batch": 2, "compile": compiled}), threads=1,
+                     compile_backend="eager")
     shapes = []
     real = split.backbone.model.forward_features
     monkeypatch.setattr(split.backbone.model, "forward_features",
@@ -149,4 +152,4 @@ def test_forward_batch_splits_a_batch_into_forwards_with_the_same_rows(photos, m
 def test_compile_refuses_a_cut_it_cannot_compile_with_the_fix():
     cfg = {"model": "tf_efficientnet_lite0", "weights": "packaged", "layer": "blocks.3"}
     with pytest.raises(ValueError, match="runtime.compile=false"):
-        Embedder(cfg, {"compile": True}, threads=1, compile_backend="eager")
+        Embedder(EmbedderSpec.of(cfg, {"compile": True}), threads=1, compile_backend="eager")

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from pipeline import samples
-from pipeline.embed import Embedder
+from pipeline.embed import Embedder, EmbedderSpec
 from pipeline.sources import rows_from_bytes
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
@@ -57,11 +57,11 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def cpu_reference(datas) -> pa.Table:
-    return Embedder(CFG, {"device": "cpu", "decoder": "pil"})(rows_from_bytes(datas))
+    return Embedder(EmbedderSpec.of(CFG, {"device": "cpu", "decoder": "pil"}))(rows_from_bytes(datas))
 
 
 def test_gpu_defaults_are_the_fast_path():
-    e = Embedder(CFG, {"device": "cuda"})
+    e = Embedder(EmbedderSpec.of(CFG, {"device": "cuda"}))
     assert e.decoder == "tensor" and e.channels_last and e.device.type == "cuda"
 
 
@@ -69,7 +69,8 @@ def test_gpu_defaults_are_the_fast_path():
 @pytest.mark.parametrize("autocast", ["none", "bf16"])
 def test_gpu_rows_match_the_cpu_reference(datas, cpu_reference, decoder, autocast):
     """nvjpeg + GPU resize (or PIL + pinned copy), fp32 or bf16: the same rows, errors and features."""
-    out = Embedder(CFG, {"device": "cuda", "decoder": decoder, "autocast": autocast})(rows_from_bytes(datas))
+    spec = EmbedderSpec.of(CFG, {"device": "cuda", "decoder": decoder, "autocast": autocast})
+    out = Embedder(spec)(rows_from_bytes(datas))
     assert out.column("error_kind").to_pylist() == cpu_reference.column("error_kind").to_pylist()
     cos = _cos(_emb(out), _emb(cpu_reference))
     # nvjpeg's IDCT and upsampling differ slightly from libjpeg-turbo's; bf16 rounds the activations
@@ -80,7 +81,7 @@ def test_tensor_preprocessing_on_gpu_matches_the_cpu_twin(datas):
     """Same uint8 images on both devices (decoded on CPU): the batched GPU resize matches the CPU one."""
     from pipeline.preprocess.tensorprep import TensorPrep
 
-    e = Embedder(CFG, {"device": "cpu", "decoder": "tensor"})
+    e = Embedder(EmbedderSpec.of(CFG, {"device": "cpu", "decoder": "tensor"}))
     cpu = TensorPrep(e.backbone.transform, torch.device("cpu"), max_pixels=10**8, max_bytes=10**8)
     images = [d for d in cpu.decode(datas[:8]) if isinstance(d, torch.Tensor)]
     x_cpu = cpu.tt(images)
@@ -90,8 +91,8 @@ def test_tensor_preprocessing_on_gpu_matches_the_cpu_twin(datas):
 
 
 def test_compiled_gpu_model_gives_the_eager_rows(datas):
-    eager = Embedder(CFG, {"device": "cuda", "autocast": "bf16"})
-    compiled = Embedder(CFG, {"device": "cuda", "autocast": "bf16", "compile": True})
+    eager = Embedder(EmbedderSpec.of(CFG, {"device": "cuda", "autocast": "bf16"}))
+    compiled = Embedder(EmbedderSpec.of(CFG, {"device": "cuda", "autocast": "bf16", "compile": True}))
     full, short = rows_from_bytes(datas[:32]), rows_from_bytes(datas[32:40])
     for batch in (full, short):
         a, b = eager(batch), compiled(batch)

@@ -123,7 +123,7 @@ def test_the_planned_lite0_path_compiles_and_matches_eager():
 
     from PIL import Image
 
-    from pipeline.embed import Embedder
+    from pipeline.embed import Embedder, EmbedderSpec
     from pipeline.sources import rows_from_bytes
 
     def jpeg(seed):
@@ -134,8 +134,8 @@ def test_the_planned_lite0_path_compiles_and_matches_eager():
 
     rows = rows_from_bytes([jpeg(i) for i in range(3)])
     rt = {"autocast": "bf16-stem-fp32", "channels_last": True}
-    eager = Embedder(LITE0, rt, threads=2)
-    compiled = Embedder(LITE0, {**rt, "compile": True}, threads=2, compile_backend="eager")
+    eager = Embedder(EmbedderSpec.of(LITE0, rt), threads=2)
+    compiled = Embedder(EmbedderSpec.of(LITE0, {**rt, "compile": True}), threads=2, compile_backend="eager")
     assert eager.prepared["fp32_stem"] == ["conv_stem", "bn1", "blocks.0"]
     # eager on CPU the ReLUs run inside the convolutions; compiling fuses by itself, so it gets plain modules
     assert eager.prepared["activations_fused"] > 10 and compiled.prepared["activations_fused"] == 0

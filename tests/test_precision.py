@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline import samples
-from pipeline.embed import Embedder
+from pipeline.embed import Embedder, EmbedderSpec
 from pipeline.output.spec import EmbeddingSpec
 from pipeline.output.writer import ParquetSink
 from pipeline.sources import rows_from_bytes
@@ -54,12 +54,12 @@ def test_the_planned_precision_keeps_cosine_0999_on_real_photos(backbone, planne
     photos = [_jpeg(samples.photo(n)) for n in samples.PHOTOS]
     rows = rows_from_bytes(photos)
     runtime = {"autocast": decision.runtime.autocast, "channels_last": decision.runtime.channels_last}
-    fast, exact = (_emb(Embedder(backbone, rt, threads=2)(rows)) for rt in (runtime, EXACT))
+    fast, exact = (_emb(Embedder(EmbedderSpec.of(backbone, rt), threads=2)(rows)) for rt in (runtime, EXACT))
     cos = (fast * exact).sum(1) / np.linalg.norm(fast, axis=1) / np.linalg.norm(exact, axis=1)
     assert cos.min() >= 0.999, cos
     assert not np.array_equal(fast, exact)  # the fast path really ran in bf16
     if planned != "bf16":  # lite0 all in bf16 would lose more than that: why its stem stays in fp32
-        bf16 = _emb(Embedder(backbone, FAST, threads=2)(rows))
+        bf16 = _emb(Embedder(EmbedderSpec.of(backbone, FAST), threads=2)(rows))
         assert ((bf16 * exact).sum(1) / np.linalg.norm(bf16, axis=1) / np.linalg.norm(exact, axis=1)).min() \
             < 0.999
 
@@ -84,7 +84,7 @@ def test_the_planned_precision_trains_heads_of_the_fp32_accuracy(demo_images, tm
         rows = rows.set_column(rows.schema.get_field_index("id"), "id", pa.array(ids))
         rows = rows.set_column(rows.schema.get_field_index("label"), "label",
                                pa.array([i.split("/")[0] for i in ids]))
-        out = Embedder(LITE0, rt, threads=2)(rows)
+        out = Embedder(EmbedderSpec.of(LITE0, rt), threads=2)(rows)
         spec = EmbeddingSpec(model="tf_efficientnet_lite0", layer="final", pool="none", dim=1280,
                              dtype="float32", precision=rt["autocast"])
         ParquetSink(str(tmp_path / name), spec).write(out)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from pipeline import samples
-from pipeline.embed import Embedder
+from pipeline.embed import Embedder, EmbedderSpec
 from pipeline.preprocess.decode import DecodeError, decode_image
 from pipeline.preprocess.tensorprep import TensorPrep, TensorPrepError, TensorTransform, jpeg_route
 from pipeline.sources import rows_from_bytes
@@ -186,9 +186,9 @@ def test_embedder_tensor_decoder_gives_the_pil_embeddings_and_errors(images):
     cfg = {"model": "tf_efficientnet_lite0", "weights": "packaged"}
     slivers = [_encode(Image.new("RGB", (20000, 1))), _encode(Image.new("RGB", (1, 20000)), "PNG")]
     datas = [*images.values(), b"junk", None, *slivers]
-    pil = Embedder(cfg, {"decoder": "pil"}, threads=2)(rows_from_bytes(datas))
+    pil = Embedder(EmbedderSpec.of(cfg, {"decoder": "pil"}), threads=2)(rows_from_bytes(datas))
     assert pil.column("error_kind").to_pylist()[-2:] == ["extreme_aspect_ratio"] * 2
-    tensor_emb = Embedder(cfg, {"decoder": "tensor", "channels_last": True}, threads=2)
+    tensor_emb = Embedder(EmbedderSpec.of(cfg, {"decoder": "tensor", "channels_last": True}), threads=2)
     assert tensor_emb.decoder == "tensor" and tensor_emb.channels_last
     assert tensor_emb.tensor_prep.channels_last  # the batch is built in the model's memory format
     ten = tensor_emb(rows_from_bytes(datas))
@@ -201,16 +201,16 @@ def test_embedder_tensor_decoder_gives_the_pil_embeddings_and_errors(images):
 
 def test_decoder_auto_is_pil_on_cpu_and_falls_back_for_a_transform_it_cannot_reproduce(monkeypatch):
     cfg = {"model": "tf_efficientnet_lite0", "weights": "packaged"}
-    auto = Embedder(cfg, threads=1)
+    auto = Embedder(EmbedderSpec.of(cfg), threads=1)
     assert auto.decoder == "pil" and auto.tensor_prep is None and not auto.channels_last
     with pytest.raises(ValueError, match="auto, pil or tensor"):
-        Embedder(cfg, {"decoder": "nvjpeg"}, threads=1)
+        Embedder(EmbedderSpec.of(cfg, {"decoder": "nvjpeg"}), threads=1)
 
     def refuse(t):
         raise TensorPrepError("not reproducible: use --set runtime.decoder=pil")
 
     monkeypatch.setattr(TensorTransform, "from_transform", staticmethod(refuse))
     with pytest.raises(TensorPrepError, match="runtime.decoder=pil"):
-        Embedder(cfg, {"decoder": "tensor"}, threads=1)
+        Embedder(EmbedderSpec.of(cfg, {"decoder": "tensor"}), threads=1)
     monkeypatch.setattr("pipeline.preprocess.resolve_decoder", lambda d, dev: "tensor")
-    assert Embedder(cfg, {"decoder": "auto"}, threads=1).decoder == "pil"
+    assert Embedder(EmbedderSpec.of(cfg, {"decoder": "auto"}), threads=1).decoder == "pil"

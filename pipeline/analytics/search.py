@@ -133,11 +133,10 @@ class ImageSearcher:
     """Encoded images -> the Embedder (the index's backbone, weights, layer, pooling, preprocessing) -> the
     Searcher. Bad images come out as failed queries."""
 
-    def __init__(self, backbone: dict[str, Any], runtime: dict[str, Any], index_uri: str, k: int = 10,
-                 max_bytes: int | None = None) -> None:
+    def __init__(self, spec: Any, index_uri: str, k: int = 10) -> None:
         from pipeline.embed import Embedder
 
-        self.embedder = Embedder(backbone, runtime, **({"max_bytes": max_bytes} if max_bytes else {}))
+        self.embedder = Embedder(spec)  # spec: the index's EmbedderSpec, with the planned runtime
         self.searcher = Searcher(index_uri, k)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from typing import Any
 
 from pipeline.backbone import build_backbone
 from pipeline.commands.run import ImageRun, estimated_images, partition_for, plan_for, versions
 from pipeline.config import ClassifyConfig, ConfigError, ExtractConfig
-from pipeline.embed import CLASSIFY_COLUMNS, Embedder
+from pipeline.embed import CLASSIFY_COLUMNS, EmbedderSpec
 from pipeline.output.layout import EMBEDDINGS_DIR, PREDICTIONS_DIR
 from pipeline.output.ledger import Ledger
 from pipeline.output.writer import EMBEDDING_COLUMNS, Output
@@ -39,17 +40,17 @@ def _inputs(cfg: Any, partition: str | None, overwrite: bool) -> tuple[Any, Layo
     return cfg, layout, shards, skipped
 
 
-def _map_images(kind: str, cfg: ExtractConfig | ClassifyConfig, backbone_cfg: Any, table: str,
-         columns: dict[str, str], spec_extra: dict[str, Any], stage_extra: dict[str, Any], *,
-         overwrite: bool, incremental: bool, run_date: str | None) -> dict[str, Any]:
+def _map_images(kind: str, cfg: ExtractConfig | ClassifyConfig, stage: EmbedderSpec, table: str,
+                columns: dict[str, str], spec_extra: dict[str, Any], *, overwrite: bool, incremental: bool,
+                run_date: str | None) -> dict[str, Any]:
     t_start = time.perf_counter()
     # Validate everything on the driver, before Ray does any work.
     partition = partition_for(incremental, run_date)
     cfg, layout, shards, skipped = _inputs(cfg, partition, overwrite)
-    backbone = build_backbone(backbone_cfg, "cpu")
+    backbone = build_backbone(stage.backbone, "cpu")
     decision = plan_for(cfg.runtime, backbone, estimated_images(shards))
-    runtime = decision.runtime
-    spec = backbone.spec(versions=versions(), precision=precision_of(runtime.autocast), **spec_extra)
+    stage = replace(stage, runtime=decision.runtime)  # what each actor is built from: every setting planned
+    spec = backbone.spec(versions=versions(), precision=precision_of(stage.runtime.autocast), **spec_extra)
     del backbone
     outputs = [Output(table, columns, spec)]
     sharding = {"scheme": SHARDING, "depth": layout.depth} if shards[0].loose else None
@@ -57,9 +58,7 @@ def _map_images(kind: str, cfg: ExtractConfig | ClassifyConfig, backbone_cfg: An
                                        overwrite=overwrite, scope=layout.prefix,
                                        on_removed=cfg.source.on_removed, sharding=sharding)
     run = ImageRun(
-        kind=kind, source=cfg.source, runtime=runtime, output_uri=cfg.output.uri, stage=Embedder,
-        stage_kwargs={"backbone": backbone_cfg.model_dump(), "runtime": runtime.model_dump(),
-                      "max_bytes": cfg.source.max_bytes, **stage_extra},
+        kind=kind, source=cfg.source, runtime=stage.runtime, output_uri=cfg.output.uri, stage=stage,
         outputs=outputs, config=json.loads(cfg.model_dump_json()), extra={"spec": spec.to_dict()},
         rows_per_file=cfg.output.rows_per_file, work=work, partition=partition, decision=decision)
     return run.run(work.todo, skipped, t_start)
@@ -72,15 +71,16 @@ def extract(cfg: ExtractConfig, *, overwrite: bool = False, incremental: bool = 
     Reruns resume: shards the output already holds are skipped. ``incremental`` (the nightly mode) puts
     this run's rows under ``embeddings/run_date=YYYY-MM-DD/``.
     """
-    return _map_images("extract", cfg, cfg.backbone, EMBEDDINGS_DIR, EMBEDDING_COLUMNS,
-                {"dtype": cfg.output.dtype}, {"dtype": cfg.output.dtype},
-                overwrite=overwrite, incremental=incremental, run_date=run_date)
+    stage = EmbedderSpec(cfg.backbone, cfg.runtime, dtype=cfg.output.dtype, max_bytes=cfg.source.max_bytes)
+    return _map_images("extract", cfg, stage, EMBEDDINGS_DIR, EMBEDDING_COLUMNS, {"dtype": cfg.output.dtype},
+                       overwrite=overwrite, incremental=incremental, run_date=run_date)
 
 
 def classify(cfg: ClassifyConfig, *, overwrite: bool = False, incremental: bool = False,
              run_date: str | None = None) -> dict[str, Any]:
     """The pretrained model as a classifier: ``OUTPUT/predictions/`` with top-k ImageNet classes per image."""
-    backbone_cfg = cfg.backbone.model_copy(update={"layer": "logits", "normalize": False})
-    return _map_images("classify", cfg, backbone_cfg, PREDICTIONS_DIR, {c: c for c in PREDICTION_COLUMNS},
-                {"dtype": "float32", "top_k": cfg.top_k}, {"task": "classify", "top_k": cfg.top_k},
-                overwrite=overwrite, incremental=incremental, run_date=run_date)
+    stage = EmbedderSpec(cfg.backbone, cfg.runtime, task="classify", top_k=cfg.top_k,
+                         max_bytes=cfg.source.max_bytes)
+    return _map_images("classify", cfg, stage, PREDICTIONS_DIR, {c: c for c in PREDICTION_COLUMNS},
+                       {"dtype": "float32", "top_k": cfg.top_k},
+                       overwrite=overwrite, incremental=incremental, run_date=run_date)

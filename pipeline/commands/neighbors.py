@@ -98,6 +98,7 @@ def neighbors(cfg: NeighborsConfig) -> dict[str, Any]:
     if cfg.images is not None:
         from pipeline.backbone import build_backbone
         from pipeline.commands.run import estimated_images, plan_for
+        from pipeline.embed import EmbedderSpec
         from pipeline.plan import precision_of
         from pipeline.sources import check_source, list_shards
 
@@ -114,8 +115,8 @@ def neighbors(cfg: NeighborsConfig) -> dict[str, Any]:
         query = {"images": cfg.images.uri, "shards": len(shards), "skipped": skipped}
         counts = ray_analytics.search_images(
             shards, cfg.images, ImageSearcher,
-            {"backbone": backbone_cfg.model_dump(), "runtime": runtime.model_dump(), "index_uri": cfg.index,
-             "k": cfg.k, "max_bytes": cfg.images.max_bytes}, cfg.output, runtime)
+            {"spec": EmbedderSpec(backbone_cfg, runtime, max_bytes=cfg.images.max_bytes),
+             "index_uri": cfg.index, "k": cfg.k}, cfg.output, runtime)
     else:
         if cfg.ids is not None:
             ids = read_ids(cfg.ids)

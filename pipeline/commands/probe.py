@@ -14,7 +14,7 @@ from pipeline.backbone.cuts import make_capture, stage_names
 from pipeline.backbone.models import create_model, input_size
 from pipeline.commands.run import ImageRun, estimated_images, plan_for, versions
 from pipeline.config import ConfigError, HeadTrainConfig, ProbeConfig
-from pipeline.embed import Embedder, embedding_column
+from pipeline.embed import EmbedderSpec, embedding_column
 from pipeline.output.layout import EMBEDDINGS_DIR, ERRORS_DIR
 from pipeline.output.ledger import clear_or_refuse
 from pipeline.output.writer import EMBEDDING_COLUMNS, Output
@@ -65,10 +65,9 @@ def _extract_run(cfg: ProbeConfig, model: str, shards: list[Shard], limit: int |
                              precision=precision_of(runtime.autocast)))
         for i, layer in enumerate(layers)
     ]
+    stage = EmbedderSpec(bcfg, runtime, layers=tuple(layers), max_bytes=cfg.source.max_bytes)
     run = ImageRun(kind="probe-extract", source=cfg.source, runtime=runtime, output_uri=cfg.output.uri,
-                   stage=Embedder, stage_kwargs={"backbone": bcfg.model_dump(), "layers": layers,
-                                                 "runtime": runtime.model_dump(),
-                                                 "max_bytes": cfg.source.max_bytes},
+                   stage=stage,
                    outputs=outputs, config=json.loads(cfg.model_dump_json()),
                    extra={"model": model, "layers": layers}, limit=limit, decision=decision)
     return run, model, layers, backbone.dims, forward_cost_ms(backbone, layers)

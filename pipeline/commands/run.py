@@ -15,6 +15,7 @@ from pipeline import storage
 from pipeline.backbone import Backbone, check_compilable
 from pipeline.backbone.models import BackboneError, input_size
 from pipeline.config import ConfigError, RuntimeConfig, SourceConfig
+from pipeline.embed import Embedder, EmbedderSpec
 from pipeline.output.layout import EMBEDDINGS_DIR, ERRORS_DIR, PREDICTIONS_DIR
 from pipeline.output.ledger import Ledger, Work
 from pipeline.output.spec import package_version
@@ -111,8 +112,7 @@ class ImageRun:
     source: SourceConfig
     runtime: RuntimeConfig
     output_uri: str
-    stage: type
-    stage_kwargs: dict[str, Any]
+    stage: EmbedderSpec  # what each actor's Embedder is built from, with the planned runtime
     outputs: list[Output]
     config: dict[str, Any]
     extra: dict[str, Any]
@@ -134,7 +134,7 @@ class ImageRun:
         if shards:
             from pipeline.ray.data import map_images
 
-            stats, t_run = map_images(self.stage, self.stage_kwargs, shards, self.source, self.runtime, sink,
+            stats, t_run = map_images(Embedder, {"spec": self.stage}, shards, self.source, self.runtime, sink,
                                       limit=self.limit, rows_per_file=self.rows_per_file)
         else:  # nothing new: no Ray at all
             stats, t_run = WriteStats(), time.perf_counter()

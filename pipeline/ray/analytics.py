@@ -115,8 +115,8 @@ def _search_map(ds: ray.data.Dataset, stage: type, stage_kwargs: dict[str, Any],
                 batch_size: int) -> dict[str, Any]:
     lo, hi = runtime.actor_range()
     cpus = _cpus(runtime)
-    if "backbone" not in stage_kwargs:
-        # searching stored embeddings: faiss searches each batch on the searcher's threads, set in every
+    if "spec" not in stage_kwargs:  # no EmbedderSpec: the searcher reads stored embeddings
+        # faiss searches each batch on the searcher's threads, set in every
         # call (Ray's OMP_NUM_THREADS would leave it one). Unset, one searcher per node that reserves all but
         # one CPU, left to Ray Data's listing, read and write tasks (which mostly wait on storage), and
         # searches on all the node's cores.
