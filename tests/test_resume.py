@@ -114,7 +114,7 @@ def test_an_actor_dying_mid_run_loses_and_duplicates_nothing(ray_session, many_d
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     CrashingEmbedder.marker = str(tmp_path / "crashed")
-    monkeypatch.setattr("pipeline.commands.extract.Embedder", CrashingEmbedder)
+    monkeypatch.setattr("pipeline.commands.run.Embedder", CrashingEmbedder)
     out = tmp_path / "out"
     s = extract(_cfg(many_dir, out))
     assert (tmp_path / "crashed").exists(), "the actor should have crashed once"
