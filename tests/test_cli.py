@@ -161,10 +161,10 @@ def test_a_run_that_stops_making_progress_ends_with_what_it_waits_for(ray_sessio
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     r = _pipeline("extract", "--source", images, "--output", str(tmp_path / "o"), "--model",
                   "tf_efficientnet_lite0", "--set", "runtime.cpus_per_actor=2",
-                  "--set", "runtime.stall_timeout_s=20", env=env)
+                  "--set", "runtime.stall_timeout_s=10", env=env)
     assert r.returncode == 1
     line = _last_error(r)
-    assert "no progress for 20s" in line and "CPU: 2" in line and "rerunning resumes" in line
+    assert "no progress for 10s" in line and "CPU: 2" in line and "rerunning resumes" in line
 
 
 def test_nightly_command_errors_before_ray(tmp_path):

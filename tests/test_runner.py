@@ -221,7 +221,10 @@ def test_golden_torchvision_model(ray_session, textures_dir, tmp_path):
     assert _cos(emb, ref).min() >= 0.9999
 
 
-@pytest.mark.parametrize("fmt", ["files", "webdataset", "parquet"])
+# Over S3, loose files in every run; WebDataset and Parquet shards with `-m slow` (their readers over S3 are
+# tested in test_sources.py, and through Ray in test_hostile.py)
+@pytest.mark.parametrize("fmt", ["files", pytest.param("webdataset", marks=pytest.mark.slow),
+                                 pytest.param("parquet", marks=pytest.mark.slow)])
 def test_s3_end_to_end_equals_local(ray_session, s3_server, bucket, textures_dir, tmp_path, fmt):
     """Shards read from a bucket, Parquet written to a bucket, over HTTP to the loopback S3 server."""
     if fmt == "files":
