@@ -38,7 +38,10 @@ def resolve_autocast(autocast: str, device: torch.device) -> str:
 
 
 def resolve_decoder(decoder: str, device: torch.device) -> str:
-    """auto -> tensor on a CUDA device (nvjpeg + batched GPU preprocessing), pil on CPU."""
+    """auto -> tensor on a CUDA device (nvjpeg + batched GPU preprocessing), pil on CPU; ValueError for any
+    other name (a Preprocessor built by hand takes no config that would have refused it)."""
+    if decoder not in ("auto", "pil", "tensor"):
+        raise ValueError(f"decoder must be auto, pil or tensor, got '{decoder}' (--set runtime.decoder=...)")
     if decoder == "auto":
         return "tensor" if device.type == "cuda" else "pil"
     return decoder
