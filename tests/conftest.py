@@ -54,3 +54,27 @@ def bucket(s3_server, request):
 
     name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:6]
     return s3_server.make_bucket(name)
+
+
+class CliResult:
+    """What a `pipeline` run leaves: its exit status and its two streams."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def cli():
+    """Run `pipeline ARGS...` in this process (the same typer app `python -m pipeline` runs, without the
+    seconds of imports a subprocess pays); an exception the CLI did not turn into an exit status fails."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    def run(*args: str, env: dict | None = None) -> CliResult:
+        r = CliRunner().invoke(app, [str(a) for a in args], env=env)
+        if r.exception is not None and not isinstance(r.exception, SystemExit):
+            raise r.exception
+        return CliResult(r.exit_code, r.stdout, r.stderr)
+
+    return run

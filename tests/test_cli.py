@@ -42,25 +42,25 @@ def images(textures_dir):
     return str(textures_dir)
 
 
-def test_unknown_model(images, tmp_path):
-    r = _pipeline("extract", "--source", images, "--output", str(tmp_path), "--model", "tf_efficientnet_lite")
+def test_unknown_model(cli, images, tmp_path):
+    r = cli("extract", "--source", images, "--output", str(tmp_path), "--model", "tf_efficientnet_lite")
     _assert_one_line_error(r, "unknown timm model", "tf_efficientnet_lite0")
 
 
-def test_unknown_layer(images, tmp_path):
-    r = _pipeline("extract", "--source", images, "--output", str(tmp_path),
+def test_unknown_layer(cli, images, tmp_path):
+    r = cli("extract", "--source", images, "--output", str(tmp_path),
                   "--model", "tf_efficientnet_lite0", "--layer", "blocks.42")
     _assert_one_line_error(r, "unknown layer 'blocks.42'", "blocks.2", "pipeline layers")
 
 
-def test_missing_source(tmp_path):
-    r = _pipeline("extract", "--source", str(tmp_path / "nope"), "--output", str(tmp_path / "o"),
+def test_missing_source(cli, tmp_path):
+    r = cli("extract", "--source", str(tmp_path / "nope"), "--output", str(tmp_path / "o"),
                   "--model", "tf_efficientnet_lite0")
     _assert_one_line_error(r, "nope")
 
 
-def test_missing_required_flag(tmp_path):
-    r = _pipeline("extract", "--source", str(tmp_path), "--output", str(tmp_path / "o"))
+def test_missing_required_flag(cli, tmp_path):
+    r = cli("extract", "--source", str(tmp_path), "--output", str(tmp_path / "o"))
     _assert_one_line_error(r, "--model")
 
 
@@ -73,51 +73,23 @@ def test_no_credentials(s3_server, bucket, tmp_path):
     _assert_one_line_error(r, "no AWS credentials", "AWS_ACCESS_KEY_ID")
 
 
-def test_cli_extract_runs_on_the_session_ray(ray_session, images, tmp_path):
-    """A full `pipeline extract` joining the test session's Ray (RAY_ADDRESS), with --set and --json."""
-    env = os.environ.copy()
-    env["RAY_ADDRESS"] = ray_session.get_runtime_context().gcs_address
-    out = tmp_path / "out"
-    r = _pipeline("extract", "--source", images, "--output", str(out), "--model", "tf_efficientnet_lite0",
-                  "--labels", "folder", "--dtype", "float16", "--set", "runtime.batch_size=12",
-                  "--set", "runtime.progress=false", "--json", env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    summary = json.loads(r.stdout)
-    assert summary["counts"]["embedded"] == 24 and summary["config"]["runtime"]["batch_size"] == 12
-    t = pads.dataset(out / "embeddings").to_table()
-    emb_type = t.schema.field("embedding").type
-    assert t.num_rows == 24 and emb_type.list_size == 1280 and str(emb_type.value_type) == "halffloat"
-
-
-def test_ray_job_entry_point(ray_session, images, tmp_path):
-    """jobs/extract.py: the `ray job submit` entry point, with a config file and --set overrides."""
+def test_ray_job_entry_point_takes_a_config_file_and_its_commands_flags(ray_session, images, tmp_path):
+    """jobs/extract.py, the `ray job submit` entry point, runs the CLI: a config file, the flags of
+    `pipeline extract` over it and --set; a bad key exits 2; each job's --help is its command's."""
     cfg = tmp_path / "job.yaml"
     cfg.write_text(f"source: {{uri: {images}, labels: folder}}\nbackbone: {{model: tf_efficientnet_lite0}}\n"
                    f"output: {{uri: {tmp_path / 'out'}}}\nruntime: {{progress: false}}\n")
-    env = os.environ.copy()
-    env["RAY_ADDRESS"] = ray_session.get_runtime_context().gcs_address
-    cmd = [sys.executable, "jobs/extract.py", "--config", str(cfg),
-           "--set", "backbone.layer=blocks.4", "--json"]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    cmd = [sys.executable, "jobs/extract.py", "--config", str(cfg), "--layer", "blocks.2",
+           "--batch-size", "12", "--set", "backbone.pool=max", "--json"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout)
-    assert summary["counts"]["embedded"] == 24 and summary["spec"]["dim"] == 112
+    assert summary["counts"]["embedded"] == 24 and summary["spec"]["dim"] == 40
+    assert summary["config"]["runtime"]["batch_size"] == 12 and summary["config"]["backbone"]["pool"] == "max"
     bad = subprocess.run([sys.executable, "jobs/extract.py", "--config", str(cfg), "--set", "backbone.lyr=x"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and "unknown key 'backbone.lyr'" in bad.stderr
-
-
-def test_every_job_takes_its_commands_flags(ray_session, images, tmp_path):
-    """jobs/*.py run the CLI: the flags of `pipeline extract` work on jobs/extract.py, and each job's
-    --help is its command's."""
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    r = subprocess.run([sys.executable, "jobs/extract.py", "--source", images,
-                        "--output", str(tmp_path / "o"), "--model", "tf_efficientnet_lite0",
-                        "--layer", "blocks.2", "--batch-size", "12",
-                        "--set", "runtime.progress=false", "--json"],
-                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads(r.stdout)["spec"]["dim"] == 40
     for job, flag in (("finetune", "--freeze-until"), ("train_heads", "--labels-from"),
                       ("nightly", "--run-date"), ("extract", "--incremental")):
         h = subprocess.run([sys.executable, f"jobs/{job}.py", "--help"], capture_output=True, text=True,
@@ -167,21 +139,25 @@ def test_a_run_that_stops_making_progress_ends_with_what_it_waits_for(ray_sessio
     assert "no progress for 10s" in line and "CPU: 2" in line and "rerunning resumes" in line
 
 
-def test_nightly_command_errors_before_ray(tmp_path):
-    r = _pipeline("nightly", "--config", str(tmp_path / "missing.yaml"))
+def test_nightly_command_errors_before_ray(cli, tmp_path):
+    r = cli("nightly", "--config", str(tmp_path / "missing.yaml"))
     _assert_one_line_error(r, "missing.yaml", "--config")
 
 
 def test_credentials_never_reach_output_logs_or_errors(ray_session, s3_server, bucket, images):
-    """A run (S3 in, S3 out) and a failing one under recognisable fake credentials: neither the key id nor
-    the secret appears on stdout/stderr, in the run record, the ledger, or the Parquet files."""
+    """A full `pipeline extract` run (S3 in, S3 out; flags, --set, --json) and a failing one under
+    recognisable fake credentials: the run writes what its flags asked for, and neither the key id nor the
+    secret appears on stdout/stderr, in the run record, the ledger, or the Parquet files."""
     key_id, secret = "AKIAFAKEKEY7X2Q9ZZ01", "fAkE/sEcReT+k3y0123456789abcdefghijklmn"
     env = {**os.environ, "AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret,
            "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     s3_server.upload_dir(images, f"{bucket}/in")
     ok = _pipeline("extract", "--source", f"{bucket}/in/", "--output", f"{bucket}/out",
-                   "--model", "tf_efficientnet_lite0", "--set", "runtime.progress=false", "--json", env=env)
+                   "--model", "tf_efficientnet_lite0", "--labels", "folder", "--dtype", "float16",
+                   "--set", "runtime.batch_size=12", "--set", "runtime.progress=false", "--json", env=env)
     assert ok.returncode == 0, ok.stderr[-3000:]
+    summary = json.loads(ok.stdout)
+    assert summary["counts"]["embedded"] == 24 and summary["config"]["runtime"]["batch_size"] == 12
     bad = _pipeline("extract", "--source", f"{bucket}-missing/in/", "--output", f"{bucket}/out2",
                     "--model", "tf_efficientnet_lite0", env=env)
     assert bad.returncode == 2
@@ -191,5 +167,9 @@ def test_credentials_never_reach_output_logs_or_errors(ray_session, s3_server, b
     fs, path = storage.get_fs(f"{bucket}/out")
     written += [fs.cat_file(p) for p in fs.find(path)]  # the hidden _runs/ and _ledger/ files too
     assert any(b"_runs" in p.encode() for p in fs.find(path))
+    t = pads.dataset(f"{path}/embeddings", filesystem=fs, partitioning="hive").to_table()
+    emb_type = t.schema.field("embedding").type
+    assert t.num_rows == 24 and emb_type.list_size == 1280 and str(emb_type.value_type) == "halffloat"
+    assert sorted(set(t.column("label").to_pylist())) == ["brick", "grass", "gravel"]
     for blob in [ok.stdout.encode(), ok.stderr.encode(), bad.stdout.encode(), bad.stderr.encode(), *written]:
         assert key_id.encode() not in blob and secret.encode() not in blob

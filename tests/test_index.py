@@ -5,9 +5,6 @@ and bad input refused with exit 2 before any work."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +22,6 @@ from pipeline.commands.index import add, build
 from pipeline.commands.neighbors import neighbors
 from pipeline.config import IndexAddConfig, IndexBuildConfig, NeighborsConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 RT = {"progress": False}
 
 
@@ -156,11 +152,6 @@ def test_neighbors_by_ids_and_by_table_exclude_the_query_itself(ray_session, tmp
     assert on_ray.column("id").to_pylist() == local.column("id").to_pylist()
 
 
-def _cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True,
-                          env=env or os.environ.copy(), timeout=300, cwd=ROOT)
-
-
 def _error_line(r, *needles):
     assert r.returncode == 2, (r.returncode, r.stdout, r.stderr[-2000:])
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
@@ -169,7 +160,7 @@ def _error_line(r, *needles):
         assert n in lines[0], lines[0]
 
 
-def test_bad_input_exits_2_naming_the_fix(ray_session, tmp_path):
+def test_bad_input_exits_2_naming_the_fix(ray_session, tmp_path, cli):
     emb = str(tmp_path / "feat")
     x = clustered_vectors(400, 16, clusters=4, seed=3)
     _table(emb, x, 1)
@@ -179,24 +170,24 @@ def test_bad_input_exits_2_naming_the_fix(ray_session, tmp_path):
     other = str(tmp_path / "other")
     write_embeddings(storage.join(other, "embeddings", "a.parquet"), x,
                      spec=synthetic_spec(16, model="resnet50"))
-    _error_line(_cli("neighbors", "--index", idx, "--embeddings", other, "--output", str(tmp_path / "o")),
+    _error_line(cli("neighbors", "--index", idx, "--embeddings", other, "--output", str(tmp_path / "o")),
                 "model: index 'synthetic', the query embeddings 'resnet50'", "pipeline index build")
-    _error_line(_cli("index", "add", "--index", idx, "--embeddings", other), "model:", "pipeline index build")
+    _error_line(cli("index", "add", "--index", idx, "--embeddings", other), "model:", "pipeline index build")
     # another dimension
     wide = str(tmp_path / "wide")
     write_embeddings(storage.join(wide, "embeddings", "a.parquet"), np.ones((4, 8), np.float32))
-    _error_line(_cli("index", "add", "--index", idx, "--embeddings", wide), "dim: index 16, embeddings 8")
+    _error_line(cli("index", "add", "--index", idx, "--embeddings", wide), "dim: index 16, embeddings 8")
     # an empty table
     empty = str(tmp_path / "empty")
     write_embeddings(storage.join(empty, "embeddings", "a.parquet"), np.zeros((0, 16), np.float32), ids=[])
-    _error_line(_cli("index", "build", "--embeddings", empty, "--output", str(tmp_path / "i2")),
+    _error_line(cli("index", "build", "--embeddings", empty, "--output", str(tmp_path / "i2")),
                 "no rows", "pipeline extract")
-    _error_line(_cli("dedup", "--embeddings", empty, "--output", str(tmp_path / "d2")), "no rows")
+    _error_line(cli("dedup", "--embeddings", empty, "--output", str(tmp_path / "d2")), "no rows")
     # not an index; no query named
-    _error_line(_cli("neighbors", "--index", emb, "--ids", "x.parquet", "--output", str(tmp_path / "o")),
+    _error_line(cli("neighbors", "--index", emb, "--ids", "x.parquet", "--output", str(tmp_path / "o")),
                 "no index", "pipeline index build")
-    _error_line(_cli("neighbors", "--index", idx, "--output", str(tmp_path / "o")), "--images", "--ids")
-    _error_line(_cli("index", "build", "--embeddings", emb, "--output", str(tmp_path / "i3"),
+    _error_line(cli("neighbors", "--index", idx, "--output", str(tmp_path / "o")), "--images", "--ids")
+    _error_line(cli("index", "build", "--embeddings", emb, "--output", str(tmp_path / "i3"),
                      "--kind", "lsh"), "kind")
 
 
