@@ -193,15 +193,6 @@ print("ok")
     assert r.stdout.strip() == "ok"
 
 
-def test_golden_intermediate_layer(ray_session, textures_dir, tmp_path):
-    summary = extract(_cfg(textures_dir, tmp_path / "out", layer="blocks.2", pool="avg"))
-    assert summary["counts"]["embedded"] == 24
-    table, emb = _read(str(tmp_path / "out"))
-    ref = _timm_reference([textures_dir / i for i in table.column("id").to_pylist()], layer="blocks.2")
-    assert emb.shape == (24, 40)
-    assert _cos(emb, ref).min() >= 0.9999
-
-
 def test_golden_torchvision_model(ray_session, textures_dir, tmp_path):
     import torchvision
 
@@ -330,19 +321,24 @@ def test_heads_predict_through_ray(texture_features, tmp_path):
         predict(str(head), str(outs["none"]), str(tmp_path / "pred2"))
 
 
-def test_probe_ranks_layers(ray_session, textures_dir, tmp_path):
+def test_probe_ranks_layers_and_its_intermediate_embeddings_are_timms(ray_session, textures_dir, tmp_path):
+    """One pass through the actor pool embeds three cuts; each cut's embeddings (here blocks.2, averaged)
+    equal plain timm's forward_intermediates on the same images."""
     from pipeline.commands.probe import probe
     from pipeline.config import ProbeConfig
 
     cfg = ProbeConfig.model_validate({
         "source": {"uri": str(textures_dir), "labels": "folder"}, "output": {"uri": str(tmp_path)},
-        "runtime": {"progress": False, "batch_size": 8}, "models": "tf_efficientnet_lite0",
-        "layers": "blocks.1,blocks.4,final", "sample": 21,
+        "runtime": {"progress": False, "batch_size": 8, "autocast": "none"},
+        "models": "tf_efficientnet_lite0", "layers": "blocks.2,blocks.4,final", "sample": 21,
     })
     report = probe(cfg, progress=False)
     saved = json.loads((tmp_path / "probe.json").read_text())
-    assert [r["layer"] for r in saved["results"]] == ["blocks.1", "blocks.4", "final"]
-    assert [r["dim"] for r in saved["results"]] == [24, 112, 1280]
+    assert [r["layer"] for r in saved["results"]] == ["blocks.2", "blocks.4", "final"]
+    assert [r["dim"] for r in saved["results"]] == [40, 112, 1280]
+    table, emb = _read(str(tmp_path / "tf_efficientnet_lite0" / "blocks.2"))
+    ref = _timm_reference([textures_dir / i for i in table.column("id").to_pylist()], layer="blocks.2")
+    assert emb.shape == (21, 40) and _cos(emb, ref).min() >= 0.9999
     assert all(0 <= r["accuracy"] <= 1 and r["forward_ms_per_image"] > 0 for r in saved["results"])
     assert all(r["train_rows"] + r["val_rows"] == 21 for r in saved["results"])  # --sample 21 of 24
     best = max(saved["results"], key=lambda r: (r["accuracy"], r["macro_f1"], -r["forward_ms_per_image"]))
