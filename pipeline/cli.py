@@ -27,6 +27,7 @@ from pipeline.config import (
     RuntimeConfig,
 )
 from pipeline.config.files import merge_sources
+from pipeline.storage import redact
 
 app = typer.Typer(
     add_completion=False,
@@ -39,12 +40,13 @@ SET_HELP = "override any config key, e.g. --set runtime.batch_size=64 (repeatabl
 
 
 def _fail(msg: str, code: int = 2) -> None:
-    typer.echo(f"error: {msg}", err=True)
+    typer.echo(f"error: {redact(msg)}", err=True)
     raise typer.Exit(code)
 
 
 def _echo(result: Any, fmt: Callable[[Any], str], as_json: bool) -> None:
     """A command's result as its formatted text, or with --json as JSON."""
+    result = redact(result)
     typer.echo(json.dumps(result, indent=2, default=str) if as_json else fmt(result))
 
 

@@ -6,8 +6,12 @@ variables), and any other fsspec protocol that is installed (``gs://`` with gcsf
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
 import os
 import posixpath
+import re
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,6 +23,16 @@ import fsspec
 
 class StorageError(ValueError):
     """A URI that cannot be reached, read or written; the message names the fix."""
+
+
+class StorageFault(OSError):
+    """A fault of the machine, not of the input: the disk is full, a quota is exceeded, an I/O error. Not
+    a ValueError, so the CLI reports it as a failed run (exit 1) to rerun once it is fixed."""
+
+
+# errno values that mean the machine failed the write, whatever the URI or the configuration
+_FAULTS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+           errno.EIO: "input/output error", errno.EFBIG: "file too large for the file system"}
 
 
 @dataclass(frozen=True)
@@ -46,6 +60,47 @@ def _s3_options() -> dict[str, Any]:
     if client_kwargs:
         opts["client_kwargs"] = client_kwargs
     return opts
+
+
+_URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@\s?#'\"]*@)?"
+                  r"(?P<rest>[^\s?#'\"]*)(?P<query>\?[^\s#'\"]*)?")
+
+
+def _redact_match(m: re.Match) -> str:
+    user = "<redacted>@" if m["user"] else ""
+    return m["scheme"] + user + m["rest"] + ("?<redacted>" if m["query"] else "")
+
+
+def redact(value: Any) -> Any:
+    """``value`` with the secrets a URI can carry taken out of every URI in it: the userinfo
+    (``user:password@``) and the query string (a presigned URL's ``X-Amz-Signature=...``). Strings are
+    searched (an error message may quote a URI); dicts, lists and tuples are walked; the rest is returned
+    as it is. Everything the project records or prints goes through it."""
+    if isinstance(value, str):
+        return _URL.sub(_redact_match, value) if "://" in value else value
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(v) for v in value)
+    return value
+
+
+def is_utf8(text: str | None) -> bool:
+    if text is None:
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable_name(text: str | None) -> str | None:
+    """A file name as valid UTF-8: the raw bytes a name that is not UTF-8 carries (as surrogate escapes)
+    shown as \\xNN."""
+    if text is None or is_utf8(text):
+        return text
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def protocol_of(uri: str) -> str:
@@ -92,8 +147,14 @@ def join(uri: str, *parts: str) -> str:
     return posixpath.join(uri.rstrip("/"), *parts)
 
 
-def explain(uri: str, err: BaseException) -> StorageError:
-    """Turn a filesystem/botocore error into a StorageError that names the fix."""
+def explain(uri: str, err: BaseException) -> StorageError | StorageFault:
+    """Turn a filesystem/botocore error into a StorageError that names the fix, or a StorageFault when
+    the machine failed (disk full, quota, I/O error)."""
+    if isinstance(err, (StorageError, StorageFault)):
+        return err
+    if isinstance(err, OSError) and err.errno in _FAULTS:
+        return StorageFault(err.errno, f"storage fault at '{uri}': {_FAULTS[err.errno]}; fix it (free space, "
+                            "raise the quota, check the disk) and rerun the same command: it resumes")
     name = type(err).__name__
     text = str(err)
     if "NoCredentials" in name or "Unable to locate credentials" in text:
@@ -137,10 +198,14 @@ def _version(info: dict[str, Any]) -> str:
     return ""
 
 
-def list_files(uri: str) -> list[FileInfo]:
+HIDDEN = (".", "_")  # the names Parquet readers skip: an output's own files (_ledger/, _runs/...)
+
+
+def list_files(uri: str, hidden: tuple[str, ...] = HIDDEN) -> list[FileInfo]:
     """Every file under a prefix (recursively), sorted by relative path; a file URI lists itself.
 
-    Hidden files and folders (a name starting with '.' or '_') are skipped, as Parquet readers do.
+    Files and folders whose name starts with one of ``hidden`` are skipped ('.' and '_' by default, as
+    Parquet readers do).
     """
     fs, root = get_fs(uri)
     try:
@@ -157,14 +222,15 @@ def list_files(uri: str) -> list[FileInfo]:
         if info.get("type") == "directory" or not path.startswith(prefix):
             continue
         rel = path[len(prefix):].replace(os.sep, "/")
-        if any(part.startswith((".", "_")) for part in rel.split("/")):
+        if any(part.startswith(hidden) for part in rel.split("/")):
             continue
         out.append(FileInfo(_to_uri(fs, path, uri), rel, int(info.get("size") or 0), _version(info)))
     out.sort(key=lambda f: f.rel)
     return out
 
 
-def _entries(fs: fsspec.AbstractFileSystem, path: str) -> list[tuple[str, str, bool, dict[str, Any]]]:
+def _entries(fs: fsspec.AbstractFileSystem, path: str,
+             hidden: tuple[str, ...] = HIDDEN) -> list[tuple[str, str, bool, dict[str, Any]]]:
     """One folder's visible entries (sort key, path, is_dir, info), in the order of their full paths."""
     try:
         found = fs.ls(path, detail=True)
@@ -174,7 +240,7 @@ def _entries(fs: fsspec.AbstractFileSystem, path: str) -> list[tuple[str, str, b
     for info in found:
         name = str(info["name"]).rstrip("/")
         base = name.rsplit("/", 1)[-1]
-        if name == path.rstrip("/") or base.startswith((".", "_")):
+        if name == path.rstrip("/") or base.startswith(hidden):
             continue
         is_dir = info.get("type") == "directory"
         out.append((base + "/" if is_dir else base, name, is_dir, info))
@@ -182,7 +248,8 @@ def _entries(fs: fsspec.AbstractFileSystem, path: str) -> list[tuple[str, str, b
     return out
 
 
-def walk_files(uri: str, threads: int = 16, ahead: int = 8) -> Iterator[FileInfo]:
+def walk_files(uri: str, threads: int = 16, ahead: int = 8,
+               hidden: tuple[str, ...] = HIDDEN) -> Iterator[FileInfo]:
     """Every file under a prefix, as `list_files` finds them (sorted by relative path, hidden names
     skipped), streamed: each folder is listed once, up to ``ahead`` sibling folders in parallel ahead of the
     one being read, so only the folders in flight are held in memory; a file URI yields itself."""
@@ -195,7 +262,7 @@ def walk_files(uri: str, threads: int = 16, ahead: int = 8) -> Iterator[FileInfo
             return
         prefix = root.rstrip("/") + "/"
         with ThreadPoolExecutor(threads) as pool:
-            yield from _walk(fs, pool, _entries(fs, root), prefix, uri, ahead)
+            yield from _walk(fs, pool, _entries(fs, root, hidden), prefix, uri, ahead, hidden)
     except StorageError:
         raise
     except Exception as e:  # noqa: BLE001
@@ -203,7 +270,7 @@ def walk_files(uri: str, threads: int = 16, ahead: int = 8) -> Iterator[FileInfo
 
 
 def _walk(fs: fsspec.AbstractFileSystem, pool: ThreadPoolExecutor, entries: list[Any], prefix: str,
-          like: str, ahead: int) -> Iterator[FileInfo]:
+          like: str, ahead: int, hidden: tuple[str, ...]) -> Iterator[FileInfo]:
     dirs = [e[1] for e in entries if e[2]]
     pending: dict[str, Future] = {}
     submitted = 0
@@ -214,10 +281,10 @@ def _walk(fs: fsspec.AbstractFileSystem, pool: ThreadPoolExecutor, entries: list
                                int(info.get("size") or 0), _version(info))
             continue
         while submitted < len(dirs) and len(pending) < ahead:
-            pending[dirs[submitted]] = pool.submit(_entries, fs, dirs[submitted])
+            pending[dirs[submitted]] = pool.submit(_entries, fs, dirs[submitted], hidden)
             submitted += 1
         sub = pending.pop(path).result()
-        yield from _walk(fs, pool, sub, prefix, like, ahead)
+        yield from _walk(fs, pool, sub, prefix, like, ahead, hidden)
 
 
 def read_bytes(uri: str) -> bytes:
@@ -237,6 +304,11 @@ def open_input(uri: str, mode: str = "rb"):
         raise explain(uri, e) from e
 
 
+def write_json(uri: str, obj: Any, **dumps: Any) -> None:
+    """``obj`` as JSON (``dumps``: json.dumps options), secrets taken out of its URIs (`redact`)."""
+    write_bytes(uri, json.dumps(redact(obj), **dumps).encode())
+
+
 def makedirs(uri: str) -> None:
     fs, path = get_fs(uri)
     if protocol_of(uri) == "file":
@@ -254,9 +326,14 @@ def write_bytes(uri: str, data: bytes) -> None:
         if protocol_of(uri) == "file":
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)  # a failed write leaves nothing behind
+                raise
         else:
             fs.pipe_file(path, data)
     except Exception as e:  # noqa: BLE001

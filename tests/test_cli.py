@@ -173,3 +173,34 @@ def test_credentials_never_reach_output_logs_or_errors(ray_session, s3_server, b
     assert sorted(set(t.column("label").to_pylist())) == ["brick", "grass", "gravel"]
     for blob in [ok.stdout.encode(), ok.stderr.encode(), bad.stdout.encode(), bad.stderr.encode(), *written]:
         assert key_id.encode() not in blob and secret.encode() not in blob
+
+
+def test_a_presigned_weights_url_is_never_recorded_or_printed(ray_session, images, tmp_path, cli):
+    """--weights with a query string (a presigned URL's signature) or a user:password@: what the run
+    writes (Parquet metadata, output.json, the run record, an index, a head) and prints keeps the URI
+    without them."""
+    from safetensors.torch import save_file
+
+    from pipeline.backbone.weights import load_packaged
+
+    secret = "X-Amz-Signature=0f1e2d3c4b5a69788796a5b4c3d2e1f0"
+    weights = tmp_path / f"lite0.safetensors?{secret}"  # a file of that name: the URI reads it as it is
+    save_file(load_packaged("tf_efficientnet_lite0")[0], str(weights))
+    out = tmp_path / "out"
+    r = cli("extract", "--source", images, "--output", out, "--model", "tf_efficientnet_lite0",
+            "--weights", f"file://{weights}", "--labels", "folder", "--set", "runtime.progress=false",
+            "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "file://" in r.stdout and "?<redacted>" in r.stdout
+    assert cli("index", "build", "--embeddings", out, "--output", tmp_path / "idx").returncode == 0
+    assert cli("heads", "train", "--embeddings", out, "--output", tmp_path / "head", "--epochs", "2"
+               ).returncode == 0
+    bad = cli("extract", "--source", images, "--output", tmp_path / "o2", "--model", "tf_efficientnet_lite0",
+              "--weights", f"https://user:pw@example.invalid/w.pth?{secret}")
+    assert bad.returncode == 2 and "example.invalid" in bad.stderr
+    for text in (r.stdout, r.stderr, bad.stdout, bad.stderr):
+        assert "X-Amz-Signature" not in text and "user:pw" not in text
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p != weights and "?" not in p.name]
+    assert any(p.suffix == ".parquet" for p in written) and any(p.name == "index.json" for p in written)
+    for p in written:
+        assert b"X-Amz-Signature" not in p.read_bytes(), p

@@ -206,3 +206,35 @@ def test_ivfpq_recall_on_200k_vectors(ray_session, tmp_path):
     add(IndexAddConfig(index=idx, runtime=RT))
     assert store.read_meta(idx)["recall"]["recall_at_10"] >= ix.TARGET_RECALL
     assert _independent_recall(idx, np.concatenate([x, x2]), ids) >= ix.TARGET_RECALL
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 256 KiB tmpfs: writes past it fail with ENOSPC, as a full disk or an exceeded quota does."""
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root (CAP_SYS_ADMIN)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_is_a_failed_run_not_bad_input_and_leaves_no_temporary_files(ray_session, tmp_path,
+                                                                                 full_disk, cli):
+    """Disk full (or quota): exit 1 naming the fault and that a rerun resumes (exit 2 would tell the user
+    to change the command); the partial write's hidden temporary file is removed."""
+    emb = str(tmp_path / "feat")
+    _table(emb, clustered_vectors(4000, 64, clusters=8, seed=1), 1)  # a ~1 MiB index: does not fit
+    r = cli("index", "build", "--embeddings", emb, "--output", full_disk / "idx")
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    line = [ln for ln in r.stderr.splitlines() if ln.strip()][-1]
+    assert "no space left on the device" in line and "rerun" in line
+    assert not [p for p in full_disk.rglob("*") if p.name.endswith(".tmp")]
+    with pytest.raises(storage.StorageFault):
+        storage.write_bytes(str(full_disk / "big.bin"), b"x" * (512 << 10))
+    assert not list(full_disk.rglob("*.tmp"))

@@ -160,6 +160,42 @@ def test_walk_files_streams_list_files_order(tmp_path):
     walked = [(f.uri, f.rel, f.size) for f in storage.walk_files(str(tmp_path / "w"), ahead=1)]
     assert walked == [(f.uri, f.rel, f.size) for f in storage.list_files(str(tmp_path / "w"))]
     assert [r for _, r, _ in walked] == sorted(r for r in names if "_" not in r and "/." not in r)
+    shown = [f.rel for f in storage.walk_files(str(tmp_path / "w"), hidden=(".",))]
+    assert shown == [f.rel for f in storage.list_files(str(tmp_path / "w"), hidden=(".",))]
+    assert shown == sorted(r for r in names if "/." not in r)
+
+
+def test_a_source_lists_names_starting_with_an_underscore(tmp_path):
+    """'_MG_0002.jpg' (a camera's Adobe-RGB name) and '_archive/' are inputs; hidden '.' names and the
+    markers and unfinished files of other writers (_SUCCESS, _temporary/) are not, and are not counted."""
+    for n in ("_MG_0002.jpg", "_DSC0003.jpg", "_archive/old.jpg", "b/k.jpg", ".DS_Store", "b/._k.jpg",
+              "_SUCCESS", "_temporary/0/part.jpg"):
+        _write(tmp_path / "src" / n, _jpeg(1))
+    shards_, skipped = list_shards(SourceConfig(uri=str(tmp_path / "src")))
+    assert [r for s in shards_ for r in s.rels] == ["_DSC0003.jpg", "_MG_0002.jpg", "_archive/old.jpg",
+                                                    "b/k.jpg"]
+    assert skipped == 0
+    rows = _rows(shards_, SourceConfig(uri=str(tmp_path / "src")))
+    assert [r["error_kind"] for r in rows] == [None] * 4
+
+
+def test_a_file_name_that_is_not_utf8_is_one_error_row(tmp_path):
+    """Raw bytes in a name (a Latin-1 'é') cannot be an id: one `unsafe_name` row with the bytes shown as
+    \\xNN, the other files of its shard read as usual."""
+    src = tmp_path / "src"
+    _write(src / "a" / "ok.jpg", _jpeg(1))
+    try:
+        _write(Path(os.fsdecode(bytes(src) + b"/a/caf\xe9.jpg")), _jpeg(2))
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system refuses names that are not UTF-8")
+    cfg = SourceConfig(uri=str(src))
+    rows = _rows(list_shards(cfg)[0], cfg)
+    assert [(r["id"], r["error_kind"], r["bytes"]) for r in rows] == [
+        ("a/caf\\xe9.jpg", "unsafe_name", None), ("a/ok.jpg", None, _jpeg(1))]
+    assert "rename" in rows[0]["error_message"] and rows[0]["source"].endswith("a/caf\\xe9.jpg")
+    pa.table({"id": [r["id"] for r in rows]}).column("id").to_pylist()  # valid UTF-8: Arrow takes it
+    sample = sources.sample_shards(list_shards(cfg)[0], 1, 2)
+    assert sample is not None and len(sample) == 1
 
 
 def test_root_and_prefix_make_ids_relative_to_the_root(tmp_path):
@@ -454,7 +490,7 @@ def pq_dir(tmp_path) -> Path:
     })
     _parquet(root / "part-0.parquet", table, row_group_size=2)
     _parquet(root / "part-1.parquet", table.slice(0, 2))
-    _write(root / "_SUCCESS", b"")  # hidden: not listed, not skipped
+    _write(root / "_SUCCESS", b"")  # another writer's marker: not an input, not counted as skipped
     return root
 
 

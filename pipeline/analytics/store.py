@@ -134,7 +134,7 @@ def write_index(index_uri: str, index: Any, ids: pa.Table, meta: dict[str, Any])
     """index.faiss, ids.parquet, then index.json (the commit)."""
     storage.write_bytes(storage.join(index_uri, INDEX_FILE), ix.serialize(index))
     write_parquet(storage.join(index_uri, IDS_FILE), ids.sort_by("label"))
-    storage.write_bytes(storage.join(index_uri, META_FILE), json.dumps(meta, indent=2, default=str).encode())
+    storage.write_json(storage.join(index_uri, META_FILE), meta, indent=2, default=str)
 
 
 def index_size(index_uri: str) -> int:

@@ -114,7 +114,7 @@ def dedup(cfg: DedupConfig) -> dict[str, Any]:
     record = {"kind": "dedup", "embeddings": reader.uri, "output": cfg.output, "started_at": started,
               **summary, "outputs": uris, "timings": {k: round(v, 3) for k, v in times.items()},
               "total_s": round(time.perf_counter() - t0, 3), "config": json.loads(cfg.model_dump_json())}
-    storage.write_bytes(uris["summary"], json.dumps(record, indent=2, default=str).encode())
+    storage.write_json(uris["summary"], record, indent=2, default=str)
     record["run_record"] = write_run_record(cfg.output, new_run_id(), record)
     return record
 

@@ -131,7 +131,7 @@ def probe(cfg: ProbeConfig, *, overwrite: bool = False, progress: bool = True) -
         "total_s": round(time.perf_counter() - t_start, 3),
         "config": json.loads(cfg.model_dump_json()),
     }
-    storage.write_bytes(storage.join(cfg.output.uri, "probe.json"), json.dumps(report, indent=2).encode())
+    storage.write_json(storage.join(cfg.output.uri, "probe.json"), report, indent=2)
     storage.write_bytes(storage.join(cfg.output.uri, "probe.png"), probe_png(results, best))
     report["probe_json"] = storage.join(cfg.output.uri, "probe.json")
     return report

@@ -127,7 +127,7 @@ def backbone_bytes(state: dict[str, torch.Tensor], meta: dict[str, Any]) -> byte
     from safetensors.torch import save
 
     sd = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    return save(sd, metadata={"pipeline": json.dumps(meta, sort_keys=True)})
+    return save(sd, metadata={"pipeline": json.dumps(storage.redact(meta), sort_keys=True)})
 
 
 def write_artifacts(cfg: FinetuneConfig, model_state: dict[str, torch.Tensor], state: dict[str, Any],
@@ -183,7 +183,7 @@ def write_artifacts(cfg: FinetuneConfig, model_state: dict[str, torch.Tensor], s
     head_sd = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
     storage.write_bytes(storage.join(uris["head"], HEAD_WEIGHTS),
                         save(head_sd, metadata={"format": "pipeline-head"}))
-    storage.write_bytes(storage.join(uris["head"], HEAD_META), json.dumps(head_meta, indent=2).encode())
+    storage.write_json(storage.join(uris["head"], HEAD_META), head_meta, indent=2)
 
     trained = [h for h in history if h["epoch"] > 0]
     best = max(trained, key=lambda h: (h.get("val_acc") or 0, -(h.get("val_loss") or 0))) if trained else None
@@ -204,5 +204,5 @@ def write_artifacts(cfg: FinetuneConfig, model_state: dict[str, torch.Tensor], s
     }
     storage.write_bytes(uris["report"], finetune_png(history, f"{cfg.backbone.model} fine-tuned "
                                                                f"(freeze until {cfg.train.freeze_until})"))
-    storage.write_bytes(uris["finetune_json"], json.dumps(report, indent=2, default=str).encode())
+    storage.write_json(uris["finetune_json"], report, indent=2, default=str)
     return {**report, "output": uris}

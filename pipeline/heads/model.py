@@ -73,7 +73,7 @@ def write_head(output: str, model: HeadModel, meta: dict[str, Any]) -> dict[str,
            "report": storage.join(output, HEAD_REPORT)}
     storage.write_bytes(out["weights"], save(state, metadata={"format": "pipeline-head"}))
     storage.write_bytes(out["report"], head_png(meta))
-    storage.write_bytes(out["meta"], json.dumps(meta, indent=2, default=str).encode())  # last: marks done
+    storage.write_json(out["meta"], meta, indent=2, default=str)  # last: marks done
     return out
 
 

@@ -152,7 +152,7 @@ class Ledger:
         return json.loads(storage.read_bytes(uri))
 
     def _write_json(self, uri: str, obj: Any) -> None:
-        storage.write_bytes(uri, json.dumps(obj, indent=1, sort_keys=True).encode())
+        storage.write_json(uri, obj, indent=1, sort_keys=True)
 
     # -- what the output holds -----------------------------------------------------------------------
 
@@ -246,7 +246,7 @@ class Ledger:
 
 
         storage.check_writable(self.output_uri)
-        want = {"source": source_uri, "tables": tables}
+        want = storage.redact({"source": source_uri, "tables": tables})  # as output.json records it
         state = self.state()
         if state is not None:  # the stored specs read as the current version reads them (defaults filled)
             state = {**state, "tables": {k: EmbeddingSpec.parse(v).table_key()
@@ -359,6 +359,7 @@ class Ledger:
 
     def record_total(self, key: str, version: str, rows: int, first: str | None = None) -> None:
         """Called by the read task after it has read the whole shard."""
+        first = storage.printable_name(first)  # the ledger's Parquet holds UTF-8 only
         total = {"version": version, "rows": rows, **({"first": first} if first is not None else {})}
         self._write_json(storage.join(self._parts_uri(key), _TOTAL), total)
 

@@ -14,7 +14,9 @@ import json
 from typing import Any
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pipeline import storage
 
 METADATA_KEY = b"pipeline"
 # What a head trained on embeddings depends on: embeddings differing in any of these are other features.
@@ -28,6 +30,11 @@ class WeightsRef(BaseModel):
 
     source: str | None = None
     sha256: str | None = None
+
+    @field_validator("source")
+    @classmethod
+    def _no_secrets(cls, v: str | None) -> str | None:
+        return storage.redact(v)  # a presigned URL's signature must not travel with every file
 
 
 class EmbeddingSpec(BaseModel):

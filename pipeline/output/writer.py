@@ -11,7 +11,6 @@ embeddings tables back (heads train and predict, indexes), checked to share one 
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -208,5 +207,5 @@ def merge_error_rows(output_uri: str, parts_prefix: str, name: str) -> dict[str,
 def write_run_record(output_uri: str, run_id: str, record: dict[str, Any]) -> str:
     """Write ``OUTPUT/_runs/<run_id>.json``; returns its URI."""
     uri = storage.join(output_uri, RUNS_DIR, f"{run_id}.json")
-    storage.write_bytes(uri, json.dumps(record, indent=2, sort_keys=False, default=str).encode())
+    storage.write_json(uri, record, indent=2, sort_keys=False, default=str)
     return uri

@@ -62,6 +62,10 @@ FORMATS: dict[str, Format] = {
     "manifest": Format((), files.read_files),  # the objects a manifest names are loose files
 }
 LISTED = tuple(k for k, f in FORMATS.items() if f.extensions)  # the formats a listed prefix may hold
+# A source lists every name but hidden ones ('.'): '_MG_0002.jpg' and '_archive/' are a camera's and a
+# person's names. Only the names other writers keep their markers and unfinished files under are left out.
+WRITER_NAMES = frozenset({"_SUCCESS", "_metadata", "_common_metadata", "_temporary", "_delta_log",
+                          "_spark_metadata"})
 
 _FORMAT_FLAG = "pass --format files|webdataset|parquet|manifest (or set source.format)"
 
@@ -145,7 +149,9 @@ def list_shards(cfg: SourceConfig, depth: int | None = None) -> tuple[list[Shard
     found: dict[str, list[Shard]] = {k: [] for k in LISTED}
     chunker = Chunker(cfg.files_per_shard, layout.depth, lambda ms: chunk_shard(ms, layout.root))
     n_files = 0
-    for f in storage.walk_files(cfg.uri):
+    for f in storage.walk_files(cfg.uri, hidden=(".",)):
+        if WRITER_NAMES.intersection(f.rel.split("/")):
+            continue
         n_files += 1
         kind = _kind_of(f.rel)
         if kind is None:
@@ -181,7 +187,7 @@ def sample_shards(shards: list[Shard], n: int, files_per_shard: int) -> list[Sha
     if sum(s.count for s in shards) <= n:
         return shards
     members = [m for s in shards for m in s.members()]
-    chosen = sorted(members, key=lambda m: hashlib.sha1(m.rel.encode("utf-8")).hexdigest())[:n]
+    chosen = sorted(members, key=lambda m: hashlib.sha1(m.rel.encode("utf-8", "surrogatepass")).digest())[:n]
     chosen.sort(key=lambda m: m.rel)
     return [chunk_shard(chosen[i:i + files_per_shard], "", shards[0].format)
             for i in range(0, n, files_per_shard)]

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import pyarrow as pa
 
 from pipeline import storage
-from pipeline.storage import FileInfo
+from pipeline.storage import FileInfo, is_utf8, printable_name
 
 ROW_SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),
@@ -309,7 +309,13 @@ class RowBatcher:
 
     def add(self, id_: str, source: str, label: str | None = None, data: bytes | None = None,
             kind: str | None = None, message: str | None = None) -> pa.Table | None:
-        """Add one row; returns a full batch when one is ready."""
+        """Add one row; returns a full batch when one is ready. A name that is not valid UTF-8 (a file
+        system's raw bytes) cannot be an id: it becomes an ``unsafe_name`` error row under a printable
+        form of the name, and its bytes are not kept."""
+        if not (is_utf8(id_) and is_utf8(source)):
+            id_, source = printable_name(id_), printable_name(source)
+            data, label, kind = None, None, "unsafe_name"
+            message = "file name is not valid UTF-8 (shown with \\x escapes); rename it to read it"
         c = self._cols
         c["id"].append(id_)
         c["source"].append(source)
