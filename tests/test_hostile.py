@@ -15,6 +15,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from PIL import Image
 
+from pipeline import storage
 from pipeline.commands.extract import extract
 from pipeline.config import ExtractConfig
 
@@ -59,6 +60,8 @@ def _good_images() -> dict[str, bytes]:
         "good/animated.gif": gif.getvalue(),
         "good/one_pixel.png": _enc(Image.new("RGB", (1, 1), (200, 10, 10)), "PNG"),
         "good/rgba.webp": _enc(_photo(6).convert("RGBA"), "WEBP"),
+        "_MG_0002.jpg": _enc(_photo(8), "JPEG"),  # what cameras name Adobe RGB photos
+        "_archive/old.jpg": _enc(_photo(9), "JPEG"),
     }
 
 
@@ -71,6 +74,7 @@ def _bad_images() -> dict[str, tuple[bytes, str]]:
         "bad/error_page.png": (b"<html><body><h1>503 Service Unavailable</h1></body></html>", "not_an_image"),
         "bad/bomb.png": (_bomb(30000, 30000), "too_many_pixels"),
         "bad/sliver.png": (_enc(Image.new("RGB", (20000, 1)), "PNG"), "extreme_aspect_ratio"),
+        "bad/caf\udce9.jpg": (jpeg, "unsafe_name"),  # a Latin-1 name: raw bytes that are not UTF-8
     }
 
 
@@ -103,7 +107,8 @@ def test_loose_files_corpus(ray_session, tmp_path):
     vectors = np.stack(emb.column("embedding").to_numpy(zero_copy_only=False))
     assert np.isfinite(vectors).all()
     kinds = dict(zip(err.column("id").to_pylist(), err.column("error").to_pylist()))
-    assert kinds == {rel: kind for rel, (_, kind) in bad.items()}
+    assert kinds == {storage.printable_name(rel): kind for rel, (_, kind) in bad.items()}
+    assert "bad/caf\\xe9.jpg" in kinds
     assert all(m for m in err.column("message").to_pylist())
 
 
@@ -148,13 +153,15 @@ def test_parquet_corpus(ray_session, tmp_path):
     src, out = tmp_path / "pq", tmp_path / "out"
     src.mkdir()
     images = [_enc(_photo(20), "JPEG"), None, b"\x00\x01garbage bytes", _enc(_photo(21), "PNG")]
+    # the first file's image cells are all null: stored as type null, they are missing rows, not a refusal
+    pq.write_table(pa.table({"key": ["n0", "n1"], "image": pa.nulls(2)}), src / "part-0.parquet")
     pq.write_table(pa.table({"key": ["k0", "k1", "k2", "k3"], "image": pa.array(images, pa.binary())}),
-                   src / "part-0.parquet")
+                   src / "part-1.parquet")
     cfg = _cfg(src, out, "parquet").model_copy(deep=True)
     cfg.source.id_column = "key"
     s = extract(cfg)
     emb, err = _tables(out)
     assert sorted(emb.column("id").to_pylist()) == ["k0", "k3"]
     assert dict(zip(err.column("id").to_pylist(), err.column("error").to_pylist())) == {
-        "k1": "missing", "k2": "not_an_image"}
-    assert s["counts"] == {"inputs": 4, "embedded": 2, "failed": 2, "skipped": 0}
+        "n0": "missing", "n1": "missing", "k1": "missing", "k2": "not_an_image"}
+    assert s["counts"] == {"inputs": 6, "embedded": 2, "failed": 4, "skipped": 0}

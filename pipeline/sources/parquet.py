@@ -46,13 +46,15 @@ def resolve_image_column(schema: pa.Schema, image_column: str | None, where: str
                 f"{columns_text(schema)}. Set source.image_column (--set source.image_column=NAME)"
             )
         t = schema.field(image_column).type
-        if not (_is_binary(t) or _is_image_struct(t)):
+        if not (_is_binary(t) or _is_image_struct(t) or pa.types.is_null(t)):  # null: every cell missing
             raise ConfigError(
                 f"image column '{image_column}' in {where} is {t}, not binary image bytes or "
                 f"struct<bytes, path>; available columns: {columns_text(schema)}. Set source.image_column"
             )
         return image_column
-    named = [f.name for f in schema if f.name.lower() in IMAGE_NAMES and _is_binary(f.type)]
+    # a file whose image cells are all null stores the column as type null: its rows are `missing` rows
+    named = [f.name for f in schema if f.name.lower() in IMAGE_NAMES
+             and (_is_binary(f.type) or pa.types.is_null(f.type))]
     if len(named) == 1:
         return named[0]
     structs = [f.name for f in schema if _is_image_struct(f.type)]
