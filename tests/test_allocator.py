@@ -35,7 +35,8 @@ def jpeg():
 datas = [jpeg() for _ in range(32)]
 cfg = BackboneConfig(model="tf_efficientnet_lite0")
 autocast = "bf16-stem-fp32" if cpu_has_bf16() else "none"  # lite0's planned precision on this CPU
-forward = cpu_forward_batch(activation_bytes(build_backbone(cfg))[autocast], 32)
+activation = activation_bytes(build_backbone(cfg))[autocast]
+forward = cpu_forward_batch(activation, 32)
 rt = dict(device="cpu", autocast=autocast, channels_last=True, decoder="tensor", forward_batch=forward,
           compile=False, threads=1)
 e = Embedder(EmbedderSpec.of(cfg, rt))
@@ -46,24 +47,37 @@ for _ in range(6):
     per_batch.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 # the median batch after two warm-ups (the heap reaches its size; Python's collector faults in now and then)
 print(json.dumps({"tuned": e.allocator_tuned, "faults_per_image": sorted(per_batch[2:])[2] / 32,
-                  "per_batch": per_batch, "autocast": autocast, "forward_batch": forward}))
+                  "per_batch": per_batch, "autocast": autocast, "forward_batch": forward,
+                  "activation_pages": activation / resource.getpagesize()}))
 """
 
 
-def _faults(mode: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", _WORKLOAD, mode], capture_output=True, text=True, timeout=600,
-                         check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def _faults(*modes: str) -> list[dict]:
+    """Runs the workload once per mode, side by side (one process each: the faults are per process)."""
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKLOAD, m], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for m in modes]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    return outs
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_the_embedders_batches_stop_faulting_in_fresh_pages():
-    default, tuned = _faults("glibc-default"), _faults("tuned")
+    default, tuned = _faults("glibc-default", "tuned")
     assert tuned["tuned"] and not default["tuned"]
-    # glibc's defaults: each batch maps hundreds of fresh pages per image; set, a batch reuses its memory.
-    # Both measured here, in one test: at least 20x fewer faults, whatever this CPU's precision and speed.
-    assert default["faults_per_image"] > 100, default
-    assert tuned["faults_per_image"] * 20 <= default["faults_per_image"], (default, tuned)
+    # Set, a batch reuses the memory of the one before: the pages it faults in per image are a small
+    # fraction (under 5%) of one image's largest activation, whatever this CPU's precision and speed.
+    budget = 0.05 * tuned["activation_pages"]
+    assert tuned["faults_per_image"] < budget, (tuned, budget)
+    # glibc's own thresholds move with the order of frees: on most runs each batch faults in hundreds of
+    # pages per image, on some the heap happens to settle. Where it faults, set is at least 20x fewer.
+    if default["faults_per_image"] >= budget:
+        assert tuned["faults_per_image"] * 20 <= default["faults_per_image"], (default, tuned)
+    print(f"faults per image: glibc's defaults {default['faults_per_image']:.1f}, "
+          f"set {tuned['faults_per_image']:.1f} (largest activation {tuned['activation_pages']:.0f} pages)")
 
 
 def test_an_environment_that_sets_the_allocator_is_left_alone():
