@@ -27,6 +27,7 @@ from pipeline.config import (
     RuntimeConfig,
 )
 from pipeline.config.files import merge_sources
+from pipeline.output.lease import LeaseHeld
 from pipeline.storage import redact
 
 app = typer.Typer(
@@ -37,6 +38,16 @@ app = typer.Typer(
 )
 
 SET_HELP = "override any config key, e.g. --set runtime.batch_size=64 (repeatable)"
+LOCK_WAIT_HELP = "when another run is writing the output, wait up to this long for it (default: stop at once)"
+BREAK_LOCK_HELP = "take the output's lease from another run (only when you know that run is dead)"
+
+
+def _lock(wait_for_lock: float, break_lock: bool):
+    from pipeline.output.lease import LockPolicy
+
+    if wait_for_lock < 0:
+        _fail(f"--wait-for-lock {wait_for_lock:g}: give 0 or more seconds")
+    return LockPolicy(wait_s=wait_for_lock, break_lock=break_lock)
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -56,6 +67,8 @@ def _invoke(fn, rerun_hint: bool = False):
         return fn()
     except typer.Exit:
         raise
+    except LeaseHeld as e:  # another run writes the output: nothing was done
+        _fail(str(e), 1)
     except ValueError as e:  # ConfigError, BackboneError, StorageError, WeightsError are ValueErrors
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__, 2)
     except KeyboardInterrupt:
@@ -97,6 +110,8 @@ def extract(
     config: str | None = typer.Option(None, "--config", "-c", help="YAML config file"),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the run summary as JSON"),
+    wait_for_lock: float = typer.Option(0.0, "--wait-for-lock", metavar="SECONDS", help=LOCK_WAIT_HELP),
+    break_lock: bool = typer.Option(False, "--break-lock", help=BREAK_LOCK_HELP),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Embed every image under --source with a pretrained backbone cut at --layer; write Parquet."""
@@ -112,7 +127,8 @@ def extract(
         from pipeline.commands.run import format_summary
 
         cfg = merge_sources(ExtractConfig, config, flags, set_)
-        _echo(run_extract(cfg, overwrite=overwrite, incremental=incremental, run_date=run_date),
+        _echo(run_extract(cfg, overwrite=overwrite, incremental=incremental, run_date=run_date,
+                          lock=_lock(wait_for_lock, break_lock)),
               format_summary, as_json)
 
     _invoke(go)
@@ -139,6 +155,8 @@ def classify(
     config: str | None = typer.Option(None, "--config", "-c", help="YAML config file"),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the run summary as JSON"),
+    wait_for_lock: float = typer.Option(0.0, "--wait-for-lock", metavar="SECONDS", help=LOCK_WAIT_HELP),
+    break_lock: bool = typer.Option(False, "--break-lock", help=BREAK_LOCK_HELP),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Use the pretrained model as is: top-k ImageNet classes per image -> OUTPUT/predictions/ Parquet."""
@@ -153,7 +171,8 @@ def classify(
         from pipeline.commands.run import format_summary
 
         cfg = merge_sources(ClassifyConfig, config, flags, set_)
-        _echo(run_classify(cfg, overwrite=overwrite, incremental=incremental, run_date=run_date),
+        _echo(run_classify(cfg, overwrite=overwrite, incremental=incremental, run_date=run_date,
+                           lock=_lock(wait_for_lock, break_lock)),
               format_summary, as_json)
 
     _invoke(go)
@@ -223,6 +242,8 @@ def heads_predict(
     top_k: int = typer.Option(1, help="also write the top-k labels and scores"),
     actors: str = typer.Option("1", help="N, or MIN,MAX"),
     as_json: bool = typer.Option(False, "--json"),
+    wait_for_lock: float = typer.Option(0.0, "--wait-for-lock", metavar="SECONDS", help=LOCK_WAIT_HELP),
+    break_lock: bool = typer.Option(False, "--break-lock", help=BREAK_LOCK_HELP),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Apply a head to embeddings (a Ray Data map): id, label, score per row."""
@@ -230,7 +251,8 @@ def heads_predict(
     def go():
         from pipeline.commands.heads import format_predict, predict
 
-        _echo(predict(head, embeddings, output, top_k=top_k, runtime=RuntimeConfig(actors=actors)),
+        _echo(predict(head, embeddings, output, top_k=top_k, runtime=RuntimeConfig(actors=actors),
+                      lock=_lock(wait_for_lock, break_lock)),
               format_predict, as_json)
 
     _invoke(go)
@@ -320,6 +342,8 @@ def nightly(
     run_date: str | None = typer.Option(None, help="YYYY-MM-DD partition of this run (default: today, UTC)"),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the summaries as JSON"),
+    wait_for_lock: float = typer.Option(0.0, "--wait-for-lock", metavar="SECONDS", help=LOCK_WAIT_HELP),
+    break_lock: bool = typer.Option(False, "--break-lock", help=BREAK_LOCK_HELP),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Nightly: extract the new or changed shards under embeddings/run_date=.../, then apply the head."""
@@ -329,7 +353,7 @@ def nightly(
         from pipeline.commands.nightly import nightly as run_nightly
 
         cfg = merge_sources(NightlyConfig, config, None, set_)
-        _echo(run_nightly(cfg, run_date), format_nightly, as_json)
+        _echo(run_nightly(cfg, run_date, lock=_lock(wait_for_lock, break_lock)), format_nightly, as_json)
 
     _invoke(go, rerun_hint=True)
 
@@ -350,6 +374,8 @@ def index_build(
     config: str | None = typer.Option(None, "--config", "-c", help="YAML config file"),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the run summary as JSON"),
+    wait_for_lock: float = typer.Option(0.0, "--wait-for-lock", metavar="SECONDS", help=LOCK_WAIT_HELP),
+    break_lock: bool = typer.Option(False, "--break-lock", help=BREAK_LOCK_HELP),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Build a faiss index over stored embeddings; writes index.faiss, ids.parquet, index.json."""
@@ -360,7 +386,8 @@ def index_build(
     def go():
         from pipeline.commands.index import build, format_build
 
-        _echo(build(merge_sources(IndexBuildConfig, config, flags, set_)), format_build, as_json)
+        cfg = merge_sources(IndexBuildConfig, config, flags, set_)
+        _echo(build(cfg, lock=_lock(wait_for_lock, break_lock)), format_build, as_json)
 
     _invoke(go)
 
@@ -373,6 +400,8 @@ def index_add(
     config: str | None = typer.Option(None, "--config", "-c", help="YAML config file"),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the run summary as JSON"),
+    wait_for_lock: float = typer.Option(0.0, "--wait-for-lock", metavar="SECONDS", help=LOCK_WAIT_HELP),
+    break_lock: bool = typer.Option(False, "--break-lock", help=BREAK_LOCK_HELP),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Add the embedding files the index does not hold yet (no retraining); replaced files' rows leave it."""
@@ -380,7 +409,8 @@ def index_add(
     def go():
         from pipeline.commands.index import add, format_add
 
-        _echo(add(merge_sources(IndexAddConfig, config, {"index": index, "embeddings": embeddings}, set_)),
+        _echo(add(merge_sources(IndexAddConfig, config, {"index": index, "embeddings": embeddings}, set_),
+                  lock=_lock(wait_for_lock, break_lock)),
               format_add, as_json)
 
     _invoke(go)

@@ -340,6 +340,35 @@ def write_bytes(uri: str, data: bytes) -> None:
         raise explain(uri, e) from e
 
 
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Write a whole object only where none exists; returns False when one does. Atomic on local disks (a
+    hidden temporary file hard-linked into place) and on S3 (a conditional PUT, ``If-None-Match: *``);
+    elsewhere an existence check then a write."""
+    fs, path = get_fs(uri)
+    try:
+        if protocol_of(uri) == "file":
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.link(tmp, path)
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+        elif protocol_of(uri) in ("s3", "s3a"):
+            fs.pipe_file(path, data, mode="create")
+        else:
+            if fs.exists(path):
+                return False
+            fs.pipe_file(path, data)
+    except FileExistsError:
+        return False
+    except Exception as e:  # noqa: BLE001
+        raise explain(uri, e) from e
+    return True
+
+
 def move(src: str, dst: str) -> None:
     """Move one file (a rename locally; copy then delete on object storage). Idempotent: when src is gone
     and dst exists, the move already happened."""

@@ -249,3 +249,125 @@ def test_an_output_of_the_old_sharding_is_refused_with_the_fix(tmp_path):
                               sharding={"scheme": "content-defined-1", "depth": 2})
     plan = led.plan("/src", TABLES, shards, overwrite=True, sharding=cut)
     assert plan.done_before == 0 and len(plan.todo) == len(shards)
+
+
+# -- the invariant: visible files = the committed shards' files, whatever a crash left ----------------------
+
+
+class Killed(BaseException):
+    """Stands for a SIGKILL at one exact step: nothing after it runs, storage stays as it is."""
+
+
+def _kill_at(monkeypatch, name: str, nth: int) -> None:
+    """The nth call of storage.<name> (as the ledger calls it) kills the process instead."""
+    real, calls = getattr(storage, name), []
+
+    def step(*a, **k):
+        calls.append(a)
+        if len(calls) == nth:
+            raise Killed(name)
+        return real(*a, **k)
+
+    monkeypatch.setattr(ledger_mod.storage, name, step)
+
+
+def _stage_in_two_files(out, led: Ledger, shard) -> None:
+    sink = ParquetSink(str(out), spec={"dim": 4}, staged=True)
+    half = shard.count // 2
+    for rows in (list(range(half)), list(range(half, shard.count))):
+        t = _rows(shard.key, rows).set_column(0, "id", pa.array([shard.rels[r] for r in rows]))
+        _write(sink, led, t)
+
+
+def _files(out) -> list[str]:
+    return sorted(p.relative_to(out).as_posix() for sub in ("embeddings", "errors") if (out / sub).exists()
+                  for p in (out / sub).rglob("*.parquet"))
+
+
+def _ledger_files(out) -> list[str]:
+    return sorted(f for e in Ledger(str(out)).committed().values() for f in e["files"])
+
+
+def test_a_commit_killed_between_its_moves_leaves_no_rows_once_its_folder_changes(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    rels = [f"a/{i}.jpg" for i in range(6)]
+    small, shard = _listing(rels, max_files=6)  # a/0-1 and a/2-5
+    assert shard.count == 4
+    _run(out, [small], "r1")
+    led = Ledger(str(out), "r1")
+    _stage_in_two_files(out, led, shard)
+    _kill_at(monkeypatch, "move", 2)
+    with pytest.raises(Killed):
+        led.shard_read(shard.key, shard.version, shard.count, shard.first)
+    monkeypatch.undo()
+    assert _visible(out) == ["a/0.jpg", "a/1.jpg", "a/2.jpg", "a/3.jpg"]  # a/2-3: of no committed shard
+    # the folder gains a file before the next run: the shard has another key, the leftover cannot commit
+    now = _listing([*rels, "a/6.jpg"], max_files=6)
+    assert shard.key not in {s.key for s in now}
+    c = _run(out, now, "r2")
+    assert c["orphans_removed"] == 1 and c["recovered"] == 0
+    assert _visible(out) == [*rels, "a/6.jpg"]  # each image once
+    assert _files(out) == _ledger_files(out)
+
+
+def test_a_commit_killed_before_its_entry_then_a_run_over_another_prefix(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    night1 = _listing([f"2026-11-28/{i}.jpg" for i in range(4)], max_files=4)
+    led = Ledger(str(out), "n1")
+    led.plan("/src", TABLES, night1, overwrite=False, scope="2026-11-28/",
+             sharding={"scheme": "content-defined-1", "depth": 1})
+    _stage_in_two_files(out, led, night1[0])
+    _kill_at(monkeypatch, "write_json", 2)  # the total.json, then the shard's entry: killed at the entry
+    with pytest.raises(Killed):
+        led.shard_read(night1[0].key, night1[0].version, night1[0].count, night1[0].first)
+    monkeypatch.undo()
+    assert len(_visible(out)) == 4 and Ledger(str(out)).committed() == {}
+    night2 = _listing([f"2026-11-29/{i}.jpg" for i in range(3)])
+    c = _run(out, night2, "n2", scope="2026-11-29/")  # the next night lists another prefix
+    assert c["orphans_removed"] == 2 and c["recovered"] == 0
+    assert _visible(out) == [f"2026-11-29/{i}.jpg" for i in range(3)]
+    root = _listing([f"2026-11-2{d}/{i}.jpg" for d, n in ((8, 4), (9, 3)) for i in range(n)])
+    _run(out, root, "all")  # a run over the whole root embeds the first night's images, once
+    assert _visible(out) == sorted(r for s in root for r in s.rels) and len(_visible(out)) == 7
+    assert _files(out) == _ledger_files(out)
+
+
+def test_keep_mode_killed_between_the_gone_entry_and_the_deletes(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    rels = [f"a/{i:02d}.jpg" for i in range(6)]
+    _run(out, _listing(rels, max_files=6), "r1", on_removed="keep")
+    now = rels[:3] + rels[4:]  # a/03 leaves the source; its shard's other rows run again in a new shard
+    _kill_at(monkeypatch, "remove", 1)  # the first delete of the old file, after the entry marked it gone
+    with pytest.raises(Killed):
+        _run(out, _listing(now, max_files=6), "r2", on_removed="keep")
+    monkeypatch.undo()
+    c = _run(out, _listing(now, max_files=6), "r3", on_removed="keep")
+    assert c["orphans_removed"] >= 1
+    assert _visible(out) == sorted(rels)  # a/03 kept, every other image once
+    assert _files(out) == _ledger_files(out)
+
+
+def test_a_truncated_or_missing_file_runs_its_shard_again(tmp_path):
+    out = tmp_path / "out"
+    shards = _listing([f"a/{i}.jpg" for i in range(6)], max_files=3)
+    _run(out, shards, "r1")
+    first, second = (out / f for f in _ledger_files(out)[:2])
+    first.write_bytes(first.read_bytes()[:100])  # truncated in place
+    second.unlink()
+    c = _run(out, shards, "r2")
+    assert c["damaged"] == 2 and c["to_run"] == 2 and c["done_before"] == len(shards) - 2
+    assert _visible(out) == [f"a/{i}.jpg" for i in range(6)]
+    assert _files(out) == _ledger_files(out)
+
+
+def test_the_end_of_a_run_checks_that_readers_see_exactly_the_ledgers_files(tmp_path):
+    out = tmp_path / "out"
+    shards = _listing([f"a/{i}.jpg" for i in range(4)])
+    _run(out, shards, "r1")
+    stray = out / "embeddings" / "another-writer.parquet"
+    stray.write_bytes((out / _ledger_files(out)[0]).read_bytes())
+    with pytest.raises(LedgerError, match="1 visible files belong to no committed shard"):
+        Ledger(str(out), "r2").finish([], tables=["embeddings"])
+    c = _run(out, shards, "r3")
+    assert c["orphans_removed"] == 1 and not stray.exists()
+    assert _visible(out) == [f"a/{i}.jpg" for i in range(4)]

@@ -9,10 +9,18 @@ from dataclasses import replace
 from typing import Any
 
 from pipeline.backbone import build_backbone
-from pipeline.commands.run import ImageRun, estimated_images, partition_for, plan_for, versions
+from pipeline.commands.run import (
+    ImageRun,
+    estimated_images,
+    new_run_id,
+    partition_for,
+    plan_for,
+    versions,
+)
 from pipeline.config import ClassifyConfig, ConfigError, ExtractConfig
 from pipeline.embed import CLASSIFY_COLUMNS, EmbedderSpec
 from pipeline.output.layout import EMBEDDINGS_DIR, PREDICTIONS_DIR
+from pipeline.output.lease import Lease, LockPolicy, hold
 from pipeline.output.ledger import Ledger
 from pipeline.output.writer import EMBEDDING_COLUMNS, Output
 from pipeline.plan import precision_of
@@ -42,10 +50,19 @@ def _inputs(cfg: Any, partition: str | None, overwrite: bool) -> tuple[Any, Layo
 
 def _map_images(kind: str, cfg: ExtractConfig | ClassifyConfig, stage: EmbedderSpec, table: str,
                 columns: dict[str, str], spec_extra: dict[str, Any], *, overwrite: bool, incremental: bool,
-                run_date: str | None) -> dict[str, Any]:
+                run_date: str | None, lock: LockPolicy | Lease | None) -> dict[str, Any]:
     t_start = time.perf_counter()
     # Validate everything on the driver, before Ray does any work.
     partition = partition_for(incremental, run_date)
+    run_id = new_run_id()
+    with hold(cfg.output.uri, run_id, kind, lock) as lease:  # one writer per output, from planning on
+        return _leased(kind, cfg, stage, table, columns, spec_extra, overwrite=overwrite, partition=partition,
+                       run_id=run_id, lease=lease, t_start=t_start)
+
+
+def _leased(kind: str, cfg: ExtractConfig | ClassifyConfig, stage: EmbedderSpec, table: str,
+            columns: dict[str, str], spec_extra: dict[str, Any], *, overwrite: bool, partition: str | None,
+            run_id: str, lease: Lease, t_start: float) -> dict[str, Any]:
     cfg, layout, shards, skipped = _inputs(cfg, partition, overwrite)
     backbone = build_backbone(stage.backbone, "cpu")
     decision = plan_for(cfg.runtime, backbone, estimated_images(shards))
@@ -60,27 +77,29 @@ def _map_images(kind: str, cfg: ExtractConfig | ClassifyConfig, stage: EmbedderS
     run = ImageRun(
         kind=kind, source=cfg.source, runtime=stage.runtime, output_uri=cfg.output.uri, stage=stage,
         outputs=outputs, config=json.loads(cfg.model_dump_json()), extra={"spec": spec.to_dict()},
-        rows_per_file=cfg.output.rows_per_file, work=work, partition=partition, decision=decision)
+        rows_per_file=cfg.output.rows_per_file, work=work, partition=partition, decision=decision,
+        run_id=run_id, lease=lease)
     return run.run(work.todo, skipped, t_start)
 
 
 def extract(cfg: ExtractConfig, *, overwrite: bool = False, incremental: bool = False,
-            run_date: str | None = None) -> dict[str, Any]:
+            run_date: str | None = None, lock: LockPolicy | Lease | None = None) -> dict[str, Any]:
     """Run an extraction; returns the run summary (also written to OUTPUT/_runs/<run_id>.json).
 
     Reruns resume: shards the output already holds are skipped. ``incremental`` (the nightly mode) puts
-    this run's rows under ``embeddings/run_date=YYYY-MM-DD/``.
+    this run's rows under ``embeddings/run_date=YYYY-MM-DD/``. The run holds the output's lease
+    (pipeline/output/lease.py); ``lock`` says whether to wait for another run's or break it.
     """
     stage = EmbedderSpec(cfg.backbone, cfg.runtime, dtype=cfg.output.dtype, max_bytes=cfg.source.max_bytes)
     return _map_images("extract", cfg, stage, EMBEDDINGS_DIR, EMBEDDING_COLUMNS, {"dtype": cfg.output.dtype},
-                       overwrite=overwrite, incremental=incremental, run_date=run_date)
+                       overwrite=overwrite, incremental=incremental, run_date=run_date, lock=lock)
 
 
 def classify(cfg: ClassifyConfig, *, overwrite: bool = False, incremental: bool = False,
-             run_date: str | None = None) -> dict[str, Any]:
+             run_date: str | None = None, lock: LockPolicy | Lease | None = None) -> dict[str, Any]:
     """The pretrained model as a classifier: ``OUTPUT/predictions/`` with top-k ImageNet classes per image."""
     stage = EmbedderSpec(cfg.backbone, cfg.runtime, task="classify", top_k=cfg.top_k,
                          max_bytes=cfg.source.max_bytes)
     return _map_images("classify", cfg, stage, PREDICTIONS_DIR, {c: c for c in PREDICTION_COLUMNS},
                        {"dtype": "float32", "top_k": cfg.top_k},
-                       overwrite=overwrite, incremental=incremental, run_date=run_date)
+                       overwrite=overwrite, incremental=incremental, run_date=run_date, lock=lock)

@@ -10,14 +10,24 @@ from pipeline import storage
 from pipeline.commands.run import new_run_id
 from pipeline.config import RuntimeConfig
 from pipeline.output.layout import PREDICTIONS_DIR
+from pipeline.output.lease import Lease, LockPolicy, hold
 from pipeline.output.writer import write_run_record
 
 
 def predict(head_uri: str, embeddings_uri: str, output_uri: str, *, top_k: int = 1,
-            runtime: RuntimeConfig | None = None, partition: str | None = None) -> dict[str, Any]:
+            runtime: RuntimeConfig | None = None, partition: str | None = None,
+            lock: LockPolicy | Lease | None = None) -> dict[str, Any]:
     """Apply a trained head to stored embeddings as a Ray Data map: ``OUTPUT/predictions/*.parquet``
     (id, label, score[, top_labels, top_scores]). Refuses embeddings whose spec differs from the head's.
-    With ``partition`` (``run_date=YYYY-MM-DD``) only that folder under predictions/ is replaced."""
+    With ``partition`` (``run_date=YYYY-MM-DD``) only that folder under predictions/ is replaced. Holds
+    the output's lease (pipeline/output/lease.py)."""
+    with hold(output_uri, new_run_id(), "heads predict", lock):
+        return _predict(head_uri, embeddings_uri, output_uri, top_k=top_k, runtime=runtime,
+                        partition=partition)
+
+
+def _predict(head_uri: str, embeddings_uri: str, output_uri: str, *, top_k: int,
+             runtime: RuntimeConfig | None, partition: str | None) -> dict[str, Any]:
     from pipeline.heads import HeadPredictor
     from pipeline.output.reader import EmbeddingReader
 

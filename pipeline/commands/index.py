@@ -26,6 +26,7 @@ from pipeline.analytics import store
 from pipeline.commands.run import new_run_id
 from pipeline.config import IndexAddConfig, IndexBuildConfig, RuntimeConfig
 from pipeline.output.layout import write_parquet
+from pipeline.output.lease import Lease, LockPolicy, hold
 from pipeline.output.reader import EmbeddingReader
 from pipeline.output.spec import EmbeddingSpec, package_version
 from pipeline.output.writer import write_run_record
@@ -156,8 +157,14 @@ def _build_meta(cfg: IndexBuildConfig, params: ix.IndexParams, reader: Embedding
     }
 
 
-def build(cfg: IndexBuildConfig) -> dict[str, Any]:
-    """Build an index over the embeddings table; returns the run summary (index.json holds the rest)."""
+def build(cfg: IndexBuildConfig, lock: LockPolicy | Lease | None = None) -> dict[str, Any]:
+    """Build an index over the embeddings table; returns the run summary (index.json holds the rest). The
+    build holds the index folder's lease (pipeline/output/lease.py)."""
+    with hold(cfg.output, new_run_id(), "index build", lock):
+        return _build(cfg)
+
+
+def _build(cfg: IndexBuildConfig) -> dict[str, Any]:
     from pipeline.ray.analytics import map_files
 
     t0 = time.perf_counter()
@@ -341,8 +348,14 @@ def _update_meta(meta: dict[str, Any], files_meta: dict[str, Any], next_label: i
     meta.setdefault("versions", {})["faiss"] = _faiss_version()
 
 
-def add(cfg: IndexAddConfig) -> dict[str, Any]:
-    """Add the embedding files the index does not hold yet (no retraining); returns the run summary."""
+def add(cfg: IndexAddConfig, lock: LockPolicy | Lease | None = None) -> dict[str, Any]:
+    """Add the embedding files the index does not hold yet (no retraining); returns the run summary. Holds
+    the index folder's lease."""
+    with hold(cfg.index, new_run_id(), "index add", lock):
+        return _add(cfg)
+
+
+def _add(cfg: IndexAddConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     started = _now()
     meta = store.read_meta(cfg.index)

@@ -18,29 +18,38 @@ from typing import Any
 from pipeline import storage
 from pipeline.commands.extract import extract
 from pipeline.commands.heads import predict
-from pipeline.commands.run import format_summary
+from pipeline.commands.run import format_summary, new_run_id
 from pipeline.config import ExtractConfig, NightlyConfig
 from pipeline.output.layout import EMBEDDINGS_DIR
+from pipeline.output.lease import Lease, LockPolicy, hold
 
 
-def nightly(cfg: NightlyConfig, run_date: str | None = None) -> dict[str, Any]:
+def nightly(cfg: NightlyConfig, run_date: str | None = None, lock: LockPolicy | Lease | None = None
+            ) -> dict[str, Any]:
     """Returns {"extract": the extract summary, "predict": the predict summary or None, "index": the index
-    add summary or None}."""
+    add summary or None}. The night holds the output's lease throughout (the predictions' and the index's
+    folders are leased by their steps)."""
+    with hold(cfg.output.uri, new_run_id(), "nightly", lock) as lease:
+        return _night(cfg, run_date, lease)
+
+
+def _night(cfg: NightlyConfig, run_date: str | None, lock: Lease) -> dict[str, Any]:
     extract_cfg = ExtractConfig.model_validate(
         cfg.model_dump(exclude={"head", "predictions", "top_k", "index"}))
-    summary = extract(extract_cfg, incremental=True, run_date=run_date)
+    summary = extract(extract_cfg, incremental=True, run_date=run_date, lock=lock)
     result: dict[str, Any] = {"extract": summary, "predict": None}
     partition = summary["partition"]
     night = storage.join(cfg.output.uri, EMBEDDINGS_DIR, partition)
     if cfg.head and storage.exists(night):
         result["predict"] = predict(cfg.head, night, cfg.predictions or cfg.output.uri, top_k=cfg.top_k,
-                                    runtime=cfg.runtime, partition=partition)
+                                    runtime=cfg.runtime, partition=partition, lock=lock)
     result["index"] = None
     if cfg.index:
         from pipeline.commands.index import add
         from pipeline.config import IndexAddConfig
 
-        result["index"] = add(IndexAddConfig(index=cfg.index, embeddings=cfg.output.uri, runtime=cfg.runtime))
+        result["index"] = add(IndexAddConfig(index=cfg.index, embeddings=cfg.output.uri, runtime=cfg.runtime),
+                              lock=lock)
     return result
 
 

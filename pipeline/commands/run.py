@@ -121,12 +121,14 @@ class ImageRun:
     work: Work | None = None  # from the ledger; None: files written in place (the probe)
     partition: str | None = None
     limit: int | None = None
+    run_id: str = ""  # given when the run took the output's lease under it
+    lease: Any = None  # that lease (pipeline.output.lease.Lease): checked before the run's end is committed
 
     def run(self, shards: list[Shard], skipped: int, t_start: float) -> dict[str, Any]:
         """Ray: shard read tasks -> actor pool running the stage -> Parquet sink; returns the run summary
         (also written to OUTPUT/_runs/<run_id>.json). Through the ledger when planned: rows are staged
         and each shard becomes visible when all its rows are written."""
-        run_id = new_run_id()
+        run_id = self.run_id or new_run_id()
         started = datetime.now(timezone.utc).isoformat()
         t_validated = time.perf_counter()
         staged = self.work is not None
@@ -138,8 +140,11 @@ class ImageRun:
                                       limit=self.limit, rows_per_file=self.rows_per_file)
         else:  # nothing new: no Ray at all
             stats, t_run = WriteStats(), time.perf_counter()
+        if self.lease is not None:
+            self.lease.check()
         if staged:
-            Ledger(self.output_uri, run_id).finish([s.key for s in shards])
+            Ledger(self.output_uri, run_id).finish([s.key for s in shards],
+                                                   tables=[o.subdir for o in self.outputs])
         t_done = time.perf_counter()
         summary = self._summary(run_id, started, stats, len(shards), skipped,
                                 (t_start, t_validated, t_run, t_done))
@@ -223,6 +228,10 @@ def format_summary(s: dict[str, Any]) -> str:
             note += f" ({g['recovered']} finished from an interrupted run)"
         if g["removed_stale"]:
             note += f", {g['removed_stale']} changed or gone shards replaced"
+        if g.get("damaged"):
+            note += f", {g['damaged']} shards with missing or damaged files run again"
+        if g.get("orphans_removed"):
+            note += f", {g['orphans_removed']} files of no committed shard removed"
         rows = g["output_rows"]
         lines.append(f"  ledger:     {note}; the output now holds {rows['embedded']} rows, "
                      f"{rows['failed']} errors" + (f"; this run under {s['partition']}/" if s.get("partition")

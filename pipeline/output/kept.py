@@ -11,7 +11,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline import storage
-from pipeline.output.layout import ERRORS_DIR, write_parquet
+from pipeline.output.layout import ERRORS_DIR, parquet_bytes
 
 
 def keep_removed(ledger: Any, stale: list[dict[str, Any]], gone: list[dict[str, Any]], todo: list[Any]
@@ -62,7 +62,7 @@ def _keep_rows(ledger: Any, entry: dict[str, Any], stay: list[str], mine: list[s
         return
     generation = int(entry.get("kept_generation", 0)) + 1
     keep = pa.array(stay, pa.string())
-    files, embedded, failed, kinds = [], 0, 0, {}
+    files, sizes, embedded, failed, kinds = [], {}, 0, 0, {}
     for rel in entry["files"]:
         with storage.open_input(ledger.uri(rel)) as f:
             table = pq.read_table(f)
@@ -70,15 +70,18 @@ def _keep_rows(ledger: Any, entry: dict[str, Any], stay: list[str], mine: list[s
         if not table.num_rows:
             continue
         name = re.sub(r"(-kept\d+)?\.parquet$", f"-kept{generation}.parquet", rel)
-        write_parquet(ledger.uri(name), table)
+        data = parquet_bytes(table)
+        storage.write_bytes(ledger.uri(name), data)
         files.append(name)
+        sizes[name] = len(data)
         if rel.startswith(ERRORS_DIR + "/"):
             failed += table.num_rows
             for k in table["error"].to_pylist():
                 kinds[k] = kinds.get(k, 0) + 1
         else:
             embedded += table.num_rows
-    new = {**entry, "files": files, "embedded": embedded, "failed": failed, "error_kinds": kinds,
+    new = {**entry, "files": files, "sizes": sizes, "embedded": embedded, "failed": failed,
+           "error_kinds": kinds,
            "rows": embedded + failed, "ids": sorted(stay), "kept_generation": generation, "gone": stamp}
     ledger.write_entry(new)
     for rel in entry["files"]:

@@ -45,6 +45,7 @@ from pipeline import storage
 from pipeline.config import ConfigError
 from pipeline.output.kept import keep_removed
 from pipeline.output.layout import ERRORS_DIR, LEDGER_DIR, STAGING_DIR, write_parquet
+from pipeline.output.lease import LEASE_PREFIX
 from pipeline.output.spec import EmbeddingSpec, dict_differences
 
 COMPACT = "committed.parquet"
@@ -115,11 +116,13 @@ class Work:
     rows_before: dict[str, int]  # rows (embedded, failed) the output held before this run
     kept: int = 0  # shards that left the source whose rows stay (on_removed=keep), marked gone this run
     scope: str = ""  # the prefix under the source root this run read ('' for all of it)
+    orphans_removed: int = 0  # visible files no committed shard listed (an interrupted commit's), removed
+    damaged: int = 0  # committed shards whose files were missing or not as written: forgotten, to run again
 
     def counts(self) -> dict[str, Any]:
         return {"listed": self.listed, "to_run": len(self.todo), "done_before": self.done_before,
                 "recovered": self.recovered, "removed_stale": self.removed_stale, "kept_removed": self.kept,
-                "scope": self.scope}
+                "scope": self.scope, "orphans_removed": self.orphans_removed, "damaged": self.damaged}
 
 
 class LedgerError(RuntimeError):
@@ -289,8 +292,11 @@ class Ledger:
                         recovered += 1
         self.clear_staging()
         table = _COMPACT_SCHEMA.empty_table() if overwrite else self.index()
+        orphans, damaged = self.reconcile(list(tables), table)
+        if damaged:
+            table = table.filter(pc.invert(pc.is_in(table["key"], pa.array(sorted(damaged), pa.string()))))
         done, stale, gone = self._sort_out(table, listed, scope)
-        removed: set[str] = set()
+        removed: set[str] = set(damaged)
         kept = 0
         if on_removed == "keep":
             todo = [s for s in shards if s.key not in done]
@@ -302,9 +308,53 @@ class Ledger:
         after = self.fold(drop=removed)
         return Work(todo=[s for s in shards if s.key not in done], listed=len(shards),
                     done_before=len(done), recovered=recovered,
-                    removed_stale=len(removed), kept=kept, scope=scope,
+                    removed_stale=len(removed - damaged), kept=kept, scope=scope,
+                    orphans_removed=len(orphans), damaged=len(damaged),
                     rows_before={"embedded": int(pc.sum(after["embedded"]).as_py() or 0),
                                  "failed": int(pc.sum(after["failed"]).as_py() or 0)})
+
+    def visible_files(self, tables: list[str]) -> dict[str, int]:
+        """The Parquet files readers of the output see (under its tables and errors/), with their sizes."""
+        out: dict[str, int] = {}
+        for sub in dict.fromkeys([*tables, ERRORS_DIR]):
+            root = self.uri(sub)
+            if storage.exists(root):
+                out.update({f"{sub}/{f.rel}": f.size for f in storage.list_files(root)
+                            if f.rel.endswith(".parquet")})
+        return out
+
+    def differences(self, tables: list[str], table: pa.Table | None = None
+                    ) -> tuple[list[str], dict[str, list[str]]]:
+        """Where the visible files and the committed shards disagree: (visible files no committed shard
+        lists, {key: its files that are missing or not the size they were written at})."""
+        table = self.index() if table is None else table
+        visible = self.visible_files(tables)
+        listed: set[str] = set()
+        bad: dict[str, list[str]] = {}
+        for raw in table["entry"].to_pylist():
+            entry = json.loads(raw)
+            sizes = entry.get("sizes") or {}
+            for rel in entry["files"]:
+                listed.add(rel)
+                if rel not in visible or (rel in sizes and visible[rel] != sizes[rel]):
+                    bad.setdefault(entry["key"], []).append(rel)
+        return sorted(set(visible) - listed), bad
+
+    def reconcile(self, tables: list[str], table: pa.Table) -> tuple[list[str], set[str]]:
+        """Make the visible files exactly the committed shards' (the invariant, docs/operations.md): remove
+        visible files that no committed shard lists (what an interrupted commit, a crash in the middle of
+        replacing a shard or an older writer left), and forget committed shards whose files are missing or
+        damaged, their other files removed, so that they run again. Returns (orphans removed, keys
+        forgotten); the caller drops those keys from the ledger."""
+        orphans, bad = self.differences(tables, table)
+        for rel in orphans:
+            storage.remove(self.uri(rel))
+        if bad:
+            entries = {k: json.loads(e) for k, e in zip(table["key"].to_pylist(), table["entry"].to_pylist(),
+                                                        strict=True) if k in bad}
+            for entry in entries.values():
+                self.remove_shard(entry)
+        return orphans, set(bad)
 
     @staticmethod
     def _sort_out(table: pa.Table, listed: dict[str, Any], scope: str
@@ -344,16 +394,26 @@ class Ledger:
 
     # -- step 4, the driver: check the run ------------------------------------------------------------
 
-    def finish(self, keys: list[str]) -> None:
+    def finish(self, keys: list[str], tables: list[str] | None = None) -> None:
         """Commit what is complete of the shards a run ran, then fold the ledger; RuntimeError naming the
-        rerun for the rest."""
+        rerun for the rest. With ``tables``, then checks the invariant: the visible files are exactly the
+        committed shards' (LedgerError otherwise: the next run repairs it)."""
         loose = self._loose()
         unfinished = [k for k in keys if k not in loose and self.try_commit(k) is None]
-        self.fold()
+        table = self.fold()
         if unfinished:
             raise RuntimeError(
                 f"{len(unfinished)} of {len(keys)} shards did not commit (first: {unfinished[0]}); "
                 "rerun the same command to finish them")
+        if tables is not None:
+            orphans, bad = self.differences(tables, table)
+            if orphans or bad:
+                first = orphans[0] if orphans else next(iter(bad.values()))[0]
+                raise LedgerError(
+                    f"after the run, {len(orphans)} visible files belong to no committed shard and "
+                    f"{len(bad)} committed shards miss files or hold damaged ones (first: {first}); was "
+                    "another process writing the output? Rerun the same command: it removes the first and "
+                    "runs the second again")
 
     # -- recording work ------------------------------------------------------------------------------
 
@@ -399,11 +459,13 @@ class Ledger:
             if state == "overlap":
                 raise LedgerError(f"shard {key}: staged parts overlap; rerun to redo the shard")
             return None
-        files = []
+        files, sizes = [], {}
         for p in sorted(parts, key=lambda p: p["first"]):
-            for staged, final in p["files"]:
+            for staged, final, *size in p["files"]:
                 storage.move(self.uri(staged), self.uri(final))
                 files.append(final)
+                if size:
+                    sizes[final] = size[0]
         kinds: dict[str, int] = {}
         for p in parts:
             for k, v in p["error_kinds"].items():
@@ -417,6 +479,7 @@ class Ledger:
             "failed": sum(p["failed"] for p in parts),
             "error_kinds": kinds,
             "files": files,
+            **({"sizes": sizes} if sizes else {}),
             "run_id": self.run_id,
             "committed_at": datetime.now(timezone.utc).isoformat(),
         }
@@ -446,5 +509,15 @@ class Ledger:
         storage.remove(self._shard_uri(entry["key"]))
 
     def clear(self) -> None:
-        storage.remove_tree(self.uri(LEDGER_DIR))
+        """Forget everything the output holds (``--overwrite``); the lease of the run doing it stays."""
+        root = self.uri(LEDGER_DIR)
+        if storage.exists(root):
+            fs, path = storage.get_fs(root)
+            try:
+                children = fs.ls(path, detail=False)
+            except FileNotFoundError:
+                children = []
+            for child in children:
+                if not child.rstrip("/").rsplit("/", 1)[-1].startswith(LEASE_PREFIX):
+                    storage.remove_tree(storage.join(root, child.rstrip("/").rsplit("/", 1)[-1]))
         storage.remove_tree(self.uri(STAGING_DIR))

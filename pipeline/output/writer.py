@@ -115,7 +115,8 @@ class ParquetSink:
 
     def write(self, table: pa.Table) -> WriteStats:
         """Write one batch of rows; returns counts, the files written and, per shard, the part the
-        ledger needs (rows as intervals, counts, (written, final) file paths relative to the output)."""
+        ledger needs (rows as intervals, counts, (written, final, bytes) per file, paths relative to the
+        output)."""
         stats = WriteStats()
         if table.num_rows == 0:
             return stats
@@ -132,9 +133,9 @@ class ParquetSink:
             if good.num_rows:
                 for out in self.outputs:
                     written, final = self._place(out.subdir, name)
-                    storage.write_bytes(storage.join(self.output_uri, written),
-                                        parquet_bytes(self._table(good, out)))
-                    placed.append([written, final])
+                    data = parquet_bytes(self._table(good, out))
+                    storage.write_bytes(storage.join(self.output_uri, written), data)
+                    placed.append([written, final, len(data)])
             part_kinds = Counter(bad.column("error_kind").to_pylist())
             if bad.num_rows:
                 errs = pa.Table.from_arrays(
@@ -143,10 +144,11 @@ class ParquetSink:
                     schema=ERRORS_SCHEMA,
                 )
                 written, final = self._place(ERRORS_DIR, name)
-                storage.write_bytes(storage.join(self.output_uri, written), parquet_bytes(errs))
-                placed.append([written, final])
+                data = parquet_bytes(errs)
+                storage.write_bytes(storage.join(self.output_uri, written), data)
+                placed.append([written, final, len(data)])
                 kinds.update(part_kinds)
-            stats.files += [storage.join(self.output_uri, w) for w, _ in placed]
+            stats.files += [storage.join(self.output_uri, w) for w, *_ in placed]
             stats.embedded += good.num_rows
             stats.failed += bad.num_rows
             stats.parts.append({
