@@ -371,3 +371,28 @@ def test_the_end_of_a_run_checks_that_readers_see_exactly_the_ledgers_files(tmp_
     c = _run(out, shards, "r3")
     assert c["orphans_removed"] == 1 and not stray.exists()
     assert _visible(out) == [f"a/{i}.jpg" for i in range(4)]
+
+
+@pytest.mark.parametrize("damage", ["empty committed.parquet", "truncated output.json", "empty shard entry"])
+def test_a_damaged_ledger_file_is_named_with_the_fix(tmp_path, cli, textures_dir, damage):
+    out = tmp_path / "out"
+    shards = _listing([f"a/{i}.jpg" for i in range(4)])
+    _run(out, shards, "r1")
+    if damage == "empty committed.parquet":
+        path = out / "_ledger" / "committed.parquet"
+        path.write_bytes(b"")
+    elif damage == "truncated output.json":
+        path = out / "_ledger" / "output.json"
+        path.write_bytes(path.read_bytes()[:20])
+    else:
+        path = out / "_ledger" / "shards" / "x.json"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"")
+    with pytest.raises(LedgerError) as e:
+        Ledger(str(out)).plan("/src", TABLES, shards, overwrite=False,
+                              sharding={"scheme": "content-defined-1", "depth": 1})
+    assert f"ledger file {path} is damaged" in str(e.value) and "--overwrite" in str(e.value)
+    # the CLI: exit 1 (the run failed, the configuration is fine), one line naming the file
+    r = cli("extract", "--source", textures_dir, "--output", out, "--model", "tf_efficientnet_lite0")
+    assert r.returncode == 1 and f"{path} is damaged" in r.stderr and "--overwrite" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -159,9 +159,26 @@ class Ledger:
 
     # -- what the output holds -----------------------------------------------------------------------
 
+    def _damaged(self, uri: str, err: BaseException) -> LedgerError:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return LedgerError(
+            f"the output's ledger file {uri} is damaged ({first}): restore it from a backup or an object "
+            "version if you have one; otherwise pass --overwrite to rebuild the output (every image is "
+            "embedded again)")
+
     def state(self) -> dict[str, Any] | None:
         uri = self.uri(LEDGER_DIR, "output.json")
-        return self._read_json(uri) if storage.exists(uri) else None
+        if not storage.exists(uri):
+            return None
+        try:
+            state = self._read_json(uri)
+        except storage.StorageError:
+            raise
+        except ValueError as e:
+            raise self._damaged(uri, e) from None
+        if not isinstance(state, dict):
+            raise self._damaged(uri, ValueError("not a JSON object"))
+        return state
 
     def write_state(self, state: dict[str, Any]) -> None:
         self._write_json(self.uri(LEDGER_DIR, "output.json"), state)
@@ -174,8 +191,19 @@ class Ledger:
         files = [f for f in storage.list_files(root) if f.rel.endswith(".json")]
         if not files:
             return {}
+        def read(f: storage.FileInfo) -> dict[str, Any]:
+            try:
+                entry = self._read_json(f.uri)
+                if not isinstance(entry, dict) or "key" not in entry or "files" not in entry:
+                    raise ValueError("not a ledger entry")
+            except storage.StorageError:
+                raise
+            except ValueError as e:
+                raise self._damaged(f.uri, e) from None
+            return entry
+
         with ThreadPoolExecutor(max(1, min(threads, len(files)))) as pool:
-            entries = list(pool.map(lambda f: self._read_json(f.uri), files))
+            entries = list(pool.map(read, files))
         return {e["key"]: e for e in entries}
 
     def _compact(self) -> pa.Table:
@@ -184,8 +212,30 @@ class Ledger:
         uri = self.uri(LEDGER_DIR, COMPACT)
         if not storage.exists(uri):
             return _COMPACT_SCHEMA.empty_table()
-        with storage.open_input(uri) as f:
-            return pq.read_table(f).cast(_COMPACT_SCHEMA)
+        try:
+            with storage.open_input(uri) as f:
+                return pq.read_table(f).cast(_COMPACT_SCHEMA)
+        except (storage.StorageError, storage.StorageFault):
+            raise
+        except (pa.ArrowException, ValueError, KeyError) as e:
+            raise self._damaged(uri, e) from None
+
+    def check_readable(self) -> None:
+        """LedgerError naming the file and the fix when a ledger file is damaged; cheap (the compacted
+        table's footer, the few loose entries), so that a run can refuse before it builds anything."""
+        import pyarrow.parquet as pq
+
+        self.state()
+        uri = self.uri(LEDGER_DIR, COMPACT)
+        if storage.exists(uri):
+            try:
+                with storage.open_input(uri) as f:
+                    pq.read_metadata(f)
+            except (storage.StorageError, storage.StorageFault):
+                raise
+            except (pa.ArrowException, ValueError, OSError) as e:
+                raise self._damaged(uri, e) from None
+        self._loose()
 
     def index(self, loose: dict[str, dict[str, Any]] | None = None) -> pa.Table:
         """Every committed shard, one row each (the compacted table's columns): the compacted table with
