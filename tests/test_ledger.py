@@ -396,3 +396,38 @@ def test_a_damaged_ledger_file_is_named_with_the_fix(tmp_path, cli, textures_dir
     r = cli("extract", "--source", textures_dir, "--output", out, "--model", "tf_efficientnet_lite0")
     assert r.returncode == 1 and f"{path} is damaged" in r.stderr and "--overwrite" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_the_snapshot_reader_sees_committed_shards_only(tmp_path, monkeypatch):
+    import duckdb
+
+    from pipeline import read_embeddings, snapshot_files
+
+    out = tmp_path / "out"
+    small, shard = _listing([f"a/{i}.jpg" for i in range(6)], max_files=6)
+    sink = ParquetSink(str(out), spec={"dim": 4}, staged=True, partition="run_date=2026-12-01")
+    led = Ledger(str(out), "r1")
+    led.plan("/src", TABLES, [small, shard], overwrite=False,
+             sharding={"scheme": "content-defined-1", "depth": 1})
+    for s in (small, shard):
+        half = s.count // 2
+        for rows in (list(range(half)), list(range(half, s.count))):
+            _write(sink, led, _rows(s.key, rows).set_column(0, "id", pa.array([s.rels[r] for r in rows])))
+    led.shard_read(small.key, small.version, small.count, small.first)
+    _kill_at(monkeypatch, "move", 2)  # the second shard's commit dies between its two moves
+    with pytest.raises(Killed):
+        led.shard_read(shard.key, shard.version, shard.count, shard.first)
+    monkeypatch.undo()
+    glob = pads.dataset(out / "embeddings", partitioning="hive").to_table()
+    assert glob.num_rows == 4  # a reader globbing the folder sees half of the second shard
+    table = read_embeddings(str(out))
+    assert sorted(table.column("id").to_pylist()) == ["a/0.jpg", "a/1.jpg"]
+    assert table.column("run_date").to_pylist() == ["2026-12-01"] * 2
+    files = snapshot_files(str(out))
+    assert len(files) == 2 and all(f.startswith(str(out / "embeddings" / "run_date=2026-12-01/a_0.jpg"))
+                                   for f in files)  # the first shard's two files
+    sql = duckdb.sql(f"SELECT count(*), min(run_date)::VARCHAR "
+                     f"FROM read_parquet({files!r}, hive_partitioning = true)")
+    assert sql.fetchall() == [(2, "2026-12-01")]
+    with pytest.raises(ValueError, match="holds no ledger"):
+        read_embeddings(str(tmp_path))

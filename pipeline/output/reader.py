@@ -149,3 +149,41 @@ class EmbeddingReader:
                     labels = pa.nulls(rb.num_rows, pa.string())
                 x = np.array(emb.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)  # writable
                 yield EmbeddingChunk(ids.to_pylist(), labels, x.reshape(-1, self.dim))
+
+
+def snapshot_files(output_uri: str, table: str = EMBEDDINGS_DIR) -> list[str]:
+    """The URIs of the Parquet files of an output's table (``embeddings``, ``errors``, ``predictions``) that
+    its ledger lists: the committed shards, whole, and nothing of a run in progress or of one that died
+    mid-commit. For readers without this package: DuckDB's ``read_parquet(<this list>,
+    hive_partitioning = true)``, ``pyarrow.dataset.dataset(<this list>, partitioning="hive",
+    partition_base_dir=OUTPUT/<table>)``."""
+    from pipeline.output.ledger import Ledger
+
+    ledger = Ledger(output_uri)
+    if ledger.state() is None:
+        raise ValueError(f"'{output_uri}' holds no ledger (_ledger/output.json): pass the OUTPUT folder of "
+                         "`pipeline extract` or `classify`")
+    files = sorted(f for e in ledger.committed().values() for f in e["files"] if f.startswith(table + "/"))
+    return [ledger.uri(f) for f in files]
+
+
+def read_embeddings(output_uri: str, table: str = EMBEDDINGS_DIR, columns: list[str] | None = None,
+                    attempts: int = 3) -> pa.Table:
+    """One consistent snapshot of an output's table: exactly the files its ledger lists (`snapshot_files`),
+    with the ``run_date`` column of incremental runs. A run that replaces a shard while this reads (its
+    old file gone between the ledger read and the file read) makes it read the ledger again."""
+    base = storage.join(output_uri, table)
+    for attempt in range(attempts):
+        uris = snapshot_files(output_uri, table)
+        if not uris:
+            return pa.table({"id": pa.array([], pa.string())})
+        fs, base_path = storage.get_fs(base)
+        paths = [storage.get_fs(u)[1] for u in uris]
+        try:
+            ds = pads.dataset(paths, filesystem=fs, format="parquet", partitioning="hive",
+                              partition_base_dir=base_path)
+            return ds.to_table(columns=columns)
+        except FileNotFoundError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
