@@ -214,3 +214,32 @@ def test_decoder_auto_is_pil_on_cpu_and_falls_back_for_a_transform_it_cannot_rep
         Embedder(EmbedderSpec.of(cfg, {"decoder": "tensor"}), threads=1)
     monkeypatch.setattr("pipeline.preprocess.resolve_decoder", lambda d, dev: "tensor")
     assert Embedder(EmbedderSpec.of(cfg, {"decoder": "auto"}), threads=1).decoder == "pil"
+
+
+def test_a_batch_of_large_photos_never_holds_them_all_at_full_size(images, monkeypatch):
+    """Decoded images above BATCH_PIXELS are resized and cropped as soon as they are decoded: what reaches
+    the batch step is at most BATCH_PIXELS per image, with the values a batch of one size gets."""
+    import pipeline.preprocess.tensorprep as tp
+
+    big = [_encode(_photo(n, (1600, 1200))) for n in ("chelsea", "coffee", "astronaut")]
+    batch = [*big, images["small"], images["gray"], b"junk"]
+    prep = TensorPrep(_timm_transform("tf_efficientnet_lite0"), CPU, **LIMITS)
+    full = prep.decode(batch)  # every image at its decoded size
+    assert sum(t.shape[-1] * t.shape[-2] > tp.BATCH_PIXELS for t in full if isinstance(t, torch.Tensor)) == 3
+    seen: list[int] = []
+    real = TensorTransform.__call__
+
+    def spy(self, imgs, channels_last=False, cropped=None):
+        seen.extend(int(t.shape[-1] * t.shape[-2]) for t in imgs)
+        return real(self, imgs, channels_last, cropped)
+
+    monkeypatch.setattr(TensorTransform, "__call__", spy)
+    x, errors = prep(batch)
+    assert len(seen) == 5 and max(seen) <= tp.BATCH_PIXELS
+    assert [e.kind if e else None for e in errors] == [None] * 5 + ["not_an_image"]
+    monkeypatch.undo()
+    # the same values as resizing every decoded image in batches of one size
+    good = [t for t in full if isinstance(t, torch.Tensor)]
+    assert torch.equal(x, prep.tt(good))
+    monkeypatch.setattr(tp, "BATCH_PIXELS", 1 << 40)
+    assert torch.equal(prep(batch)[0], x)

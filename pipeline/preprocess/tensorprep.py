@@ -36,8 +36,22 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 _TENSOR_JPEG_MODES = frozenset({"RGB", "L"})
 
 
+# Decoded images above this many pixels are resized and cropped one by one as soon as they are decoded (on
+# CPU), the rest in batches of one size: a batch holds at most this many full-size pixels per image.
+BATCH_PIXELS = 1 << 20
+
+
 class TensorPrepError(ValueError):
     """The model's eval transform has a step the tensor path does not reproduce; the message names the fix."""
+
+
+class _Cropped:
+    """A decoded image already resized and cropped (`TensorPrep._reduced`)."""
+
+    __slots__ = ("image",)
+
+    def __init__(self, image: torch.Tensor) -> None:
+        self.image = image
 
 
 @dataclass(frozen=True)
@@ -80,6 +94,10 @@ class TensorTransform:
         return cls(size, resize.max_size, resize.interpolation, antialias, _pair(crop.size),
                    tuple(float(m) for m in mean), tuple(float(s) for s in std))
 
+    def one(self, image: torch.Tensor) -> torch.Tensor:
+        """One uint8 (3, H, W) image resized and cropped alone: the same values as in a batch of its size."""
+        return self.resize_crop(image[None])[0]
+
     def resize_crop(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, C, H, W), all of one size -> uint8 (N, C, crop_h, crop_w)."""
         import torchvision.transforms.v2.functional as F
@@ -88,19 +106,20 @@ class TensorTransform:
                      antialias=self.antialias)
         return F.center_crop(x, list(self.crop))
 
-    def __call__(self, images: list[torch.Tensor], channels_last: bool = False) -> torch.Tensor:
+    def __call__(self, images: list[torch.Tensor], channels_last: bool = False,
+                 cropped: list[bool] | None = None) -> torch.Tensor:
         """uint8 (3, H, W) images of any sizes, on one device -> float32 (N, 3, crop_h, crop_w) there.
 
         ``channels_last``: the batch is built, resized and normalized in that memory format and returned in
         it (the values are the same). The decoders hand out (H, W, 3) buffers seen as (3, H, W) (EXIF-rotated
         JPEGs aside), so stacking them as (N, H, W, 3) is a plain copy, and the model needs no conversion of
-        its input afterwards.
+        its input afterwards. ``cropped[i]``: image i went through `resize_crop` already (`one`).
         """
         if not images:
             raise ValueError("no images to preprocess")
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for i, img in enumerate(images):
-            groups[tuple(img.shape)].append(i)
+            groups[(bool(cropped and cropped[i]), *img.shape)].append(i)
         device = images[0].device
         fmt = torch.channels_last if channels_last else torch.contiguous_format
 
@@ -109,13 +128,17 @@ class TensorTransform:
                 return torch.stack([images[i].permute(1, 2, 0) for i in idx]).permute(0, 3, 1, 2)
             return torch.stack([images[i] for i in idx]) if len(idx) > 1 else images[idx[0]][None]
 
+        def prepared(key: tuple[Any, ...], idx: list[int]) -> torch.Tensor:
+            return stack(idx) if key[0] else self.resize_crop(stack(idx))
+
         if len(groups) == 1:
-            out = self.resize_crop(stack(list(range(len(images)))))
+            key, idx = next(iter(groups.items()))
+            out = prepared(key, idx)
         else:
             out = torch.empty((len(images), 3, *self.crop), dtype=torch.uint8, device=device,
                               memory_format=fmt)
-            for idx in groups.values():
-                out[torch.tensor(idx, device=device)] = self.resize_crop(stack(idx))
+            for key, idx in groups.items():
+                out[torch.tensor(idx, device=device)] = prepared(key, idx)
         x = out.contiguous(memory_format=fmt).float().div_(255.0)
         mean = torch.tensor(self.mean, dtype=x.dtype, device=device)
         std = torch.tensor(self.std, dtype=x.dtype, device=device)
@@ -218,9 +241,20 @@ class TensorPrep:
         except Exception:  # noqa: BLE001
             return [self._jpeg_one(d) for d in datas]
 
-    def decode(self, raw: list[bytes | None],
-               pmap: Callable[[Callable, Iterable], Iterable] = map) -> list[torch.Tensor | DecodeError]:
-        """Each image -> uint8 (3, H, W) on the device, or a DecodeError. ``pmap``: a (thread-pool) map."""
+    def _reduced(self, t: torch.Tensor | DecodeError) -> torch.Tensor | DecodeError:
+        """A decoded image of more than BATCH_PIXELS, resized and cropped alone (marked by its type)."""
+        if isinstance(t, torch.Tensor) and t.shape[-1] * t.shape[-2] > BATCH_PIXELS:
+            try:
+                return _Cropped(self.tt.one(t))
+            except Exception as e:  # noqa: BLE001 - one image's failure is its error row
+                return DecodeError("preprocess_failed", f"{type(e).__name__}: {e}")
+        return t
+
+    def decode(self, raw: list[bytes | None], pmap: Callable[[Callable, Iterable], Iterable] = map,
+               reduce: bool = False) -> list[Any]:
+        """Each image -> uint8 (3, H, W) on the device, or a DecodeError. ``pmap``: a (thread-pool) map.
+        ``reduce``: images decoded on CPU above BATCH_PIXELS come back resized and cropped (`_Cropped`)."""
+        finish = self._reduced if reduce else (lambda t: t)
         route = [jpeg_route(d, max_pixels=self.max_pixels, max_bytes=self.max_bytes,
                             draft_side=self.draft_side, resize_side=self.resize_side) for d in raw]
         out: list[torch.Tensor | DecodeError | None] = [None] * len(raw)
@@ -230,9 +264,11 @@ class TensorPrep:
             for i, t in zip(jpeg_idx, self._jpeg_batch([raw[i] for i in jpeg_idx])):
                 out[i] = t
             jpeg_idx = []
-        # CPU JPEGs and every non-JPEG: per image, in the pool (both decoders release the GIL)
+        # CPU JPEGs and every non-JPEG: per image, in the pool (both decoders release the GIL); a large
+        # image is resized and cropped as soon as it is decoded, so that a batch never holds its photos at
+        # full size (8 of 16 MP would be 770 MB)
         work = [(i, self._jpeg_one if route[i] else self._pil) for i in jpeg_idx + other_idx]
-        for (i, _), t in zip(work, pmap(lambda w: w[1](raw[w[0]]), work)):
+        for (i, _), t in zip(work, pmap(lambda w: finish(w[1](raw[w[0]])), work)):
             out[i] = t
         moved: list[torch.Tensor | DecodeError] = []
         for t in out:
@@ -245,13 +281,15 @@ class TensorPrep:
     def __call__(self, raw: list[bytes | None], pmap: Callable[[Callable, Iterable], Iterable] = map
                  ) -> tuple[torch.Tensor | None, list[DecodeError | None]]:
         """The batch -> (float (n_ok, 3, h, w) on the device or None, per-image error or None)."""
-        decoded = self.decode(raw, pmap)
+        decoded = self.decode(raw, pmap, reduce=True)
         errors: list[DecodeError | None] = [d if isinstance(d, DecodeError) else None for d in decoded]
-        good = [d for d in decoded if isinstance(d, torch.Tensor)]
+        good = [d for d in decoded if not isinstance(d, DecodeError)]
         if not good:
             return None, errors
         try:
-            return self.tt(good, self.channels_last), errors
+            cropped = [isinstance(d, _Cropped) for d in good]
+            return self.tt([d.image if isinstance(d, _Cropped) else d for d in good], self.channels_last,
+                           cropped if any(cropped) else None), errors
         except Exception as e:  # noqa: BLE001 - a batch-wide failure marks its images, never the actor
             err = DecodeError("preprocess_failed", f"{type(e).__name__}: {e}")
             return None, [e_ if e_ is not None else err for e_ in errors]
