@@ -238,3 +238,42 @@ def test_a_full_disk_is_a_failed_run_not_bad_input_and_leaves_no_temporary_files
     with pytest.raises(storage.StorageFault):
         storage.write_bytes(str(full_disk / "big.bin"), b"x" * (512 << 10))
     assert not list(full_disk.rglob("*.tmp"))
+
+
+def test_an_add_killed_before_its_commit_leaves_the_index_whole_and_the_rerun_adds_once(ray_session, tmp_path,
+                                                                                         monkeypatch):
+    """index.json names the generation's files and is written last: an `index add` killed before it leaves
+    the previous generation readable (its own faiss file and ids), and the rerun adds the new file once."""
+    emb, idx = str(tmp_path / "feat"), str(tmp_path / "idx")
+    x = clustered_vectors(300, 8, clusters=4, seed=5)
+    ids = _table(emb, x[:200], 2)
+    build(IndexBuildConfig(embeddings=emb, output=idx, kind="flat", runtime=RT))
+    ids += _table(emb, x[200:], 1, prefix="n")
+
+    class Killed(BaseException):
+        pass
+
+    real = store.storage.write_json
+
+    def killed_at_the_commit(uri, obj, **kw):
+        if uri.endswith(store.META_FILE):
+            raise Killed(uri)
+        return real(uri, obj, **kw)
+
+    monkeypatch.setattr(store.storage, "write_json", killed_at_the_commit)
+    with pytest.raises(Killed):
+        add(IndexAddConfig(index=idx, runtime=RT))
+    monkeypatch.undo()
+    meta = store.read_meta(idx)
+    assert meta["counts"]["vectors"] == 200 and store.read_ids(idx).num_rows == 200
+    out = Searcher(idx, k=5)(pa.table({"id": ["q"], "embedding": pa.FixedSizeListArray.from_arrays(
+        pa.array(x[250]), 8)}))
+    assert out.num_rows == 5 and set(out.column("id").to_pylist()) <= set(ids[:200])
+
+    s = add(IndexAddConfig(index=idx, runtime=RT))
+    meta = store.read_meta(idx)
+    assert s["added"] == 100 and meta["counts"]["vectors"] == 300 == store.read_ids(idx).num_rows
+    assert _independent_recall(idx, x, ids) == 1.0  # flat: exact
+    names = sorted(p.name for p in Path(idx).iterdir() if not p.name.startswith(("_", ".")))
+    assert names == sorted(["index.json", "trained.faiss", *store.objects(meta).values()]), names
+    assert store.objects(meta)["index"] == "index-000002.faiss"

@@ -431,3 +431,41 @@ def test_the_snapshot_reader_sees_committed_shards_only(tmp_path, monkeypatch):
     assert sql.fetchall() == [(2, "2026-12-01")]
     with pytest.raises(ValueError, match="holds no ledger"):
         read_embeddings(str(tmp_path))
+
+
+def test_nightly_predictions_follow_the_embeddings(tmp_path):
+    """Earlier nights' prediction rows of images that were embedded again (changed) or left the source
+    go; every embedded image keeps exactly one prediction row, under its embeddings' run date."""
+    from pipeline.commands.nightly import reconcile_predictions
+    from pipeline.output.layout import write_parquet
+
+    out, pred = tmp_path / "out", tmp_path / "pred"
+    sharding = {"scheme": "content-defined-1", "depth": 1}
+
+    def night(day: str, rels: list[str]) -> None:
+        shards = _listing(rels, max_files=3)
+        led = Ledger(str(out), day)
+        plan = led.plan("/src", TABLES, shards, overwrite=False, sharding=sharding)
+        sink = ParquetSink(str(out), spec={"dim": 4}, staged=True, partition=f"run_date={day}")
+        for s in plan.todo:
+            _write(sink, led, _rows(s.key, list(range(s.count))).set_column(0, "id", pa.array(list(s.rels))))
+            led.shard_read(s.key, s.version, s.count, s.first)
+        led.finish([s.key for s in plan.todo], tables=["embeddings"])
+        ids = sorted(r for s in plan.todo for r in s.rels)  # what `heads predict` wrote that night
+        write_parquet(str(pred / "predictions" / f"run_date={day}" / "part-0.parquet"),
+                      pa.table({"id": ids, "label": ["x"] * len(ids), "score": [0.5] * len(ids)}))
+
+    first = [f"a/{i}.jpg" for i in range(8)]
+    night("2026-12-01", first)
+    night("2026-12-02", [*first[:5], "a/5b.jpg", *first[6:], "b/0.jpg"])  # a/5 replaced by a/5b, b/0 new
+    before = pads.dataset(pred / "predictions", partitioning="hive").to_table()
+    c = reconcile_predictions(str(out), str(pred))
+    after = pads.dataset(pred / "predictions", partitioning="hive").to_table()
+    emb = pads.dataset(out / "embeddings", partitioning="hive").to_table()
+
+    def pairs(t):
+        return sorted(zip(t.column("id").to_pylist(), map(str, t.column("run_date").to_pylist())))
+
+    assert before.num_rows > emb.num_rows and c["rows_removed"] == before.num_rows - emb.num_rows
+    assert pairs(after) == pairs(emb) and len(set(after.column("id").to_pylist())) == 9
+    assert reconcile_predictions(str(out), str(pred))["rows_removed"] == 0

@@ -67,7 +67,7 @@ class Searcher:
         self.params = ix.IndexParams.from_dict(self.meta["params"])
         self.spec = EmbeddingSpec.parse(self.meta["spec"])
         self.index = store.load_index(index_uri, self.meta, mmap=mmap)
-        self.ids = store.id_lookup(store.read_ids(index_uri), int(self.meta["next_label"]))
+        self.ids = store.id_lookup(store.read_ids(index_uri, self.meta), int(self.meta["next_label"]))
         self.k = k
         self.exclude_self = exclude_self
         self.keep_ids = pa.array(sorted(set(keep_ids)), pa.string()) if keep_ids is not None else None

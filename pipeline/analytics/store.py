@@ -26,8 +26,9 @@ from pipeline.analytics import index as ix
 from pipeline.analytics.vectors import read_vectors
 from pipeline.output.layout import write_parquet
 
-INDEX_FILE = "index.faiss"
+INDEX_FILE = "index.faiss"  # the names of index folders written before their objects were named by generation
 IDS_FILE = "ids.parquet"
+QUERIES_FILE = "recall_queries.parquet"  # held-out queries (label, vector) for recall@10
 META_FILE = "index.json"
 IDS_SCHEMA = pa.schema([pa.field("label", pa.int64(), nullable=False), ("id", pa.string()),
                         ("file", pa.string())])
@@ -126,20 +127,42 @@ def ids_table(labels: list[np.ndarray], ids: list[list[str]], files: list[str]) 
          pa.array([f for f, c in zip(files, n) for _ in range(c)], pa.string())], schema=IDS_SCHEMA)
 
 
-def read_ids(index_uri: str) -> pa.Table:
-    return pq.read_table(storage.open_input(storage.join(index_uri, IDS_FILE)))
+def objects(meta: dict[str, Any] | None) -> dict[str, str]:
+    """The files of an index's generation as index.json names them: ``index`` (faiss), ``ids`` (label ->
+    id), ``queries`` (held-out recall queries); the fixed names for folders written before."""
+    named = (meta or {}).get("objects")
+    return dict(named) if named else {"index": INDEX_FILE, "ids": IDS_FILE, "queries": QUERIES_FILE}
 
 
-def write_index(index_uri: str, index: Any, ids: pa.Table, meta: dict[str, Any]) -> None:
-    """index.faiss, ids.parquet, then index.json (the commit)."""
-    storage.write_bytes(storage.join(index_uri, INDEX_FILE), ix.serialize(index))
-    write_parquet(storage.join(index_uri, IDS_FILE), ids.sort_by("label"))
+def read_ids(index_uri: str, meta: dict[str, Any] | None = None) -> pa.Table:
+    meta = read_meta(index_uri) if meta is None else meta
+    return pq.read_table(storage.open_input(storage.join(index_uri, objects(meta)["ids"])))
+
+
+def write_index(index_uri: str, index: Any, ids: pa.Table, meta: dict[str, Any], queries: pa.Table | None,
+                previous: dict[str, str] | None = None, carry: tuple[str, ...] = ()) -> None:
+    """The generation's files under names of their own (``index-<generation>.faiss``, ...), then index.json
+    naming them: the commit, after which ``previous`` (the objects of the generation it replaces) are
+    deleted, but for the kinds in ``carry``, which the new generation keeps as they are. A run killed
+    before the commit leaves the previous generation whole and readable."""
+    gen = int(meta.get("generation", 1))
+    names = {"index": f"index-{gen:06d}.faiss", "ids": f"ids-{gen:06d}.parquet",
+             **{k: v for k, v in (previous or {}).items() if k in carry}}
+    storage.write_bytes(storage.join(index_uri, names["index"]), ix.serialize(index))
+    write_parquet(storage.join(index_uri, names["ids"]), ids.sort_by("label"))
+    if queries is not None:
+        names["queries"] = f"queries-{gen:06d}.parquet"
+        write_parquet(storage.join(index_uri, names["queries"]), queries)
+    meta["objects"] = names
     storage.write_json(storage.join(index_uri, META_FILE), meta, indent=2, default=str)
+    for name in set((previous or {}).values()) - set(names.values()):
+        storage.remove(storage.join(index_uri, name))
 
 
-def index_size(index_uri: str) -> int:
-    """Bytes of index.faiss."""
-    uri = storage.join(index_uri, INDEX_FILE)
+def index_size(index_uri: str, meta: dict[str, Any] | None = None) -> int:
+    """Bytes of the index's faiss file."""
+    meta = read_meta(index_uri) if meta is None else meta
+    uri = storage.join(index_uri, objects(meta)["index"])
     fs, path = storage.get_fs(uri)
     try:
         return int(fs.size(path))
@@ -155,7 +178,7 @@ def _cache_dir() -> Path:
 def local_index_path(index_uri: str, meta: dict[str, Any]) -> str:
     """A local path of index.faiss: the file itself when local, else a copy in the cache (one per index and
     generation), so that faiss can memory-map it."""
-    uri = storage.join(index_uri, INDEX_FILE)
+    uri = storage.join(index_uri, objects(meta)["index"])
     if storage.protocol_of(uri) == "file":
         return storage.get_fs(uri)[1]
     stamp = f"{index_uri}|{meta.get('generation')}|{meta.get('updated_at')}"
@@ -212,9 +235,9 @@ def load_index(index_uri: str, meta: dict[str, Any], *, mmap: bool | str = "auto
     return index
 
 
-def load_for_update(index_uri: str) -> Any:
+def load_for_update(index_uri: str, meta: dict[str, Any]) -> Any:
     """The index read whole into memory (to add to it)."""
-    return ix.deserialize(storage.read_bytes(storage.join(index_uri, INDEX_FILE)))
+    return ix.deserialize(storage.read_bytes(storage.join(index_uri, objects(meta)["index"])))
 
 
 def id_lookup(ids: pa.Table, size: int) -> pa.Array:

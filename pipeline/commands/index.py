@@ -25,14 +25,12 @@ from pipeline.analytics import index as ix
 from pipeline.analytics import store
 from pipeline.commands.run import new_run_id
 from pipeline.config import IndexAddConfig, IndexBuildConfig, RuntimeConfig
-from pipeline.output.layout import write_parquet
 from pipeline.output.lease import Lease, LockPolicy, hold
 from pipeline.output.reader import EmbeddingReader
 from pipeline.output.spec import EmbeddingSpec, package_version
 from pipeline.output.writer import write_run_record
 
 TRAINED_FILE = "trained.faiss"  # the empty trained index: new files are encoded with it
-QUERIES_FILE = "recall_queries.parquet"  # held-out queries (label, vector) for recall@10
 
 
 def _now() -> str:
@@ -68,9 +66,10 @@ def _queries_table(labels: np.ndarray, x: np.ndarray) -> pa.Table:
                      "vector": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), dim)})
 
 
-def _read_queries(index_uri: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    uri = storage.join(index_uri, QUERIES_FILE)
-    if not storage.exists(uri):
+def _read_queries(index_uri: str, dim: int, meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    name = store.objects(meta).get("queries")
+    uri = storage.join(index_uri, name) if name else ""
+    if not name or not storage.exists(uri):
         return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
     t = pq.read_table(storage.open_input(uri))
     x = np.asarray(t.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False), np.float32)
@@ -225,9 +224,13 @@ def _build(cfg: IndexBuildConfig) -> dict[str, Any]:
     t = time.perf_counter()
     meta = _build_meta(cfg, params, reader, index, firsts, next_label, recall, times, started)
     storage.write_bytes(storage.join(cfg.output, TRAINED_FILE), template)
-    if n_queries:
-        write_parquet(storage.join(cfg.output, QUERIES_FILE), _queries_table(q_labels, queries))
-    store.write_index(cfg.output, index, pa.concat_tables(id_parts), meta)
+    previous = None
+    if storage.exists(storage.join(cfg.output, store.META_FILE)):  # a rebuild: the old generation goes after
+        old = store.read_meta(cfg.output)
+        previous = store.objects(old)
+        meta["generation"] = int(old.get("generation", 0)) + 1
+    store.write_index(cfg.output, index, pa.concat_tables(id_parts), meta,
+                      _queries_table(q_labels, queries) if n_queries else None, previous)
     times["write_s"] = time.perf_counter() - t
 
     summary = {"kind": "index build", "index": cfg.output, "embeddings": reader.uri, "started_at": started,
@@ -275,7 +278,7 @@ def _kept_queries(cfg: IndexAddConfig, params: ix.IndexParams, meta: dict[str, A
     """How many held-out queries to keep, and the stored ones whose rows stay in the index."""
     n_queries = 0 if params.kind == "flat" else (
         cfg.recall_queries if cfg.recall_queries is not None else meta["build"]["recall_queries"])
-    q_labels, queries = _read_queries(cfg.index, params.dim)
+    q_labels, queries = _read_queries(cfg.index, params.dim, meta)
     if len(q_labels) and remove:
         gone = np.zeros(len(q_labels), bool)
         for a, b in remove:
@@ -287,7 +290,7 @@ def _kept_queries(cfg: IndexAddConfig, params: ix.IndexParams, meta: dict[str, A
 def _held_ids(index_uri: str, meta: dict[str, Any], keep: dict[str, Any], remove: list[tuple[int, int]]
               ) -> pa.Table:
     """The index's ids table without the rows of the files it no longer keeps."""
-    ids = store.read_ids(index_uri)
+    ids = store.read_ids(index_uri, meta)
     if remove:
         dead = pa.array(sorted(set(meta["files"]) - set(keep)), pa.string())
         ids = ids.filter(pc.invert(pc.is_in(ids.column("file"), value_set=dead)))
@@ -359,6 +362,7 @@ def _add(cfg: IndexAddConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     started = _now()
     meta = store.read_meta(cfg.index)
+    previous = store.objects(meta)  # this generation's files: deleted once the next one is committed
     params = ix.IndexParams.from_dict(meta["params"])
     reader = _reader(cfg.embeddings or meta["embeddings"])
     check_spec(meta, reader.spec, cfg.index, "embeddings")
@@ -395,7 +399,7 @@ def _add(cfg: IndexAddConfig) -> dict[str, Any]:
     times["encode_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    index = store.load_for_update(cfg.index)
+    index = store.load_for_update(cfg.index, meta)
     removed = ix.remove_labels(index, params, remove)
     id_parts, new_q_labels, new_queries = _merge_added(index, params, parts,
                                                        _held_ids(cfg.index, meta, keep, remove))
@@ -414,9 +418,10 @@ def _add(cfg: IndexAddConfig) -> dict[str, Any]:
     r = recall.get("recall_at_10")
     _update_meta(meta, files_meta, next_label, index, params, reader, recall)
     t = time.perf_counter()
-    if params.kind != "flat":
-        write_parquet(storage.join(cfg.index, QUERIES_FILE), _queries_table(q_labels, queries))
-    store.write_index(cfg.index, index, pa.concat_tables(id_parts), meta)
+    flat = params.kind == "flat"  # exact: its build's queries stay
+    store.write_index(cfg.index, index, pa.concat_tables(id_parts), meta,
+                      None if flat else _queries_table(q_labels, queries), previous,
+                      carry=("queries",) if flat else ())
     times["write_s"] = time.perf_counter() - t
 
     summary.update({"added": added, "removed": removed, "vectors": meta["counts"]["vectors"],
@@ -429,34 +434,3 @@ def _add(cfg: IndexAddConfig) -> dict[str, Any]:
             f"poorly. Rebuild: pipeline index build --embeddings {reader.uri} --output {cfg.index}")
     summary["run_record"] = write_run_record(cfg.index, new_run_id(), summary)
     return summary
-
-
-def _recall_text(r: dict[str, Any] | None) -> str:
-    if not r or r.get("recall_at_10") is None:
-        return "recall@10 not measured"
-    if r.get("exact"):
-        return "exact search (recall@10 = 1)"
-    setting = ", ".join(f"{k} {r[k]}" for k in ("nprobe", "ef_search") if k in r)
-    return f"recall@10 {r['recall_at_10']:.3f} vs exact on {r['queries']} held-out queries ({setting})"
-
-
-def format_build(s: dict[str, Any]) -> str:
-    return "\n".join([
-        f"index {s['index_kind']} ({s['factory']}, {s['metric']}) of {s['vectors']} vectors x {s['dim']} "
-        f"from {s['files']} files in {s['total_s']:.1f}s -> {s['index']}",
-        f"  why:        {s['reason']}",
-        f"  quality:    {_recall_text(s['recall'])}",
-        f"  run record: {s['run_record']}"])
-
-
-def format_add(s: dict[str, Any]) -> str:
-    if s.get("note"):
-        return f"{s['note']} ({s['vectors']} vectors); run record: {s['run_record']}"
-    lines = [f"added {s['added']} vectors from {s['added_files']} files, removed {s['removed']} "
-             f"(replaced or deleted files: {s['removed_files']}); the index holds {s['vectors']} "
-             f"in {s['total_s']:.1f}s",
-             f"  quality:    {_recall_text(s['recall'])}"]
-    if s.get("warning"):
-        lines.append(f"  warning:    {s['warning']}")
-    lines.append(f"  run record: {s['run_record']}")
-    return "\n".join(lines)

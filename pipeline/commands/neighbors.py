@@ -132,7 +132,7 @@ def neighbors(cfg: NeighborsConfig) -> dict[str, Any]:
         check_spec(meta, reader.spec, cfg.index, "the query embeddings")
         stage = {"index_uri": cfg.index, "k": cfg.k, **kwargs}
         batch = max(runtime.batch_size or 0, SEARCH_BATCH)
-        where = where_to_search(runtime, reader.num_rows, store.index_size(cfg.index))
+        where = where_to_search(runtime, reader.num_rows, store.index_size(cfg.index, meta))
         query["searched"] = where
         if where == "driver":
             counts = search_locally([f.uri for f in reader.files], stage, cfg.output, batch,

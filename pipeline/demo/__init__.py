@@ -64,7 +64,8 @@ def similar_images(s3, work: Path, model: str) -> bool:
     from pipeline import samples, storage
     from pipeline.commands.dedup import dedup, format_dedup
     from pipeline.commands.extract import extract
-    from pipeline.commands.index import build, format_build
+    from pipeline.commands.index import build
+    from pipeline.commands.index_text import format_build
     from pipeline.commands.neighbors import format_neighbors, neighbors
     from pipeline.config import DedupConfig, ExtractConfig, IndexBuildConfig, NeighborsConfig
 

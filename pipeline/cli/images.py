@@ -1,84 +1,30 @@
-"""Command line: thin; parses flags into a config and calls the API.
-
-Exit status: 0 when the run completed (bad images are data, in errors/); 2 with one line on stderr for bad
-configuration (unknown model or layer, unreachable source...); 1 for a failure during the run.
-"""
+"""The CLI's image commands: extract, classify, layers, heads, probe, finetune, nightly."""
 
 from __future__ import annotations
 
 import json
-import sys
-from collections.abc import Callable
-from typing import Any
 
 import typer
 
+from pipeline.cli.common import (
+    BREAK_LOCK_HELP,
+    LOCK_WAIT_HELP,
+    SET_HELP,
+    app,
+    echo,
+    invoke,
+    lock_policy,
+)
 from pipeline.config import (
     ClassifyConfig,
-    DedupConfig,
     ExtractConfig,
     FinetuneConfig,
     HeadTrainConfig,
-    IndexAddConfig,
-    IndexBuildConfig,
-    NeighborsConfig,
     NightlyConfig,
     ProbeConfig,
     RuntimeConfig,
 )
 from pipeline.config.files import merge_sources
-from pipeline.output.lease import LeaseHeld
-from pipeline.storage import redact
-
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    help="Batch transfer learning: pretrained vision backbones -> embeddings in Parquet, on Ray.",
-)
-
-SET_HELP = "override any config key, e.g. --set runtime.batch_size=64 (repeatable)"
-LOCK_WAIT_HELP = "when another run is writing the output, wait up to this long for it (default: stop at once)"
-BREAK_LOCK_HELP = "take the output's lease from another run (only when you know that run is dead)"
-
-
-def _lock(wait_for_lock: float, break_lock: bool):
-    from pipeline.output.lease import LockPolicy
-
-    if wait_for_lock < 0:
-        _fail(f"--wait-for-lock {wait_for_lock:g}: give 0 or more seconds")
-    return LockPolicy(wait_s=wait_for_lock, break_lock=break_lock)
-
-
-def _fail(msg: str, code: int = 2) -> None:
-    typer.echo(f"error: {redact(msg)}", err=True)
-    raise typer.Exit(code)
-
-
-def _echo(result: Any, fmt: Callable[[Any], str], as_json: bool) -> None:
-    """A command's result as its formatted text, or with --json as JSON."""
-    result = redact(result)
-    typer.echo(json.dumps(result, indent=2, default=str) if as_json else fmt(result))
-
-
-def _invoke(fn, rerun_hint: bool = False):
-    """Call fn; turn input errors into one line and exit 2, run failures into one line and exit 1."""
-    try:
-        return fn()
-    except typer.Exit:
-        raise
-    except LeaseHeld as e:  # another run writes the output: nothing was done
-        _fail(str(e), 1)
-    except ValueError as e:  # ConfigError, BackboneError, StorageError, WeightsError are ValueErrors
-        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__, 2)
-    except KeyboardInterrupt:
-        _fail("interrupted", 130)
-    except Exception as e:  # noqa: BLE001 - one line for the user, the traceback only on request
-        if "--debug" in sys.argv:
-            raise
-        again = "; rerun the same command to resume" if rerun_hint else ""
-        _fail(f"run failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-              f"(rerun with --debug for the traceback{again})", 1)
 
 
 @app.command()
@@ -127,11 +73,11 @@ def extract(
         from pipeline.commands.run import format_summary
 
         cfg = merge_sources(ExtractConfig, config, flags, set_)
-        _echo(run_extract(cfg, overwrite=overwrite, incremental=incremental, run_date=run_date,
-                          lock=_lock(wait_for_lock, break_lock)),
+        echo(run_extract(cfg, overwrite=overwrite, incremental=incremental, run_date=run_date,
+                          lock=lock_policy(wait_for_lock, break_lock)),
               format_summary, as_json)
 
-    _invoke(go)
+    invoke(go)
 
 
 @app.command()
@@ -171,11 +117,11 @@ def classify(
         from pipeline.commands.run import format_summary
 
         cfg = merge_sources(ClassifyConfig, config, flags, set_)
-        _echo(run_classify(cfg, overwrite=overwrite, incremental=incremental, run_date=run_date,
-                           lock=_lock(wait_for_lock, break_lock)),
+        echo(run_classify(cfg, overwrite=overwrite, incremental=incremental, run_date=run_date,
+                           lock=lock_policy(wait_for_lock, break_lock)),
               format_summary, as_json)
 
-    _invoke(go)
+    invoke(go)
 
 
 @app.command()
@@ -198,7 +144,7 @@ def layers(
             shape = "x".join(str(d) for d in i.shape)
             typer.echo(f"{i.name:<{width}}  {shape:<14} {i.kind}")
 
-    _invoke(go)
+    invoke(go)
 
 
 heads_app = typer.Typer(no_args_is_help=True, help="Lightweight heads (linear, MLP) on stored embeddings.")
@@ -229,9 +175,9 @@ def heads_train(
         from pipeline.heads import train_head
 
         cfg = merge_sources(HeadTrainConfig, config, flags, set_)
-        _echo(train_head(cfg), format_train, as_json)
+        echo(train_head(cfg), format_train, as_json)
 
-    _invoke(go)
+    invoke(go)
 
 
 @heads_app.command("predict")
@@ -251,11 +197,11 @@ def heads_predict(
     def go():
         from pipeline.commands.heads import format_predict, predict
 
-        _echo(predict(head, embeddings, output, top_k=top_k, runtime=RuntimeConfig(actors=actors),
-                      lock=_lock(wait_for_lock, break_lock)),
+        echo(predict(head, embeddings, output, top_k=top_k, runtime=RuntimeConfig(actors=actors),
+                      lock=lock_policy(wait_for_lock, break_lock)),
               format_predict, as_json)
 
-    _invoke(go)
+    invoke(go)
 
 
 @app.command()
@@ -287,9 +233,9 @@ def probe(
         from pipeline.commands.probe import probe as run_probe
 
         cfg = merge_sources(ProbeConfig, config, flags, set_)
-        _echo(run_probe(cfg, overwrite=overwrite), format_probe, as_json)
+        echo(run_probe(cfg, overwrite=overwrite), format_probe, as_json)
 
-    _invoke(go)
+    invoke(go)
 
 
 @app.command()
@@ -330,9 +276,9 @@ def finetune(
         from pipeline.commands.finetune import format_finetune
 
         cfg = merge_sources(FinetuneConfig, config, flags, set_)
-        _echo(run_finetune(cfg, overwrite=overwrite), format_finetune, as_json)
+        echo(run_finetune(cfg, overwrite=overwrite), format_finetune, as_json)
 
-    _invoke(go)
+    invoke(go)
 
 
 @app.command()
@@ -353,127 +299,6 @@ def nightly(
         from pipeline.commands.nightly import nightly as run_nightly
 
         cfg = merge_sources(NightlyConfig, config, None, set_)
-        _echo(run_nightly(cfg, run_date, lock=_lock(wait_for_lock, break_lock)), format_nightly, as_json)
+        echo(run_nightly(cfg, run_date, lock=lock_policy(wait_for_lock, break_lock)), format_nightly, as_json)
 
-    _invoke(go, rerun_hint=True)
-
-
-index_app = typer.Typer(no_args_is_help=True,
-                        help="Nearest-neighbour indexes (faiss) over stored embeddings.")
-app.add_typer(index_app, name="index")
-
-
-@index_app.command("build")
-def index_build(
-    embeddings: str | None = typer.Option(None, help="an extract OUTPUT (or its embeddings/) URI"),
-    output: str | None = typer.Option(None, help="the index folder (local or s3://...)"),
-    metric: str | None = typer.Option(None, help="cosine (default) | l2"),
-    kind: str | None = typer.Option(None, help="auto (exact up to 100k vectors, IVF-PQ above) | flat | ivfpq "
-                                    "| hnsw"),
-    max_memory: str | None = typer.Option(None, help="memory budget of the index, e.g. 4GB"),
-    config: str | None = typer.Option(None, "--config", "-c", help="YAML config file"),
-    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-    as_json: bool = typer.Option(False, "--json", help="print the run summary as JSON"),
-    wait_for_lock: float = typer.Option(0.0, "--wait-for-lock", metavar="SECONDS", help=LOCK_WAIT_HELP),
-    break_lock: bool = typer.Option(False, "--break-lock", help=BREAK_LOCK_HELP),
-    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
-) -> None:
-    """Build a faiss index over stored embeddings; writes index.faiss, ids.parquet, index.json."""
-
-    flags = {"embeddings": embeddings, "output": output, "metric": metric, "kind": kind,
-             "max_memory": max_memory}
-
-    def go():
-        from pipeline.commands.index import build, format_build
-
-        cfg = merge_sources(IndexBuildConfig, config, flags, set_)
-        _echo(build(cfg, lock=_lock(wait_for_lock, break_lock)), format_build, as_json)
-
-    _invoke(go)
-
-
-@index_app.command("add")
-def index_add(
-    index: str | None = typer.Option(None, help="the index folder `index build` wrote"),
-    embeddings: str | None = typer.Option(None, help="the table to add from (default: the one it was built "
-                                          "from)"),
-    config: str | None = typer.Option(None, "--config", "-c", help="YAML config file"),
-    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-    as_json: bool = typer.Option(False, "--json", help="print the run summary as JSON"),
-    wait_for_lock: float = typer.Option(0.0, "--wait-for-lock", metavar="SECONDS", help=LOCK_WAIT_HELP),
-    break_lock: bool = typer.Option(False, "--break-lock", help=BREAK_LOCK_HELP),
-    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
-) -> None:
-    """Add the embedding files the index does not hold yet (no retraining); replaced files' rows leave it."""
-
-    def go():
-        from pipeline.commands.index import add, format_add
-
-        _echo(add(merge_sources(IndexAddConfig, config, {"index": index, "embeddings": embeddings}, set_),
-                  lock=_lock(wait_for_lock, break_lock)),
-              format_add, as_json)
-
-    _invoke(go)
-
-
-@app.command()
-def neighbors(
-    index: str | None = typer.Option(None, help="the index folder `index build` wrote"),
-    output: str | None = typer.Option(None, help="neighbours go to OUTPUT/neighbors/"),
-    images: str | None = typer.Option(None, help="query images (embedded with the index's model and layer)"),
-    ids: str | None = typer.Option(None, help="Parquet file or folder with an id column: rows of the index's "
-                                   "table"),
-    embeddings: str | None = typer.Option(None, help="an embeddings table of the index's spec"),
-    k: int | None = typer.Option(None, "-k", "--k", help="neighbours per query (default 10)"),
-    actors: str | None = typer.Option(None, help="N, or MIN,MAX searcher actors"),
-    config: str | None = typer.Option(None, "--config", "-c", help="YAML config file"),
-    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-    as_json: bool = typer.Option(False, "--json", help="print the run summary as JSON"),
-    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
-) -> None:
-    """The k nearest rows of an index for each query image, id or embedding: query_id, rank, id, score."""
-
-    flags = {"index": index, "output": output, "images.uri": images, "ids": ids, "embeddings": embeddings,
-             "k": k, "runtime.actors": actors}
-
-    def go():
-        from pipeline.commands.neighbors import format_neighbors
-        from pipeline.commands.neighbors import neighbors as run_neighbors
-
-        _echo(run_neighbors(merge_sources(NeighborsConfig, config, flags, set_)), format_neighbors, as_json)
-
-    _invoke(go)
-
-
-@app.command()
-def dedup(
-    embeddings: str | None = typer.Option(None, help="an extract OUTPUT (or its embeddings/) URI"),
-    output: str | None = typer.Option(None, help="folder for duplicates, keep, clusters (.parquet), "
-                                      "dedup.json, dedup.png"),
-    threshold: float | None = typer.Option(None, help="cosine similarity of near-duplicates (default 0.8)"),
-    clusters: int | None = typer.Option(None, help="k-means clusters (default: about sqrt(rows))"),
-    config: str | None = typer.Option(None, "--config", "-c", help="YAML config file"),
-    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-    as_json: bool = typer.Option(False, "--json", help="print dedup.json"),
-    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
-) -> None:
-    """Semantic near-duplicates, clusters and outliers of stored embeddings (k-means, pairwise cosine)."""
-
-    flags = {"embeddings": embeddings, "output": output, "threshold": threshold, "clusters": clusters}
-
-    def go():
-        from pipeline.commands.dedup import dedup as run_dedup
-        from pipeline.commands.dedup import format_dedup
-
-        _echo(run_dedup(merge_sources(DedupConfig, config, flags, set_)), format_dedup, as_json)
-
-    _invoke(go)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """The console script; ``argv`` (default: sys.argv[1:]) lets a job file run one command."""
-    app(args=argv)
-
-
-if __name__ == "__main__":
-    main()
+    invoke(go, rerun_hint=True)
