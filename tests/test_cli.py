@@ -144,63 +144,53 @@ def test_nightly_command_errors_before_ray(cli, tmp_path):
     _assert_one_line_error(r, "missing.yaml", "--config")
 
 
-def test_credentials_never_reach_output_logs_or_errors(ray_session, s3_server, bucket, images):
-    """A full `pipeline extract` run (S3 in, S3 out; flags, --set, --json) and a failing one under
-    recognisable fake credentials: the run writes what its flags asked for, and neither the key id nor the
-    secret appears on stdout/stderr, in the run record, the ledger, or the Parquet files."""
+def test_secrets_never_reach_output_logs_or_errors(ray_session, s3_server, bucket, images, tmp_path, cli):
+    """A full `pipeline extract` run (S3 in, S3 out; flags, --set, --json) under recognisable fake
+    credentials, its weights named by a URI with a signature in its query string (a presigned URL), and
+    failing runs: the run writes what its flags asked for, and neither the key id, the secret, the
+    signature nor a user:password@ appears on stdout/stderr, in the run record, the ledger, the Parquet
+    files, or an index and a head made from them."""
+    from safetensors.torch import save_file
+
+    from pipeline import storage
+    from pipeline.backbone.weights import load_packaged
+
     key_id, secret = "AKIAFAKEKEY7X2Q9ZZ01", "fAkE/sEcReT+k3y0123456789abcdefghijklmn"
+    signature = "X-Amz-Signature=0f1e2d3c4b5a69788796a5b4c3d2e1f0"
+    weights = tmp_path / f"lite0.safetensors?{signature}"  # a file of that name: the URI reads it as it is
+    save_file(load_packaged("tf_efficientnet_lite0")[0], str(weights))
     env = {**os.environ, "AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret,
            "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     s3_server.upload_dir(images, f"{bucket}/in")
     ok = _pipeline("extract", "--source", f"{bucket}/in/", "--output", f"{bucket}/out",
-                   "--model", "tf_efficientnet_lite0", "--labels", "folder", "--dtype", "float16",
-                   "--set", "runtime.batch_size=12", "--set", "runtime.progress=false", "--json", env=env)
+                   "--model", "tf_efficientnet_lite0", "--weights", f"file://{weights}", "--labels", "folder",
+                   "--dtype", "float16", "--set", "runtime.batch_size=12", "--set", "runtime.progress=false",
+                   "--json", env=env)
     assert ok.returncode == 0, ok.stderr[-3000:]
     summary = json.loads(ok.stdout)
     assert summary["counts"]["embedded"] == 24 and summary["config"]["runtime"]["batch_size"] == 12
+    assert "file://" in ok.stdout and "?<redacted>" in ok.stdout
     bad = _pipeline("extract", "--source", f"{bucket}-missing/in/", "--output", f"{bucket}/out2",
                     "--model", "tf_efficientnet_lite0", env=env)
     assert bad.returncode == 2
-    from pipeline import storage
+    out = f"{bucket}/out"
+    assert cli("index", "build", "--embeddings", out, "--output", tmp_path / "idx").returncode == 0
+    assert cli("heads", "train", "--embeddings", out, "--output", tmp_path / "head", "--epochs", "2"
+               ).returncode == 0
+    userinfo = cli("extract", "--source", images, "--output", tmp_path / "o2", "--model",
+                   "tf_efficientnet_lite0", "--weights", f"https://user:pw@example.invalid/w.pth?{signature}")
+    assert userinfo.returncode == 2 and "example.invalid" in userinfo.stderr
 
-    written = [storage.read_bytes(f.uri) for f in storage.list_files(f"{bucket}/out")]
     fs, path = storage.get_fs(f"{bucket}/out")
-    written += [fs.cat_file(p) for p in fs.find(path)]  # the hidden _runs/ and _ledger/ files too
     assert any(b"_runs" in p.encode() for p in fs.find(path))
     t = pads.dataset(f"{path}/embeddings", filesystem=fs, partitioning="hive").to_table()
     emb_type = t.schema.field("embedding").type
     assert t.num_rows == 24 and emb_type.list_size == 1280 and str(emb_type.value_type) == "halffloat"
     assert sorted(set(t.column("label").to_pylist())) == ["brick", "grass", "gravel"]
-    for blob in [ok.stdout.encode(), ok.stderr.encode(), bad.stdout.encode(), bad.stderr.encode(), *written]:
-        assert key_id.encode() not in blob and secret.encode() not in blob
-
-
-def test_a_presigned_weights_url_is_never_recorded_or_printed(ray_session, images, tmp_path, cli):
-    """--weights with a query string (a presigned URL's signature) or a user:password@: what the run
-    writes (Parquet metadata, output.json, the run record, an index, a head) and prints keeps the URI
-    without them."""
-    from safetensors.torch import save_file
-
-    from pipeline.backbone.weights import load_packaged
-
-    secret = "X-Amz-Signature=0f1e2d3c4b5a69788796a5b4c3d2e1f0"
-    weights = tmp_path / f"lite0.safetensors?{secret}"  # a file of that name: the URI reads it as it is
-    save_file(load_packaged("tf_efficientnet_lite0")[0], str(weights))
-    out = tmp_path / "out"
-    r = cli("extract", "--source", images, "--output", out, "--model", "tf_efficientnet_lite0",
-            "--weights", f"file://{weights}", "--labels", "folder", "--set", "runtime.progress=false",
-            "--json")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "file://" in r.stdout and "?<redacted>" in r.stdout
-    assert cli("index", "build", "--embeddings", out, "--output", tmp_path / "idx").returncode == 0
-    assert cli("heads", "train", "--embeddings", out, "--output", tmp_path / "head", "--epochs", "2"
-               ).returncode == 0
-    bad = cli("extract", "--source", images, "--output", tmp_path / "o2", "--model", "tf_efficientnet_lite0",
-              "--weights", f"https://user:pw@example.invalid/w.pth?{secret}")
-    assert bad.returncode == 2 and "example.invalid" in bad.stderr
-    for text in (r.stdout, r.stderr, bad.stdout, bad.stderr):
-        assert "X-Amz-Signature" not in text and "user:pw" not in text
-    written = [p for p in tmp_path.rglob("*") if p.is_file() and p != weights and "?" not in p.name]
-    assert any(p.suffix == ".parquet" for p in written) and any(p.name == "index.json" for p in written)
-    for p in written:
-        assert b"X-Amz-Signature" not in p.read_bytes(), p
+    local = [p for p in tmp_path.rglob("*") if p.is_file() and p != weights and "?" not in p.name]
+    assert any(p.name == "index.json" for p in local) and any(p.name == "head.json" for p in local)
+    written = [fs.cat_file(p) for p in fs.find(path)] + [p.read_bytes() for p in local]  # _runs, _ledger too
+    printed = [r.stdout.encode() + r.stderr.encode() for r in (ok, bad, userinfo)]
+    for blob in [*printed, *written]:
+        for leak in (key_id, secret, "X-Amz-Signature", "user:pw"):
+            assert leak.encode() not in blob, leak

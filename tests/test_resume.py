@@ -172,19 +172,6 @@ def test_nightly_increments_and_changed_shards(ray_session, textures_dir, tmp_pa
     assert not (out / "embeddings" / "run_date=2026-11-29").exists()
 
 
-def test_another_source_into_the_same_output_is_refused(ray_session, textures_dir, many_dir, tmp_path):
-    from pipeline.config import ConfigError
-
-    out = tmp_path / "out"
-    src = tmp_path / "src"
-    shutil.copytree(textures_dir / "brick", src / "brick")
-    extract(_cfg(src, out))
-    with pytest.raises(ConfigError, match=r"source: .* -> .*--overwrite"):
-        extract(_cfg(many_dir, out))
-    s = extract(_cfg(many_dir, out), overwrite=True)
-    assert s["ledger"]["done_before"] == 0 and len(_ids(out)) == 36
-
-
 @pytest.mark.slow  # a fault-injection soak: one request in ten fails in one of three ways
 def test_flaky_s3_run_completes_with_identical_output(ray_session, s3_server, bucket, textures_dir):
     """Through a proxy that answers 503 SlowDown, resets connections, and drops responses of requests it
@@ -224,11 +211,12 @@ def test_flaky_s3_run_completes_with_identical_output(ray_session, s3_server, bu
 
 
 def test_nightly_dated_prefixes_accumulate_into_one_output(ray_session, textures_dir, tmp_path):
-    """Three nights, each under its own dated prefix of one root, into one output: every image once, ids
-    relative to the root, one run_date partition per night; the third night through `pipeline nightly` with
-    a {run_date} source; a run over the whole root then finds nothing to do."""
+    """Two nights, each under its own dated prefix of one root, into one output: every image once, ids
+    relative to the root, one run_date partition per night; the second night through `pipeline nightly`
+    with a {run_date} source, which leaves the first night alone; a run over the whole root then finds
+    nothing to do."""
     root, out = tmp_path / "photos", tmp_path / "out"
-    nights = {"2026-11-28": "brick", "2026-11-29": "grass", "2026-11-30": "gravel"}
+    nights = {"2026-11-29": "grass", "2026-11-30": "gravel"}
     for day, cls in nights.items():
         shutil.copytree(textures_dir / cls, root / day / cls)
 
@@ -237,20 +225,19 @@ def test_nightly_dated_prefixes_accumulate_into_one_output(ray_session, textures
         c.source.root = str(root)
         return c
 
-    s1 = extract(cfg(root / "2026-11-28"), incremental=True, run_date="2026-11-28")
-    s2 = extract(cfg(root / "2026-11-29"), incremental=True, run_date="2026-11-29")
-    assert s1["counts"]["embedded"] == s2["counts"]["embedded"] == 8
-    assert s2["ledger"]["done_before"] == 0 and s2["ledger"]["removed_stale"] == 0
-    assert s2["ledger"]["scope"] == "2026-11-29/"
+    s1 = extract(cfg(root / "2026-11-29"), incremental=True, run_date="2026-11-29")
+    assert s1["counts"]["embedded"] == 8 and s1["ledger"]["scope"] == "2026-11-29/"
     again = extract(cfg(root / "2026-11-29"), incremental=True, run_date="2026-11-29")
     assert again["counts"]["inputs"] == 0
     ncfg = NightlyConfig.model_validate({**cfg(f"{root}/{{run_date}}/").model_dump()})
-    s3 = nightly(ncfg, "2026-11-30")["extract"]
-    assert s3["counts"]["embedded"] == 8 and s3["source"].rstrip("/") == str(root / "2026-11-30")
+    s2 = nightly(ncfg, "2026-11-30")["extract"]
+    assert s2["counts"]["embedded"] == 8 and s2["source"].rstrip("/") == str(root / "2026-11-30")
+    assert s2["ledger"]["done_before"] == 0 and s2["ledger"]["removed_stale"] == 0
+    assert s2["ledger"]["scope"] == "2026-11-30/"
 
     t = pads.dataset(out / "embeddings", partitioning="hive").to_table()
     ids = t.column("id").to_pylist()
-    assert len(ids) == len(set(ids)) == 24
+    assert len(ids) == len(set(ids)) == 16
     by_day = {}
     for i, d in zip(ids, t.column("run_date").to_pylist(), strict=True):
         by_day.setdefault(str(d), set()).add(i)
@@ -260,7 +247,8 @@ def test_nightly_dated_prefixes_accumulate_into_one_output(ray_session, textures
     assert whole["ledger"]["ran"] == 0 and whole["ledger"]["done_before"] == whole["ledger"]["listed"]
 
 
-def test_a_manifest_runs_like_a_listing(ray_session, textures_dir, tmp_path):
+def test_a_manifest_runs_like_a_listing_and_another_source_is_refused(ray_session, textures_dir, many_dir,
+                                                                      tmp_path):
     from pipeline.config import ConfigError
 
     out = tmp_path / "out"
@@ -279,3 +267,10 @@ def test_a_manifest_runs_like_a_listing(ray_session, textures_dir, tmp_path):
     cfg.source.uri = str(textures_dir / "{run_date}.csv")
     with pytest.raises(ConfigError, match="--incremental"):
         extract(cfg)
+    # another source into the same output: refused, naming --overwrite, which replaces every row
+    with pytest.raises(ConfigError, match=r"source: .* -> .*--overwrite"):
+        extract(_cfg(many_dir, out))
+    s = extract(_cfg(many_dir, out), overwrite=True)
+    assert s["ledger"]["done_before"] == 0 and sorted(_ids(out)) == sorted(
+        str(p.relative_to(many_dir)) for p in many_dir.rglob("*.jpg"))
+    _assert_accounted_for(out)
