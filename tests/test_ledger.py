@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
@@ -469,3 +471,25 @@ def test_nightly_predictions_follow_the_embeddings(tmp_path):
     assert before.num_rows > emb.num_rows and c["rows_removed"] == before.num_rows - emb.num_rows
     assert pairs(after) == pairs(emb) and len(set(after.column("id").to_pylist())) == 9
     assert reconcile_predictions(str(out), str(pred))["rows_removed"] == 0
+
+
+def test_verify_reports_what_breaks_the_invariant_and_repairs_it(tmp_path, cli):
+    out = tmp_path / "out"
+    shards = _listing([f"a/{i}.jpg" for i in range(6)], max_files=3)
+    _run(out, shards, "r1")
+    r = cli("verify", out)
+    assert r.returncode == 0 and "ok: the visible files are exactly the committed shards' files" in r.stdout
+    first = out / _ledger_files(out)[0]
+    first.write_bytes(first.read_bytes()[:50])  # truncated
+    (out / "embeddings" / "stray.parquet").write_bytes(b"PAR1")
+    r = cli("verify", out, "--json")
+    report = json.loads(r.stdout)
+    assert r.returncode == 1 and report["orphan_files"] == ["embeddings/stray.parquet"]
+    assert report["damaged_shards"] == 1 and first.name in json.dumps(report["damaged"])
+    r = cli("verify", out, "--repair")
+    assert r.returncode == 0 and "1 orphan files removed, 1 damaged shards forgotten" in r.stdout
+    assert cli("verify", out).returncode == 0 and _files(out) == _ledger_files(out)
+    c = _run(out, shards, "r2")  # the next run embeds the forgotten shard again
+    assert c["to_run"] == 1 and _visible(out) == [f"a/{i}.jpg" for i in range(6)]
+    r = cli("verify", tmp_path / "nothing")
+    assert r.returncode == 2 and "holds no ledger" in r.stderr

@@ -302,3 +302,27 @@ def nightly(
         echo(run_nightly(cfg, run_date, lock=lock_policy(wait_for_lock, break_lock)), format_nightly, as_json)
 
     invoke(go, rerun_hint=True)
+
+
+@app.command()
+def verify(
+    output: str = typer.Argument(..., help="an extract or classify OUTPUT (local or s3://...)"),
+    repair: bool = typer.Option(False, "--repair", help="remove files of no committed shard and forget "
+                                "shards with missing or damaged files (the next run embeds them again)"),
+    wait_for_lock: float = typer.Option(0.0, "--wait-for-lock", metavar="SECONDS", help=LOCK_WAIT_HELP),
+    break_lock: bool = typer.Option(False, "--break-lock", help=BREAK_LOCK_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+) -> None:
+    """Check that an output's visible files are exactly its committed shards' (exit 1 when not); --repair."""
+
+    def go():
+        from pipeline.commands.verify import format_verify
+        from pipeline.commands.verify import verify as run_verify
+
+        report = run_verify(output, repair=repair, lock=lock_policy(wait_for_lock, break_lock))
+        echo(report, format_verify, as_json)
+        if not report["ok"] and "repaired" not in report:
+            raise typer.Exit(1)
+
+    invoke(go)
