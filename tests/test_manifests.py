@@ -127,3 +127,25 @@ def test_s3_inventory_report_is_read_directly(bucket, fmt):
     assert [r["label"] for r in got] == [f"d{i % 2}" for i in range(12)]
     assert [r["error_kind"] for r in got] == [None] * 10 + ["missing"] * 2
     assert got[3]["bytes"] == b"\xff\xd8jpeg" + keys[3].encode()
+
+
+def test_a_checksum_column_makes_an_edit_that_keeps_size_and_mtime_a_changed_shard(tmp_path):
+    """A same-size in-place edit with its mtime kept (rsync -a, cp -p) shows only in the content: a manifest's
+    checksum column is the shard version, before an ETag or a modification time."""
+    uris = _images(tmp_path / "imgs", 12)
+    path = tmp_path / "m.parquet"
+
+    def write(sums: list[str]) -> list:
+        table = pa.table({"uri": uris, "size": [22] * 12, "mtime": ["2026-12-01"] * 12, "sha256": sums})
+        pq.write_table(table, path)
+        return list_shards(SourceConfig(uri=str(path), format="manifest", root=str(tmp_path / "imgs"),
+                                        files_per_shard=4))[0]
+
+    sums = [f"{i:064x}" for i in range(12)]
+    before = write(sums)
+    sums[5] = "f" * 64  # one object's content changed; its size and mtime did not
+    after = write(sums)
+    changed = [a.key for a, b in zip(after, before, strict=True) if a.version != b.version]
+    assert [a.key for a in after] == [b.key for b in before] and len(changed) == 1
+    (shard,) = [s for s in after if s.key == changed[0]]
+    assert "cls2/0005.jpg" in shard.rels

@@ -3,7 +3,8 @@
 A manifest is a CSV (with a header row; ``.csv``, ``.tsv``, optionally gzipped) or a Parquet file
 (``--format manifest``) with one object per row: a URI column (``uri``, ``url``, ``path``... or
 ``source.uri_column``, or ``bucket`` + ``key`` columns), and optionally an id column (``source.id_column``),
-a label column (``--labels NAME``), a size and an etag column (they make a changed object a changed shard).
+a label column (``--labels NAME``), a size and a version column (a content checksum such as ``sha256``, or an
+ETag or a modification time: they make a changed object a changed shard).
 An S3 Inventory report is read directly from its ``manifest.json`` (CSV or Parquet data files; the
 inventory's keys are URL-decoded, delete markers and non-current versions are skipped) and its ids are
 relative to the inventoried bucket.
@@ -29,8 +30,11 @@ from pipeline.sources.shards import Chunker, Layout, Member, Shard, as_text, chu
 CSV_SUFFIXES = (".csv", ".csv.gz", ".tsv", ".tsv.gz")
 URI_COLUMNS = ("uri", "url", "path", "s3_uri", "location", "image_uri", "image_url", "file")
 SIZE_COLUMNS = ("size", "bytes", "content_length")
-VERSION_COLUMNS = ("e_tag", "etag", "last_modified_date", "lastmodifieddate", "last_modified", "mtime",
-                   "version")
+# what makes a changed object a changed shard, best first: a checksum of the content (what `rsync --checksum`
+# compares: an edit that keeps the size and mtime still shows), then an ETag, then a modification time
+VERSION_COLUMNS = ("sha256", "sha1", "md5", "checksum", "content_md5", "checksum_sha256", "checksum_crc32c",
+                   "crc32c", "e_tag", "etag", "last_modified_date", "lastmodifieddate", "last_modified",
+                   "mtime", "version")
 _BATCH_ROWS = 65536
 
 
