@@ -174,3 +174,19 @@ def test_every_writing_command_stops_at_once_while_another_run_holds_the_output(
         assert sorted(os.listdir(out)) == ["_ledger"] and os.listdir(out / "_ledger") == ["lease.json"]
     r = cli(*commands["extract"], "--wait-for-lock", "-1")
     assert r.returncode == 2 and "--wait-for-lock -1: give 0 or more seconds" in r.stderr
+
+
+def test_an_s3_server_without_conditional_writes_falls_back_to_a_check_then_a_put(bucket, monkeypatch):
+    import s3fs
+
+    real = s3fs.S3FileSystem._pipe_file
+
+    async def unconditional_only(self, path, data, mode="overwrite", **kw):
+        if mode == "create":
+            raise OSError("NotImplemented: a header you provided implies functionality not implemented")
+        return await real(self, path, data, **kw)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_pipe_file", unconditional_only)
+    uri = lease_uri(f"{bucket}/out")
+    assert [storage.create_exclusive(uri, b"a"), storage.create_exclusive(uri, b"b")] == [True, False]
+    assert storage.read_bytes(uri) == b"a"
