@@ -1,6 +1,6 @@
 """Fine-tuning (weight initialization) with Ray Train: freezing, discriminative learning rates, checkpoints
-and resume (also after a killed driver), and the fine-tuned backbone and head going back through `extract`
-and `heads predict`.
+and resume after a killed driver (to more epochs than the killed run had), and the fine-tuned backbone and
+head going back through `extract` and `heads predict`.
 
 The Ray tests share runs (module fixtures) to stay small: 24 texture patches (16 train, 8 validation), two
 CPU workers with the CPUs the planner gives them, batch 4 (two steps per worker per epoch).
@@ -201,16 +201,16 @@ def test_loose_files_are_regrouped_across_class_folders(textures_dir):
     assert dict(zip(ids, labels))["grass/003.jpg"] == "grass"
 
 
-# -- Ray Train runs: killed at epoch 1, resumed to 2 epochs, then continued to 3 ----------------------------
+# -- Ray Train runs: killed at epoch 1 of 2, then resumed with epochs=3 ------------------------------------
 
 
 @pytest.fixture(scope="module")
 def killed_run(ray_session, textures_dir, tmp_path_factory):
-    """`jobs/finetune.py` (epochs=3) on the session's Ray, its driver SIGKILLed once the epoch-1 checkpoint is
+    """`jobs/finetune.py` (epochs=2) on the session's Ray, its driver SIGKILLed once the epoch-1 checkpoint is
     recorded in Ray Train's run snapshot."""
     tmp = tmp_path_factory.mktemp("ft")
     out = tmp / "out"
-    data = json.loads(_cfg(textures_dir, out, epochs=3).model_dump_json())
+    data = json.loads(_cfg(textures_dir, out, epochs=2).model_dump_json())
     data["runtime"]["address"] = ray_session.get_runtime_context().gcs_address
     (tmp / "cfg.yaml").write_text(yaml.safe_dump(data))
     t = time.perf_counter()
@@ -235,62 +235,45 @@ def killed_run(ray_session, textures_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def resumed_after_kill(killed_run, textures_dir):
+def continued(killed_run, textures_dir):
+    """The killed output rerun with more epochs (3) than the killed run was given: it resumes from the
+    epoch-1 checkpoint and runs epochs 2 and 3."""
     out, killed_state, _ = killed_run
     t = time.perf_counter()
-    report = finetune(_cfg(textures_dir, out, epochs=2), progress=False)
+    report = finetune(_cfg(textures_dir, out, epochs=3), progress=False)
     return out, killed_state, report, time.perf_counter() - t
 
 
-@pytest.fixture(scope="module")
-def continued(resumed_after_kill, textures_dir):
-    """The completed 2-epoch output rerun with epochs=3."""
-    out, _, _, _ = resumed_after_kill
-    before = json.loads((out / "finetune.json").read_text())
-    t = time.perf_counter()
-    report = finetune(_cfg(textures_dir, out, epochs=3), progress=False)
-    return out, before, report, time.perf_counter() - t
-
-
-def test_killed_driver_resumes_from_last_checkpoint(killed_run, resumed_after_kill):
-    out, killed_state, report, seconds = resumed_after_kill
-    assert [h["epoch"] for h in report["epochs"]] == [0, 1, 2]
-    assert report["resumed_from_epoch"] == 1 and report["epochs_this_run"] == [2]
+def test_killed_driver_resumes_from_last_checkpoint_and_continues_to_more_epochs(killed_run, continued):
+    out, killed_state, report, seconds = continued
+    assert [h["epoch"] for h in report["epochs"]] == [0, 1, 2, 3]
+    assert report["resumed_from_epoch"] == 1 and report["epochs_this_run"] == [2, 3]
     assert report["epochs"][:2] == killed_state["history"]  # metrics carried over, not recomputed
     killed = killed_state["history"][1]["run_id"]
-    assert report["epochs"][0]["run_id"] == killed != report["run_id"] == report["epochs"][2]["run_id"]
+    assert report["epochs"][0]["run_id"] == killed != report["run_id"] == report["epochs"][3]["run_id"]
+    assert [r["start_epoch"] for r in report["runs"]] == [0, 1]
     saved = json.loads((out / "finetune.json").read_text())
-    assert saved["epochs_done"] == 2 and saved["epochs"] == report["epochs"]
-    print(f"killed run until its epoch-1 checkpoint: {killed_run[2]:.1f}s; resumed run: {seconds:.1f}s")
+    assert saved["epochs_done"] == 3 and saved["epochs"] == report["epochs"]
+    # checkpoints: the last two are kept
+    assert sorted(p.name for p in (out / "checkpoints").glob("epoch-*")) == ["epoch-0002", "epoch-0003"]
+    print(f"killed run until its epoch-1 checkpoint: {killed_run[2]:.1f}s; resumed run (2 epochs): "
+          f"{seconds:.1f}s")
 
 
-def test_finetune_artifacts(resumed_after_kill):
-    out, _, report, _ = resumed_after_kill
-    e0, e1, e2 = report["epochs"]
+def test_finetune_artifacts(continued):
+    out, _, report, _ = continued
+    e0, _, e2, e3 = report["epochs"]
     assert "train_loss" not in e0  # epoch 0: evaluation only, before any step
-    assert e0["val_rows"] == e2["val_rows"] == report["split"]["validation"] == 8
+    assert e0["val_rows"] == e3["val_rows"] == report["split"]["validation"] == 8
     assert e2["train_rows"] == 16 and e2["steps"] == 2 and e2["seconds"] > 0
-    assert {"train_loss", "train_acc", "val_loss", "val_acc", "seconds"} <= set(e2)
+    assert {"train_loss", "train_acc", "val_loss", "val_acc", "seconds"} <= set(e3)
     assert report["classes"] == ["brick", "grass", "gravel"]
-    assert sorted(p.name for p in (out / "checkpoints").glob("epoch-*")) == ["epoch-0001", "epoch-0002"]
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     head = json.loads((out / "head" / "head.json").read_text())
     assert head["classes"] == report["classes"] and head["head"] == {
         "type": "linear", "input_dim": 1280, "num_classes": 3, "hidden": [], "dropout": 0.0}
     assert head["embedding_spec"]["layer"] == "final" and head["embedding_spec"]["dim"] == 1280
     assert list((out / "_runs").glob("*.json"))
-
-
-def test_rerun_with_more_epochs_continues(continued):
-    out, before, report, seconds = continued
-    assert [h["epoch"] for h in report["epochs"]] == [0, 1, 2, 3]
-    assert report["epochs"][:3] == before["epochs"]  # carried over from the epoch-2 checkpoint
-    assert report["resumed_from_epoch"] == 2 and report["epochs_this_run"] == [3]
-    assert report["epochs"][3]["run_id"] == report["run_id"] != before["run_id"]
-    assert [r["start_epoch"] for r in report["runs"]] == [0, 1, 2]
-    # checkpoints: the last two are kept
-    assert sorted(p.name for p in (out / "checkpoints").glob("epoch-*")) == ["epoch-0002", "epoch-0003"]
-    print(f"continued run (1 epoch): {seconds:.1f}s; epochs: {report['epochs']}")
 
 
 def test_finetuning_improves_on_epoch_zero(continued):

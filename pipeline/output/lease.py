@@ -121,6 +121,7 @@ class Lease:
         self.lost: str | None = None
         self.took_over: str | None = None  # why an earlier holder's lease was free, when one was replaced
         self.policy = LockPolicy()
+        self._made_folder = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -149,6 +150,7 @@ class Lease:
 
     def acquire(self, policy: LockPolicy = LockPolicy()) -> Lease:
         self.policy = policy
+        self._made_folder = storage.protocol_of(self.uri) == "file" and not storage.exists(self.output_uri)
         deadline = time.monotonic() + max(0.0, policy.wait_s)
         while True:
             if storage.create_exclusive(self.uri, self._body()):
@@ -207,6 +209,10 @@ class Lease:
             if current is not None and current.get("token") == self.holder["token"]:
                 storage.remove(self.uri)
             storage.remove(beat_uri(self.output_uri, self.holder["token"]))
+        if getattr(self, "_made_folder", False):  # a run refused before it wrote anything leaves no folder
+            for folder in (storage.join(self.output_uri, LEDGER_DIR), self.output_uri):
+                with contextlib.suppress(OSError):
+                    os.rmdir(storage.get_fs(folder)[1])
 
 
 @contextlib.contextmanager
