@@ -324,20 +324,26 @@ def write_bytes(uri: str, data: bytes) -> None:
     fs, path = get_fs(uri)
     try:
         if protocol_of(uri) == "file":
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)  # a failed write leaves nothing behind
-                raise
+            _write_local(path, data, os.replace)
         else:
             fs.pipe_file(path, data)
     except Exception as e:  # noqa: BLE001
         raise explain(uri, e) from e
+
+
+def _write_local(path: str, data: bytes, place: Any) -> None:
+    """Write ``data`` to a hidden temporary file beside ``path``, then put it there with ``place``
+    (``os.replace``: over any file; ``os.link``: FileExistsError where one is). The temporary file never
+    stays, whether the write succeeds or fails."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        place(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)  # gone already after os.replace
 
 
 def create_exclusive(uri: str, data: bytes) -> bool:
@@ -348,15 +354,7 @@ def create_exclusive(uri: str, data: bytes) -> bool:
     fs, path = get_fs(uri)
     try:
         if protocol_of(uri) == "file":
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                os.link(tmp, path)
-            finally:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
+            _write_local(path, data, os.link)
         elif protocol_of(uri) in ("s3", "s3a"):
             try:
                 fs.pipe_file(path, data, mode="create")
