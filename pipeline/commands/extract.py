@@ -40,10 +40,8 @@ def _inputs(cfg: Any, partition: str | None, overwrite: bool) -> tuple[Any, Layo
         day = partition.split("=", 1)[1]
         source = cfg.source.model_copy(update={"uri": cfg.source.uri.replace(RUN_DATE, day)})
         cfg = cfg.model_copy(update={"source": source})
-    ledger = Ledger(cfg.output.uri)
-    if not overwrite:
-        ledger.check_readable()  # a damaged ledger is named before anything is built
-    state = None if overwrite else ledger.state()
+    # a damaged ledger is named before anything is built
+    state = None if overwrite else Ledger(cfg.output.uri).check_readable()
     depth = ((state or {}).get("sharding") or {}).get("depth")
     layout = layout_of(cfg.source, depth)
     shards, skipped = list_shards(cfg.source, depth)

@@ -26,8 +26,7 @@ def verify(output_uri: str, *, repair: bool = False, lock: LockPolicy | Lease | 
     """The output's state against its invariant; with ``repair``, restored (under the lease). A damaged
     ledger file raises LedgerError naming it."""
     ledger = Ledger(output_uri)
-    ledger.check_readable()
-    state = ledger.state()
+    state = ledger.check_readable()
     if state is None:
         raise ValueError(f"'{output_uri}' holds no ledger (_ledger/output.json): pass the OUTPUT folder of "
                          "`pipeline extract` or `classify`")

@@ -209,7 +209,7 @@ class Lease:
             if current is not None and current.get("token") == self.holder["token"]:
                 storage.remove(self.uri)
             storage.remove(beat_uri(self.output_uri, self.holder["token"]))
-        if getattr(self, "_made_folder", False):  # a run refused before it wrote anything leaves no folder
+        if self._made_folder:  # a run refused before it wrote anything leaves no folder
             for folder in (storage.join(self.output_uri, LEDGER_DIR), self.output_uri):
                 with contextlib.suppress(OSError):
                     os.rmdir(storage.get_fs(folder)[1])

@@ -34,6 +34,7 @@ and ``finish`` (the driver, after the run: every shard it ran must be committed;
 from __future__ import annotations
 
 import json
+import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
@@ -129,19 +130,28 @@ class Ledger:
             "version if you have one; otherwise pass --overwrite to rebuild the output (every image is "
             "embedded again)")
 
+    def _parsed(self, uri: str, read: Any, errors: tuple[type[BaseException], ...] = (ValueError,)) -> Any:
+        """``read()``; a ledger file that does not parse (``errors``) is a LedgerError naming it and the fix,
+        while storage errors and faults pass as they are."""
+        try:
+            return read()
+        except (storage.StorageError, storage.StorageFault):
+            raise
+        except errors as e:
+            raise self._damaged(uri, e) from None
+
+    def _object(self, uri: str, *keys: str) -> dict[str, Any]:
+        """A JSON object holding ``keys``, else ValueError."""
+        obj = self._read_json(uri)
+        if not isinstance(obj, dict) or any(k not in obj for k in keys):
+            raise ValueError(f"not a JSON object with {', '.join(keys)}" if keys else "not a JSON object")
+        return obj
+
     def state(self) -> dict[str, Any] | None:
         uri = self.uri(LEDGER_DIR, "output.json")
         if not storage.exists(uri):
             return None
-        try:
-            state = self._read_json(uri)
-        except storage.StorageError:
-            raise
-        except ValueError as e:
-            raise self._damaged(uri, e) from None
-        if not isinstance(state, dict):
-            raise self._damaged(uri, ValueError("not a JSON object"))
-        return state
+        return self._parsed(uri, lambda: self._object(uri))
 
     def write_state(self, state: dict[str, Any]) -> None:
         self._write_json(self.uri(LEDGER_DIR, "output.json"), state)
@@ -154,19 +164,9 @@ class Ledger:
         files = [f for f in storage.list_files(root) if f.rel.endswith(".json")]
         if not files:
             return {}
-        def read(f: storage.FileInfo) -> dict[str, Any]:
-            try:
-                entry = self._read_json(f.uri)
-                if not isinstance(entry, dict) or "key" not in entry or "files" not in entry:
-                    raise ValueError("not a ledger entry")
-            except storage.StorageError:
-                raise
-            except ValueError as e:
-                raise self._damaged(f.uri, e) from None
-            return entry
-
         with ThreadPoolExecutor(max(1, min(threads, len(files)))) as pool:
-            entries = list(pool.map(read, files))
+            entries = list(pool.map(
+                lambda f: self._parsed(f.uri, lambda: self._object(f.uri, "key", "files")), files))
         return {e["key"]: e for e in entries}
 
     def _compact(self) -> pa.Table:
@@ -175,30 +175,28 @@ class Ledger:
         uri = self.uri(LEDGER_DIR, COMPACT)
         if not storage.exists(uri):
             return _COMPACT_SCHEMA.empty_table()
-        try:
+        def read() -> pa.Table:
             with storage.open_input(uri) as f:
                 return pq.read_table(f).cast(_COMPACT_SCHEMA)
-        except (storage.StorageError, storage.StorageFault):
-            raise
-        except (pa.ArrowException, ValueError, KeyError) as e:
-            raise self._damaged(uri, e) from None
 
-    def check_readable(self) -> None:
+        return self._parsed(uri, read, (pa.ArrowException, ValueError, KeyError))
+
+    def check_readable(self) -> dict[str, Any] | None:
         """LedgerError naming the file and the fix when a ledger file is damaged; cheap (the compacted
-        table's footer, the few loose entries), so that a run can refuse before it builds anything."""
+        table's footer, the few loose entries), so that a run can refuse before it builds anything.
+        Returns the output's state (`state`)."""
         import pyarrow.parquet as pq
 
-        self.state()
+        state = self.state()
         uri = self.uri(LEDGER_DIR, COMPACT)
         if storage.exists(uri):
-            try:
+            def footer() -> Any:
                 with storage.open_input(uri) as f:
-                    pq.read_metadata(f)
-            except (storage.StorageError, storage.StorageFault):
-                raise
-            except (pa.ArrowException, ValueError, OSError) as e:
-                raise self._damaged(uri, e) from None
+                    return pq.read_metadata(f)
+
+            self._parsed(uri, footer, (pa.ArrowException, ValueError, OSError))
         self._loose()
+        return state
 
     def index(self, loose: dict[str, dict[str, Any]] | None = None) -> pa.Table:
         """Every committed shard, one row each (the compacted table's columns): the compacted table with
@@ -392,7 +390,7 @@ class Ledger:
                 children = fs.ls(path, detail=False)
             except FileNotFoundError:
                 children = []
-            for child in children:
-                if not child.rstrip("/").rsplit("/", 1)[-1].startswith(LEASE_PREFIX):
-                    storage.remove_tree(storage.join(root, child.rstrip("/").rsplit("/", 1)[-1]))
+            for name in (posixpath.basename(child.rstrip("/")) for child in children):
+                if not name.startswith(LEASE_PREFIX):
+                    storage.remove_tree(storage.join(root, name))
         storage.remove_tree(self.uri(STAGING_DIR))
