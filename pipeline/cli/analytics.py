@@ -5,9 +5,9 @@ from __future__ import annotations
 import typer
 
 from pipeline.cli.common import (
-    BREAK_LOCK_HELP,
-    LOCK_WAIT_HELP,
     SET_HELP,
+    BreakLock,
+    WaitForLock,
     app,
     echo,
     invoke,
@@ -32,8 +32,8 @@ def index_build(
     config: str | None = typer.Option(None, "--config", "-c", help="YAML config file"),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the run summary as JSON"),
-    wait_for_lock: float = typer.Option(0.0, "--wait-for-lock", metavar="SECONDS", help=LOCK_WAIT_HELP),
-    break_lock: bool = typer.Option(False, "--break-lock", help=BREAK_LOCK_HELP),
+    wait_for_lock: WaitForLock = 0.0,
+    break_lock: BreakLock = False,
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Build a faiss index over stored embeddings; writes index.faiss, ids.parquet, index.json."""
@@ -59,8 +59,8 @@ def index_add(
     config: str | None = typer.Option(None, "--config", "-c", help="YAML config file"),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the run summary as JSON"),
-    wait_for_lock: float = typer.Option(0.0, "--wait-for-lock", metavar="SECONDS", help=LOCK_WAIT_HELP),
-    break_lock: bool = typer.Option(False, "--break-lock", help=BREAK_LOCK_HELP),
+    wait_for_lock: WaitForLock = 0.0,
+    break_lock: BreakLock = False,
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Add the embedding files the index does not hold yet (no retraining); replaced files' rows leave it."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
@@ -23,6 +23,9 @@ app = typer.Typer(
 SET_HELP = "override any config key, e.g. --set runtime.batch_size=64 (repeatable)"
 LOCK_WAIT_HELP = "when another run is writing the output, wait up to this long for it (default: stop at once)"
 BREAK_LOCK_HELP = "take the output's lease from another run (only when you know that run is dead)"
+# The two options of every command that writes an output (pipeline/output/lease.py)
+WaitForLock = Annotated[float, typer.Option("--wait-for-lock", metavar="SECONDS", help=LOCK_WAIT_HELP)]
+BreakLock = Annotated[bool, typer.Option("--break-lock", help=BREAK_LOCK_HELP)]
 
 
 def lock_policy(wait_for_lock: float, break_lock: bool):

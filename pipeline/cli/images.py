@@ -7,9 +7,9 @@ import json
 import typer
 
 from pipeline.cli.common import (
-    BREAK_LOCK_HELP,
-    LOCK_WAIT_HELP,
     SET_HELP,
+    BreakLock,
+    WaitForLock,
     app,
     echo,
     invoke,
@@ -56,8 +56,8 @@ def extract(
     config: str | None = typer.Option(None, "--config", "-c", help="YAML config file"),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the run summary as JSON"),
-    wait_for_lock: float = typer.Option(0.0, "--wait-for-lock", metavar="SECONDS", help=LOCK_WAIT_HELP),
-    break_lock: bool = typer.Option(False, "--break-lock", help=BREAK_LOCK_HELP),
+    wait_for_lock: WaitForLock = 0.0,
+    break_lock: BreakLock = False,
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Embed every image under --source with a pretrained backbone cut at --layer; write Parquet."""
@@ -101,8 +101,8 @@ def classify(
     config: str | None = typer.Option(None, "--config", "-c", help="YAML config file"),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the run summary as JSON"),
-    wait_for_lock: float = typer.Option(0.0, "--wait-for-lock", metavar="SECONDS", help=LOCK_WAIT_HELP),
-    break_lock: bool = typer.Option(False, "--break-lock", help=BREAK_LOCK_HELP),
+    wait_for_lock: WaitForLock = 0.0,
+    break_lock: BreakLock = False,
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Use the pretrained model as is: top-k ImageNet classes per image -> OUTPUT/predictions/ Parquet."""
@@ -188,8 +188,8 @@ def heads_predict(
     top_k: int = typer.Option(1, help="also write the top-k labels and scores"),
     actors: str = typer.Option("1", help="N, or MIN,MAX"),
     as_json: bool = typer.Option(False, "--json"),
-    wait_for_lock: float = typer.Option(0.0, "--wait-for-lock", metavar="SECONDS", help=LOCK_WAIT_HELP),
-    break_lock: bool = typer.Option(False, "--break-lock", help=BREAK_LOCK_HELP),
+    wait_for_lock: WaitForLock = 0.0,
+    break_lock: BreakLock = False,
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Apply a head to embeddings (a Ray Data map): id, label, score per row."""
@@ -288,8 +288,8 @@ def nightly(
     run_date: str | None = typer.Option(None, help="YYYY-MM-DD partition of this run (default: today, UTC)"),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the summaries as JSON"),
-    wait_for_lock: float = typer.Option(0.0, "--wait-for-lock", metavar="SECONDS", help=LOCK_WAIT_HELP),
-    break_lock: bool = typer.Option(False, "--break-lock", help=BREAK_LOCK_HELP),
+    wait_for_lock: WaitForLock = 0.0,
+    break_lock: BreakLock = False,
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Nightly: extract the new or changed shards under embeddings/run_date=.../, then apply the head."""
@@ -309,8 +309,8 @@ def verify(
     output: str = typer.Argument(..., help="an extract or classify OUTPUT (local or s3://...)"),
     repair: bool = typer.Option(False, "--repair", help="remove files of no committed shard and forget "
                                 "shards with missing or damaged files (the next run embeds them again)"),
-    wait_for_lock: float = typer.Option(0.0, "--wait-for-lock", metavar="SECONDS", help=LOCK_WAIT_HELP),
-    break_lock: bool = typer.Option(False, "--break-lock", help=BREAK_LOCK_HELP),
+    wait_for_lock: WaitForLock = 0.0,
+    break_lock: BreakLock = False,
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
