@@ -151,14 +151,17 @@ def altered_copy(img: Image.Image, variant: str, rng: np.random.Generator) -> tu
 
 
 def make_near_copies(root: str | os.PathLike, copies_of: int = 24, tiles: bool = True, seed: int = 0,
-                     variants: tuple[str, ...] = COPY_VARIANTS) -> dict[str, str]:
+                     variants: tuple[str, ...] = COPY_VARIANTS, originals_as: str = "jpg") -> dict[str, str]:
     """Distinct real photos plus planted near-copies, for similarity search and dedup checks.
 
     ``root/originals/``: each of DISTINCT_PHOTOS, and with ``tiles`` the four quadrants of each of
     TILED_PHOTOS (other parts of one scene: related, but not copies). ``root/copies/``: for ``copies_of``
     originals (drawn with ``seed``), one file per variant (re-encoded at JPEG quality 40, resized to 60 %,
-    cropped to 90 % a side). Returns {copy path relative to root: its original's path relative to root}.
+    cropped to 90 % a side). ``originals_as``: "jpg" (quality 92) or "png" (lossless originals, the copies
+    stay JPEG). Returns {copy path relative to root: its original's path relative to root}.
     """
+    if originals_as not in ("jpg", "png"):
+        raise ValueError(f"originals_as must be 'jpg' or 'png', got '{originals_as}'")
     root = Path(root)
     rng = np.random.default_rng(seed)
     (root / "originals").mkdir(parents=True, exist_ok=True)
@@ -172,7 +175,8 @@ def make_near_copies(root: str | os.PathLike, copies_of: int = 24, tiles: bool =
             for q, (x, y) in enumerate(((0, 0), (w // 2, 0), (0, h // 2), (w // 2, h // 2))):
                 originals[f"{name}_q{q}"] = img.crop((x, y, x + w // 2, y + h // 2))
     for name, img in originals.items():
-        img.save(root / "originals" / f"{name}.jpg", quality=92)
+        img.save(root / "originals" / f"{name}.{originals_as}", **({"quality": 92} if originals_as == "jpg"
+                                                                  else {}))
     names = sorted(originals)
     picked = sorted(rng.choice(len(names), min(copies_of, len(names)), replace=False))
     manifest = {}
@@ -182,5 +186,5 @@ def make_near_copies(root: str | os.PathLike, copies_of: int = 24, tiles: bool =
             img, quality = altered_copy(originals[name], v, rng)
             rel = f"copies/{name}__{v}.jpg"
             img.save(root / rel, quality=quality)
-            manifest[rel] = f"originals/{name}.jpg"
+            manifest[rel] = f"originals/{name}.{originals_as}"
     return manifest

@@ -183,6 +183,8 @@ def test_bad_input_exits_2_naming_the_fix(ray_session, tmp_path, cli):
     _error_line(cli("index", "build", "--embeddings", empty, "--output", str(tmp_path / "i2")),
                 "no rows", "pipeline extract")
     _error_line(cli("dedup", "--embeddings", empty, "--output", str(tmp_path / "d2")), "no rows")
+    _error_line(cli("dedup", "--embeddings", emb, "--output", str(tmp_path / "d3"), "--keep", "biggest"),
+                "keep", "'largest', 'first' or 'centroid'")
     # not an index; no query named
     _error_line(cli("neighbors", "--index", emb, "--ids", "x.parquet", "--output", str(tmp_path / "o")),
                 "no index", "pipeline index build")

@@ -9,10 +9,15 @@
 3. Within each cluster (``dedup_group``), pairwise cosine similarity is computed in blocks of rows between
    its own rows and between its own rows and its guests, keeping the pairs above the lowest threshold
    reported.
-4. ``resolve`` (on the driver, over the pairs of every group): rows are ordered by the keep rule (nearest
-   their centroid first, ties by id); walking that order, a row with a kept row at or above the threshold is
-   a duplicate of the most similar such row, otherwise it is kept. Each group is one kept row and its
-   duplicates.
+4. ``resolve`` (on the driver, over the pairs of every group): rows are ordered by the keep rule
+   (``pipeline.analytics.keep``: the most pixels, then lossless, then the smallest id by default); walking
+   that order, a row with a kept row at or above the threshold is a duplicate of the most similar such row,
+   otherwise it is kept. Each group is one kept row and its duplicates.
+
+Outliers: every row's ``outlier_score`` is the cosine distance to its k-th nearest other row (k = 10 by
+default) among a reference sample of the table (``OUTLIER_REFERENCE`` rows drawn with the k-means sample;
+every row when the table is no larger): exact k-th-neighbour distances up to that size, a sampled density
+above it (there the k-th of the sample stands for about the k * n / reference-th of the table).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.analytics import index as ix
+from pipeline.analytics.keep import KEEP_RULES, keep_order
 from pipeline.analytics.vectors import l2_normalize, read_vectors
 from pipeline.config import DedupConfig
 
@@ -36,7 +42,8 @@ from pipeline.config import DedupConfig
 # original, two tiles of one scene up to 0.81 to each other).
 DEFAULT_THRESHOLD: float = DedupConfig.model_fields["threshold"].default
 THRESHOLDS = (0.75, 0.80, 0.85, 0.90, 0.95, 0.975, 0.99)  # also reported in dedup.json
-KEEP_RULE = "in each group the row nearest its cluster's centroid is kept (ties: the smaller id)"
+OUTLIER_K = 10  # outlier_score: cosine distance to the k-th nearest other row
+OUTLIER_REFERENCE = 10_000  # rows of the reference sample the outlier scores are measured against
 BLOCK_BYTES = 64 << 20  # similarity block size
 
 DUPLICATES_SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False), ("duplicate_of", pa.string()),
@@ -44,7 +51,7 @@ DUPLICATES_SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False), ("du
 KEEP_SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False), ("cluster", pa.int32()),
                          ("duplicates", pa.int32())])
 CLUSTERS_SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False), ("cluster", pa.int32()),
-                             ("distance_to_centroid", pa.float32())])
+                             ("distance_to_centroid", pa.float32()), ("outlier_score", pa.float32())])
 
 
 def choose_clusters(n: int) -> int:
@@ -75,10 +82,13 @@ class ClusterRows:
     cluster: np.ndarray  # int32: the cluster it is compared in (for a guest, its second-nearest)
     distance: np.ndarray  # float32, cosine distance to its nearest centroid (the keep rule's key)
     guest: np.ndarray | None = None  # bool: compared here, but its own cluster is another one
+    outlier: np.ndarray | None = None  # float32: cosine distance to the k-th nearest row (NaN: not measured)
 
     def __post_init__(self) -> None:
         if self.guest is None:
             self.guest = np.zeros(len(self.ids), bool)
+        if self.outlier is None:
+            self.outlier = np.full(len(self.ids), np.nan, np.float32)
 
     @classmethod
     def concat(cls, parts: list[ClusterRows], dim: int) -> ClusterRows:
@@ -86,7 +96,37 @@ class ClusterRows:
             return cls([], [], np.zeros((0, dim), np.float32), np.zeros(0, np.int32), np.zeros(0, np.float32))
         return cls([i for p in parts for i in p.ids], [s for p in parts for s in p.sources],
                    np.concatenate([p.x for p in parts]), np.concatenate([p.cluster for p in parts]),
-                   np.concatenate([p.distance for p in parts]), np.concatenate([p.guest for p in parts]))
+                   np.concatenate([p.distance for p in parts]), np.concatenate([p.guest for p in parts]),
+                   np.concatenate([p.outlier for p in parts]))
+
+
+@dataclass
+class Reference:
+    """The rows outlier scores are measured against: normalized vectors and their labels (a row's label is
+    its file's first label plus its row number, so a row finds itself and is left out)."""
+
+    x: np.ndarray
+    labels: np.ndarray
+    k: int = OUTLIER_K
+
+
+def kth_distance(x: np.ndarray, labels: np.ndarray, ref: Reference) -> np.ndarray:
+    """Cosine distance from each normalized row to its k-th nearest row of ``ref`` other than itself (k at
+    most the reference's other rows); float32, NaN for an empty reference."""
+    faiss = ix.faiss_module()
+    n_ref = len(ref.x)
+    if n_ref == 0 or len(x) == 0:
+        return np.full(len(x), np.nan, np.float32)
+    k = max(1, min(ref.k, n_ref - 1)) if n_ref > 1 else 1
+    kk = min(k + 1, n_ref)
+    sim, idx = faiss.knn(np.ascontiguousarray(x, np.float32), np.ascontiguousarray(ref.x, np.float32), kk,
+                         metric=faiss.METRIC_INNER_PRODUCT)
+    other = (idx >= 0) & (ref.labels[np.maximum(idx, 0)] != np.asarray(labels)[:, None])
+    rank = np.cumsum(other, axis=1)
+    at = np.argmax((rank == k) & other, axis=1)  # the k-th row that is not the row itself
+    found = rank[:, -1] >= k
+    d = (1.0 - sim[np.arange(len(x)), at]).astype(np.float32)
+    return np.where(found, np.maximum(d, 0.0), np.nan).astype(np.float32)
 
 
 def assign(x: np.ndarray, centroids: np.ndarray, nearest: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -111,10 +151,11 @@ def guest_margin(threshold: float) -> float:
 
 
 def split_rows(ids: list[str], sources: list[str | None], x: np.ndarray, centroids: np.ndarray, groups: int,
-               threshold: float = DEFAULT_THRESHOLD) -> list[ClusterRows]:
+               threshold: float = DEFAULT_THRESHOLD, outlier: np.ndarray | None = None) -> list[ClusterRows]:
     """Normalized rows assigned and split into ``groups`` parts by cluster; each part also holds the guests
     of its clusters (rows whose second-nearest centroid is one of them, within ``guest_margin(threshold)``
-    of their nearest)."""
+    of their nearest). ``outlier``: the rows' outlier scores (NaN when not given)."""
+    outlier = np.full(len(ids), np.nan, np.float32) if outlier is None else outlier
     idx, dist = assign(x, centroids, nearest=2)
     angle = np.arccos(np.clip(1.0 - dist, -1.0, 1.0))
     guest = (idx[:, 1] >= 0) & (angle[:, 1] - angle[:, 0] <= guest_margin(threshold))
@@ -125,15 +166,19 @@ def split_rows(ids: list[str], sources: list[str | None], x: np.ndarray, centroi
         sel = np.concatenate([own, visit])
         out.append(ClusterRows([ids[i] for i in sel], [sources[i] for i in sel], x[sel],
                                np.concatenate([idx[own, 0], idx[visit, 1]]), dist[sel, 0],
-                               np.concatenate([np.zeros(len(own), bool), np.ones(len(visit), bool)])))
+                               np.concatenate([np.zeros(len(own), bool), np.ones(len(visit), bool)]),
+                               outlier[sel]))
     return out
 
 
-def assign_file(uri: str, dim: int, centroids: np.ndarray, groups: int, threshold: float = DEFAULT_THRESHOLD
-                ) -> list[ClusterRows]:
-    """One file's rows, normalized, assigned and split (``split_rows``)."""
+def assign_file(uri: str, dim: int, centroids: np.ndarray, groups: int, threshold: float = DEFAULT_THRESHOLD,
+                reference: Reference | None = None, first_label: int = 0) -> list[ClusterRows]:
+    """One file's rows, normalized, assigned and split (``split_rows``), with their outlier scores against
+    ``reference`` (the file's rows are labelled ``first_label`` + row number)."""
     v = read_vectors(uri, dim, sources=True)
-    return split_rows(v.ids, v.sources, l2_normalize(v.x), centroids, groups, threshold)
+    x = l2_normalize(v.x)
+    outlier = kth_distance(x, first_label + v.rows, reference) if reference is not None else None
+    return split_rows(v.ids, v.sources, x, centroids, groups, threshold, outlier)
 
 
 def similar_pairs(x: np.ndarray, min_sim: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -223,7 +268,8 @@ def dedup_group(parts: list[ClusterRows], dim: int, min_similarity: float = min(
                                    schema=PAIRS_SCHEMA),
         clusters=pa.Table.from_arrays([pa.array([rows.ids[r] for r in own_rows], pa.string()),
                                        pa.array(rows.cluster[own_rows], pa.int32()),
-                                       pa.array(rows.distance[own_rows], pa.float32())],
+                                       pa.array(rows.distance[own_rows], pa.float32()),
+                                       pa.array(rows.outlier[own_rows], pa.float32())],
                                       schema=CLUSTERS_SCHEMA),
         sources=sources, pairs_compared=compared)
 
@@ -240,9 +286,11 @@ class Resolution:
 
 
 def resolve(clusters: pa.Table, pairs: pa.Table, threshold: float = DEFAULT_THRESHOLD,
-            thresholds: tuple[float, ...] = THRESHOLDS) -> Resolution:
-    """Duplicates and kept rows from every group's pairs: rows in keep order (nearest their centroid first,
-    ties by id), the greedy walk of ``greedy_keep`` at each threshold."""
+            thresholds: tuple[float, ...] = THRESHOLDS, keep: str = "centroid",
+            infos: dict[str, Any] | None = None) -> Resolution:
+    """Duplicates and kept rows from every group's pairs: rows in keep order (rule ``keep`` of
+    ``pipeline.analytics.keep``, with the image headers ``infos`` for ``largest``), the greedy walk of
+    ``greedy_keep`` at each threshold."""
     ts = sorted(set(thresholds) | {threshold})
     if pairs.num_rows:  # a pair found in two clusters (both rows guests of each other's) counts once
         pairs = pairs.group_by(["a", "b"]).aggregate([("similarity", "max")]).select(
@@ -251,7 +299,8 @@ def resolve(clusters: pa.Table, pairs: pa.Table, threshold: float = DEFAULT_THRE
                                            pairs.column("b").combine_chunks()])) if pairs.num_rows else \
         pa.array([], pa.string())
     rows = clusters.filter(pc.is_in(clusters.column("id"), value_set=in_pairs))
-    rows = rows.sort_by([("distance_to_centroid", "ascending"), ("id", "ascending")])  # the keep rule
+    rows = rows.take(pa.array(keep_order(rows.column("id").to_pylist(),  # the keep rule
+                                         rows.column("distance_to_centroid").to_numpy(), keep, infos)))
     order = rows.column("id").combine_chunks()
     m = len(order)
     i = pc.index_in(pairs.column("a"), value_set=order).to_numpy(zero_copy_only=False).astype(np.int64) \
@@ -280,7 +329,8 @@ def resolve(clusters: pa.Table, pairs: pa.Table, threshold: float = DEFAULT_THRE
     return Resolution(duplicates, keep, removed, groups)
 
 
-def summarize(resolution: Resolution, n: int, threshold: float, pairs_compared: int = 0) -> dict[str, Any]:
+def summarize(resolution: Resolution, n: int, threshold: float, pairs_compared: int = 0,
+              keep: str = "centroid") -> dict[str, Any]:
     """dedup.json's counts: groups and removed fraction at the threshold and at each reported threshold."""
     keys = sorted(resolution.removed, key=float)
     per = {k: {"removed": resolution.removed[k], "groups": resolution.groups[k]} for k in keys}
@@ -289,4 +339,4 @@ def summarize(resolution: Resolution, n: int, threshold: float, pairs_compared: 
     main = per.get(_key(threshold), {"removed": 0, "groups": 0, "removed_fraction": 0.0})
     return {"rows": n, "threshold": threshold, "groups": main["groups"], "removed": main["removed"],
             "kept": n - main["removed"], "removed_fraction": main["removed_fraction"], "by_threshold": per,
-            "pairs_compared": pairs_compared, "keep_rule": KEEP_RULE}
+            "pairs_compared": pairs_compared, "keep": keep, "keep_rule": KEEP_RULES[keep]}

@@ -112,6 +112,8 @@ def dedup(
                                       "dedup.json, dedup.png"),
     threshold: float | None = typer.Option(None, help="cosine similarity of near-duplicates (default 0.8)"),
     clusters: int | None = typer.Option(None, help="k-means clusters (default: about sqrt(rows))"),
+    keep: str | None = typer.Option(None, help="the row each group keeps: largest (most pixels, then "
+                                    "lossless, then id; default), first (smallest id) or centroid"),
     config: str | None = typer.Option(None, "--config", "-c", help="YAML config file"),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     as_json: bool = typer.Option(False, "--json", help="print dedup.json"),
@@ -119,7 +121,8 @@ def dedup(
 ) -> None:
     """Semantic near-duplicates, clusters and outliers of stored embeddings (k-means, pairwise cosine)."""
 
-    flags = {"embeddings": embeddings, "output": output, "threshold": threshold, "clusters": clusters}
+    flags = {"embeddings": embeddings, "output": output, "threshold": threshold, "clusters": clusters,
+             "keep": keep}
 
     def go():
         from pipeline.commands.dedup import dedup as run_dedup

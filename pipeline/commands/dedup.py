@@ -1,8 +1,10 @@
 """`pipeline dedup`: semantic near-duplicates, clusters and outliers of an embeddings table.
 
-Sample (a Ray task per file) -> spherical k-means on the driver -> assign each file's rows to clusters (a
-task per file) -> pairwise cosine within each cluster (a task per group of clusters) -> Parquet tables, a
-JSON summary and a PNG report (sample duplicate pairs side by side, the removed fraction per threshold).
+Sample (a Ray task per file) -> spherical k-means on the driver -> assign each file's rows to clusters and
+score them as outliers against a reference sample (a task per file) -> pairwise cosine within each cluster
+(a task per group of clusters) -> the image headers of rows with a near-duplicate (``--keep largest``) ->
+Parquet tables, a JSON summary and a PNG report (sample duplicate pairs side by side, the removed fraction
+per threshold).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import pyarrow as pa
 from pipeline import storage
 from pipeline.analytics import dedup as dd
 from pipeline.analytics import store
+from pipeline.analytics.keep import image_infos
 from pipeline.commands.run import new_run_id
 from pipeline.config import DedupConfig
 from pipeline.output.layout import write_parquet
@@ -29,6 +32,19 @@ OUTPUTS = {"duplicates": "duplicates.parquet", "keep": "keep.parquet", "clusters
            "summary": "dedup.json", "report": "dedup.png"}
 
 
+def _reference(samples: list[store.Sample], k: int, seed: int) -> dd.Reference:
+    """Up to OUTLIER_REFERENCE rows of the k-means sample, drawn with ``seed``: what outlier scores are
+    measured against."""
+    labels = np.concatenate([s.labels for s in samples])
+    pick = np.sort(np.random.default_rng(seed).permutation(len(labels))[:dd.OUTLIER_REFERENCE])
+    return dd.Reference(np.ascontiguousarray(np.concatenate([s.x for s in samples])[pick]), labels[pick], k)
+
+
+def _percentiles(x: np.ndarray) -> dict[str, float]:
+    x = x[np.isfinite(x)]
+    if not len(x):
+        return {}
+    return {"p50": float(np.percentile(x, 50)), "p99": float(np.percentile(x, 99)), "max": float(x.max())}
 
 
 def _thumbnail(source: str | None, side: int = 160):
@@ -69,9 +85,11 @@ def dedup(cfg: DedupConfig) -> dict[str, Any]:
 
     t = time.perf_counter()
     counts = [min(r, math.ceil(min(cfg.sample, n) * r / n)) for r in reader.rows]
-    samples = map_files(store.sample_file, [((f.uri, f.rel, dim, "cosine", 0, c, cfg.seed), {})
-                                            for f, c in zip(reader.files, counts) if c],
+    firsts = [int(v) for v in np.concatenate([[0], np.cumsum(reader.rows)[:-1]])]
+    samples = map_files(store.sample_file, [((f.uri, f.rel, dim, "cosine", first, c, cfg.seed), {})
+                                            for f, first, c in zip(reader.files, firsts, counts) if c],
                         cfg.runtime, "sampling")
+    reference = _reference(samples, cfg.outlier_k, cfg.seed)
     centroids = dd.train_kmeans(np.concatenate([s.x for s in samples]), clusters, seed=cfg.seed)
     clusters = len(centroids)
     groups = min(groups, clusters)
@@ -79,10 +97,17 @@ def dedup(cfg: DedupConfig) -> dict[str, Any]:
 
     t = time.perf_counter()
     results = dedup_groups([f.uri for f in reader.files], dim, centroids, groups, cfg.threshold,
-                           min(*dd.THRESHOLDS, cfg.threshold), cfg.runtime)
+                           min(*dd.THRESHOLDS, cfg.threshold), cfg.runtime, reference, firsts)
     cl = pa.concat_tables([r.clusters for r in results]).sort_by("id")
-    resolution = dd.resolve(cl, pa.concat_tables([r.pairs for r in results]), cfg.threshold, dd.THRESHOLDS)
+    sources: dict[str, str | None] = {}
+    for r in results:
+        sources.update(r.sources)
     times["dedup_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    infos = image_infos(sources) if cfg.keep == "largest" else {}  # rows with a near-duplicate only
+    resolution = dd.resolve(cl, pa.concat_tables([r.pairs for r in results]), cfg.threshold, dd.THRESHOLDS,
+                            cfg.keep, infos)
+    times["keep_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     duplicates = resolution.duplicates.sort_by([("similarity", "descending"), ("id", "ascending")])
@@ -91,18 +116,18 @@ def dedup(cfg: DedupConfig) -> dict[str, Any]:
     write_parquet(uris["duplicates"], duplicates)
     write_parquet(uris["keep"], keep)
     write_parquet(uris["clusters"], cl)
-    summary = dd.summarize(resolution, n, cfg.threshold, sum(r.pairs_compared for r in results))
-    dist = cl.column("distance_to_centroid").to_numpy()
+    summary = dd.summarize(resolution, n, cfg.threshold, sum(r.pairs_compared for r in results), cfg.keep)
     summary.update({
         "clusters": clusters, "groups_of_clusters": groups,
-        "distance_to_centroid": {"p50": float(np.percentile(dist, 50)), "p99": float(np.percentile(dist, 99)),
-                                 "max": float(dist.max())},
-        "outliers_note": "clusters.parquet: sort by distance_to_centroid, descending, for the outliers",
+        "headers_read": sum(v is not None for v in infos.values()), "headers_unread": sum(
+            v is None for v in infos.values()),
+        "distance_to_centroid": _percentiles(cl.column("distance_to_centroid").to_numpy()),
+        "outlier_score": {**_percentiles(cl.column("outlier_score").to_numpy()), "k": reference.k,
+                          "reference_rows": len(reference.x)},
+        "outliers_note": "clusters.parquet: sort by outlier_score (cosine distance to the k-th nearest row), "
+                         "descending, for the outliers",
     })
 
-    sources: dict[str, str | None] = {}
-    for r in results:
-        sources.update(r.sources)
     pairs = []
     for row in duplicates.slice(0, cfg.report_pairs).to_pylist():
         pairs.append((_thumbnail(sources.get(row["duplicate_of"])), _thumbnail(sources.get(row["id"])),

@@ -60,8 +60,10 @@ def _call(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], names: li
     return fn(*args, **kwargs, **dict(zip(names, values)))
 
 
-def _assign_one(uri: str, dim: int, centroids: Any, groups: int, threshold: float) -> Any:
-    return assign_file(uri, dim, centroids, groups, threshold)[0]  # one group: a single return value
+def _assign_one(uri: str, dim: int, centroids: Any, groups: int, threshold: float, reference: Any = None,
+                first_label: int = 0) -> Any:
+    # one group: a single return value
+    return assign_file(uri, dim, centroids, groups, threshold, reference, first_label)[0]
 
 
 def _dedup_group(dim: int, min_similarity: float, *parts: Any) -> GroupResult:
@@ -69,17 +71,20 @@ def _dedup_group(dim: int, min_similarity: float, *parts: Any) -> GroupResult:
 
 
 def dedup_groups(file_uris: list[str], dim: int, centroids: Any, groups: int, threshold: float,
-                 min_similarity: float, runtime: Any) -> list[GroupResult]:
+                 min_similarity: float, runtime: Any, reference: Any = None,
+                 first_labels: list[int] | None = None) -> list[GroupResult]:
     """Assign every file's rows to clusters (a task per file, its rows split by group of clusters, guests
-    within the margin of ``threshold`` included), then find the similar pairs per group of clusters (a task
-    per group, fed the parts straight from the object store)."""
+    within the margin of ``threshold`` included, outlier scores against ``reference``), then find the
+    similar pairs per group of clusters (a task per group, fed the parts straight from the object store)."""
     init_ray(runtime)
     cents = ray.put(centroids)
+    ref = ray.put(reference)
+    firsts = first_labels or [0] * len(file_uris)
     fn = assign_file if groups > 1 else _assign_one
     assign = ray.remote(num_cpus=_cpus(runtime), num_returns=groups, max_retries=2)(fn)
     parts = []
-    for uri in file_uris:
-        out = assign.remote(uri, dim, cents, groups, threshold)
+    for uri, first in zip(file_uris, firsts):
+        out = assign.remote(uri, dim, cents, groups, threshold, ref, first)
         parts.append(out if groups > 1 else [out])
     task = ray.remote(num_cpus=_cpus(runtime), max_retries=2)(_dedup_group)
     refs = [task.remote(dim, min_similarity, *[p[g] for p in parts]) for g in range(groups)]
