@@ -1,8 +1,9 @@
 """`pipeline index build` and `pipeline index add`: a faiss index over an embeddings table, in object storage.
 
-build: sample every file (a Ray task each) -> train the quantizers on the driver -> encode each file into an
-index part (a task each; the same task finds the exact nearest neighbours of the held-out queries among its
-rows) -> merge the parts in label order -> tune the search setting to recall@10 >= 0.95 -> write.
+build: sample every file (a Ray task each) -> train the quantizers on the driver, on sampled rows apart from
+two sets of held-out queries -> encode each file into an index part (a task each; the same task finds the
+exact nearest neighbours of the queries among its rows) -> merge the parts in label order -> tune the search
+setting on one query set to recall@10 >= 0.95 with a margin -> measure recall@10 on the other -> write.
 add: the files the index does not hold yet (new, or replaced since: the replaced rows leave the index) are
 encoded with the trained quantizers and merged; recall@10 is measured again with the same settings.
 """
@@ -78,8 +79,9 @@ def _read_queries(index_uri: str, dim: int, meta: dict[str, Any]) -> tuple[np.nd
 
 def _recall(index: Any, params: ix.IndexParams, reader: EmbeddingReader, firsts: dict[str, int],
             q_labels: np.ndarray, queries: np.ndarray, truth: ix.TopK | None, runtime: RuntimeConfig,
-            tune: bool) -> dict[str, Any]:
-    """recall@10 on the held-out queries; the exact neighbours are computed per file unless given."""
+            tune: bool, tuning: ix.QuerySet | None = None) -> dict[str, Any]:
+    """recall@10 on the held-out queries (tuned first on ``tuning``); the exact neighbours are computed per
+    file unless given."""
     if params.kind == "flat":
         return {"recall_at_10": 1.0, "queries": 0, "exact": True}
     if len(queries) == 0:
@@ -93,7 +95,7 @@ def _recall(index: Any, params: ix.IndexParams, reader: EmbeddingReader, firsts:
         truth = ix.TopK.empty(len(queries), ix.RECALL_K + 1)
         for p in parts:
             truth = truth.merge(p)
-    rep = ix.measure(index, params, queries, q_labels, truth, tune=tune)
+    rep = ix.measure(index, params, queries, q_labels, truth, tune=tune, tuning=tuning)
     return {**rep.to_dict(), "target": ix.TARGET_RECALL, "floor": ix.RECALL_FLOOR}
 
 
@@ -133,6 +135,14 @@ def _merge_built(template: bytes, params: ix.IndexParams, parts: list[store.File
     return index, truth, id_parts
 
 
+def _split_queries(q: int, labels: np.ndarray, x: np.ndarray, truth: ix.TopK
+                   ) -> tuple[ix.QuerySet, ix.QuerySet]:
+    """The build's 2q held-out queries as (the set that tunes the search setting, the set recall is reported
+    on, kept in the index folder for later adds)."""
+    return (ix.QuerySet(x[:q], labels[:q], ix.TopK(truth.d[:q], truth.labels[:q])),
+            ix.QuerySet(np.ascontiguousarray(x[q:]), labels[q:], ix.TopK(truth.d[q:], truth.labels[q:])))
+
+
 def _build_meta(cfg: IndexBuildConfig, params: ix.IndexParams, reader: EmbeddingReader, index: Any,
                 firsts: list[int], next_label: int, recall: dict[str, Any], times: dict[str, float],
                 started: str) -> dict[str, Any]:
@@ -166,8 +176,7 @@ def build(cfg: IndexBuildConfig, lock: LockPolicy | Lease | None = None) -> dict
 def _build(cfg: IndexBuildConfig) -> dict[str, Any]:
     from pipeline.ray.analytics import map_files
 
-    t0 = time.perf_counter()
-    started = _now()
+    t0, started = time.perf_counter(), _now()
     reader = _reader(cfg.embeddings)
     n, dim = reader.num_rows, reader.dim
     params = ix.choose_params(n, dim, cfg.kind, cfg.metric, cfg.max_memory)
@@ -176,9 +185,9 @@ def _build(cfg: IndexBuildConfig) -> dict[str, Any]:
     firsts = _firsts(reader.rows, 0)
     times: dict[str, float] = {}
 
-    # 1. a sample: training vectors for the quantizers and held-out queries for recall@10
-    n_queries = 0 if params.kind == "flat" else min(cfg.recall_queries, n)
-    n_sample = max(params.train_size if params.kind == "ivfpq" else 0, n_queries)
+    # 1. a sample: training vectors, and apart from them two sets of held-out queries (tuning, reported)
+    n_queries = 0 if params.kind == "flat" else min(cfg.recall_queries, n // 4)
+    n_sample = min(n, (params.train_size if params.kind == "ivfpq" else 0) + 2 * n_queries)
     t = time.perf_counter()
     sample_labels, sample_x = np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
     if n_sample:
@@ -188,13 +197,14 @@ def _build(cfg: IndexBuildConfig) -> dict[str, Any]:
                             cfg.runtime, "sampling")
         sample_labels = np.concatenate([s.labels for s in samples])
         sample_x = np.concatenate([s.x for s in samples])
-    pick = np.random.default_rng(cfg.seed).permutation(len(sample_labels))[:n_queries]
-    q_labels, queries = sample_labels[pick], np.ascontiguousarray(sample_x[pick])
+    perm = np.random.default_rng(cfg.seed).permutation(len(sample_labels))
+    pick, rest = perm[:2 * n_queries], np.sort(perm[2 * n_queries:])[:params.train_size]
+    q_labels, queries = sample_labels[pick], np.ascontiguousarray(sample_x[pick])  # tuning, then reported
     times["sample_s"] = time.perf_counter() - t
 
-    # 2. train on the driver (GPUs when faiss has them)
+    # 2. train on the driver (GPUs when faiss has them), the queries left out
     t = time.perf_counter()
-    template = ix.train(params, sample_x[:params.train_size] if params.kind == "ivfpq" else sample_x[:0])
+    template = ix.train(params, sample_x[rest] if params.kind == "ivfpq" else sample_x[:0])
     del sample_x
     times["train_s"] = time.perf_counter() - t
 
@@ -215,10 +225,12 @@ def _build(cfg: IndexBuildConfig) -> dict[str, Any]:
     next_label = firsts[-1] + reader.rows[-1]
     times["merge_s"] = time.perf_counter() - t
 
-    # 5. tune the search setting and measure recall@10 against exact search
+    # 5. tune the search setting on the first query set, measure recall@10 on the second
     t = time.perf_counter()
-    recall = _recall(index, params, reader, {}, q_labels, queries, truth if n_queries else None, cfg.runtime,
-                     tune=True)
+    tuning, reported = _split_queries(n_queries, q_labels, queries, truth)
+    q_labels, queries = reported.labels, reported.x
+    recall = _recall(index, params, reader, {}, q_labels, queries, reported.truth if n_queries else None,
+                     cfg.runtime, tune=True, tuning=tuning)
     times["recall_s"] = time.perf_counter() - t + exact_s
 
     t = time.perf_counter()
