@@ -19,18 +19,19 @@ def _ordered(ids, infos=None, rule="largest", distance=None):
     return [ids[i] for i in keep_order(ids, d, rule, infos)]
 
 
-def test_largest_orders_by_pixels_then_lossless_then_id_and_unread_last():
+def test_largest_orders_by_pixels_then_lossless_then_bytes_then_id_and_unread_last():
     infos = {
-        "a-small-png": ImageInfo(100 * 100, "PNG", True),
-        "b-big-jpeg": ImageInfo(400 * 300, "JPEG", False),
-        "c-big-png": ImageInfo(400 * 300, "PNG", True),
-        "d-big-jpeg": ImageInfo(400 * 300, "JPEG", False),
-        "e-unread": None,
+        "a-small-png": ImageInfo(100 * 100, "PNG", True, 9000),
+        "b-big-jpeg": ImageInfo(400 * 300, "JPEG", False, 20_000),
+        "c-big-png": ImageInfo(400 * 300, "PNG", True, 90_000),
+        "d-big-jpeg": ImageInfo(400 * 300, "JPEG", False, 20_000),
+        "e-big-jpeg-q95": ImageInfo(400 * 300, "JPEG", False, 60_000),
+        "f-unread": None,
         "0-unread": None,
     }
     ids = sorted(infos, reverse=True)
-    assert _ordered(ids, infos) == ["c-big-png", "b-big-jpeg", "d-big-jpeg", "a-small-png", "0-unread",
-                                    "e-unread"]
+    assert _ordered(ids, infos) == ["c-big-png", "e-big-jpeg-q95", "b-big-jpeg", "d-big-jpeg", "a-small-png",
+                                    "0-unread", "f-unread"]
     # no headers at all (WebDataset or Parquet sources): the smallest id
     assert _ordered(ids, {}) == sorted(ids)
 
@@ -59,8 +60,21 @@ def test_image_headers_tell_pixels_and_lossless(tmp_path):
         "a.png": True, "a.jpg": False, "a.bmp": True, "lossless.webp": True, "lossy.webp": False,
         "raw.tif": True}
     assert all(v.pixels == 1200 for v in got.values() if v)
+    assert all(v.bytes == (tmp_path / k).stat().st_size for k, v in got.items() if v)
     assert got["bad.jpg"] is None and got["gone.png"] is None and got["tar-row"] is None
     assert image_info(str(tmp_path / "a.jpg")).format == "JPEG"
+
+
+def test_of_two_same_size_jpegs_of_a_photo_the_less_compressed_one_is_kept(tmp_path):
+    from pipeline.samples import photo
+
+    img = photo("chelsea")
+    img.save(tmp_path / "b-original.jpg", quality=92)
+    img.save(tmp_path / "a-copy-q40.jpg", quality=40)
+    ids = ["a-copy-q40.jpg", "b-original.jpg"]
+    infos = image_infos({i: str(tmp_path / i) for i in ids})
+    assert infos["a-copy-q40.jpg"].pixels == infos["b-original.jpg"].pixels
+    assert _ordered(ids, infos)[0] == "b-original.jpg"
 
 
 def test_resolve_keeps_the_rule_s_first_row_of_each_group():

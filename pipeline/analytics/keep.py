@@ -2,11 +2,12 @@
 
 Rules (``--keep``):
 - ``largest`` (default): the most pixels, then a lossless file (PNG, BMP, uncompressed or losslessly
-  compressed TIFF, lossless WebP) over a lossy one (JPEG, lossy WebP, GIF's palette), then the smallest id.
-  Only the image headers of rows that have a near-duplicate are read, through ``pipeline.storage``. A row
-  whose header cannot be read (its source is a WebDataset tar or a Parquet file, or the file is gone or
-  damaged) ranks after every row whose header was read, and its format counts as lossy: the next criterion
-  decides, down to the id.
+  compressed TIFF, lossless WebP) over a lossy one (JPEG, lossy WebP, GIF's palette), then the larger file
+  (of two same-size JPEGs, the one compressed less: a copy re-encoded at a lower quality is smaller), then
+  the smallest id. Only the image headers (and sizes) of rows that have a near-duplicate are read, through
+  ``pipeline.storage``. A row whose header cannot be read (its source is a WebDataset tar or a Parquet file,
+  or the file is gone or damaged) ranks after every row whose header was read: among such rows the id
+  decides.
 - ``first``: the smallest id.
 - ``centroid``: the row nearest its cluster's centroid (SemDeDup's rule), ties by id.
 """
@@ -22,7 +23,8 @@ from pipeline import storage
 
 KEEP_RULES = {
     "largest": "in each group the row with the most pixels is kept, then a lossless file over a lossy one, "
-               "then the smaller id (a row whose image header cannot be read ranks last)",
+               "then the larger file, then the smaller id (a row whose image header cannot be read ranks "
+               "last)",
     "first": "in each group the row with the smallest id is kept",
     "centroid": "in each group the row nearest its cluster's centroid is kept (ties: the smaller id)",
 }
@@ -32,11 +34,13 @@ HEADER_THREADS = 16
 
 @dataclass(frozen=True)
 class ImageInfo:
-    """What an image file's header says: pixels (width x height), its format, whether that is lossless."""
+    """What an image file's header says: pixels (width x height), its format, whether that is lossless; and
+    the file's size in bytes."""
 
     pixels: int
     format: str
     lossless: bool
+    bytes: int = 0
 
 
 def check_rule(keep: str) -> str:
@@ -69,7 +73,9 @@ def image_info(uri: str | None) -> ImageInfo | None:
             f.seek(0)
             with Image.open(f) as img:
                 w, h = img.size
-                return ImageInfo(int(w) * int(h), (img.format or "").upper(), _lossless(img, head))
+                fmt, lossless = (img.format or "").upper(), _lossless(img, head)
+            f.seek(0, 2)
+            return ImageInfo(int(w) * int(h), fmt, lossless, int(f.tell()))
     except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError):
         return None
 
@@ -100,4 +106,5 @@ def keep_order(ids: list[str], distance: np.ndarray, keep: str,
     unread = np.array([g is None for g in got], bool)
     pixels = np.array([g.pixels if g else 0 for g in got], np.int64)
     lossy = np.array([not (g and g.lossless) for g in got], bool)
-    return np.lexsort((rank_id, lossy, -pixels, unread))
+    size = np.array([g.bytes if g else 0 for g in got], np.int64)
+    return np.lexsort((rank_id, -size, lossy, -pixels, unread))

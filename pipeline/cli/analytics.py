@@ -113,7 +113,8 @@ def dedup(
     threshold: float | None = typer.Option(None, help="cosine similarity of near-duplicates (default 0.8)"),
     clusters: int | None = typer.Option(None, help="k-means clusters (default: about sqrt(rows))"),
     keep: str | None = typer.Option(None, help="the row each group keeps: largest (most pixels, then "
-                                    "lossless, then id; default), first (smallest id) or centroid"),
+                                    "lossless, then the bigger file, then id; default), first (smallest "
+                                    "id) or centroid"),
     config: str | None = typer.Option(None, "--config", "-c", help="YAML config file"),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     as_json: bool = typer.Option(False, "--json", help="print dedup.json"),

@@ -434,7 +434,7 @@ class DedupConfig(StrictModel):
                                "(default: 4 per CPU, at most the clusters)")
     sample: int = Field(100_000, ge=1, description="rows sampled to train k-means")
     keep: Literal["largest", "first", "centroid"] = Field(
-        "largest", description="the row a group keeps: most pixels, then lossless, then id | id | centroid")
+        "largest", description="the row a group keeps: most pixels, lossless, bigger file, id | id | centre")
     outlier_k: int = Field(10, ge=1, le=1000, description="outlier_score: cosine distance to the k-th row")
     seed: int = 0
     report_pairs: int = Field(8, ge=0, description="duplicate pairs shown in dedup.png")
