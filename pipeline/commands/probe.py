@@ -26,8 +26,14 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
 
 
-def forward_cost_ms(backbone, layers: list[str], batch: int = 8, repeats: int = 3) -> dict[str, float]:
-    """Milliseconds per image of a forward pass cut at each layer (CPU, batch of 8): the extraction cost."""
+def forward_cost_ms(backbone, layers: list[str], order: list[str] | None = None, batch: int = 8,
+                    repeats: int = 3) -> dict[str, float]:
+    """Milliseconds per image of a forward pass cut at each layer (CPU, batch of 8): the extraction cost.
+
+    Each cut is warmed up once and timed ``repeats`` times; the fastest run counts (the least disturbed by
+    other work on the machine). ``order``: layers in execution order (stages, then final, then logits); a
+    cut in it costs at least what every earlier one costs, since its forward pass runs through them.
+    """
     import torch
 
     h, w = input_size(backbone.preprocessing)
@@ -42,19 +48,20 @@ def forward_cost_ms(backbone, layers: list[str], batch: int = 8, repeats: int = 
                 t = time.perf_counter()
                 capture(x)
                 times.append(time.perf_counter() - t)
-        out[layer] = round(1000 * sorted(times)[len(times) // 2] / batch, 3)
-    return out
+        out[layer] = 1000 * min(times) / batch
+    floor = 0.0
+    for layer in sorted((x for x in layers if x in (order or [])), key=(order or []).index):
+        floor = out[layer] = max(out[layer], floor)
+    return {layer: round(out[layer], 3) for layer in layers}
 
 
-def _extract_run(cfg: ProbeConfig, model: str, shards: list[Shard], limit: int | None
+def extract_run(cfg: ProbeConfig, model: str, shards: list[Shard], limit: int | None
                  ) -> tuple[ImageRun, str, list[str], tuple[int, ...], dict[str, float]]:
     """One model's extraction run over all its candidate layers (the backbone built on CPU checks every
     layer and pooling up front), with the layers, their dims and forward costs."""
     bcfg = cfg.backbone.model_copy(update={"model": model})
-    if cfg.layers == ["all"]:
-        layers = [*stage_names(create_model(model, "none")[0], model), "final", "logits"]
-    else:
-        layers = list(cfg.layers)
+    order = [*stage_names(create_model(model, "none")[0], model), "final", "logits"]
+    layers = order if cfg.layers == ["all"] else list(cfg.layers)
     backbone = build_backbone(bcfg, "cpu", layers)  # validates every layer and pooling up front
     decision = plan_for(cfg.runtime, backbone, estimated_images(shards) if limit is None else limit)
     runtime = decision.runtime
@@ -70,7 +77,7 @@ def _extract_run(cfg: ProbeConfig, model: str, shards: list[Shard], limit: int |
                    stage=stage,
                    outputs=outputs, config=json.loads(cfg.model_dump_json()),
                    extra={"model": model, "layers": layers}, limit=limit, decision=decision)
-    return run, model, layers, backbone.dims, forward_cost_ms(backbone, layers)
+    return run, model, layers, backbone.dims, forward_cost_ms(backbone, layers, order)
 
 
 def probe(cfg: ProbeConfig, *, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -93,7 +100,7 @@ def probe(cfg: ProbeConfig, *, overwrite: bool = False, progress: bool = True) -
         else:
             shards = sampled
 
-    runs_to_do = [_extract_run(cfg, model, shards, limit) for model in cfg.model_names()]
+    runs_to_do = [extract_run(cfg, model, shards, limit) for model in cfg.model_names()]
     storage.check_writable(cfg.output.uri)
     clear_or_refuse(cfg.output.uri, [o.subdir for r in runs_to_do for o in r[0].outputs] + [ERRORS_DIR],
                     overwrite)
