@@ -1,5 +1,5 @@
 """The PNG charts written next to results: a head's ``report.png``, fine-tuning's ``report.png``, the
-probe's ``probe.png`` and dedup's ``dedup.png``.
+probe's ``probe.png``, dedup's ``dedup.png`` and compare's ``compare.png``.
 
 matplotlib's object-oriented API on an Agg canvas (no pyplot, no global backend switch); matplotlib is
 imported when a chart is drawn.
@@ -155,4 +155,45 @@ def dedup_png(pairs: list[tuple[Any, Any, str, str, float]], summary: dict[str, 
     ax.set_title(f"{summary['rows']} rows, {summary['clusters']} clusters: "
                  f"{summary['removed_fraction']:.1%} removed at {summary['threshold']}")
     ax.legend()
+    return _png(fig)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both cost (lower) and accuracy (higher), by cost."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], -np.inf
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def compare_png(arms: list[dict[str, Any]], recommended: dict[str, Any] | None) -> bytes:
+    """`pipeline compare`: validation accuracy against the cost per image of each arm, the Pareto front
+    joined, the recommended arm ringed."""
+    scored = [a for a in arms if a.get("val_accuracy") is not None]
+    fig = _figure(8, 5)
+    ax = fig.subplots()
+    markers = {"classifier": ("*", "tab:red"), "features": ("o", "tab:blue"), "finetune": ("s", "tab:green")}
+    for app, (marker, color) in markers.items():
+        mine = [a for a in scored if a["application"] == app]
+        ax.scatter([a["ms_per_image"] for a in mine], [a["val_accuracy"] for a in mine], marker=marker,
+                   color=color, s=90 if marker == "*" else 40, label=app, zorder=3)
+        for a in mine:
+            tag = a["model"] if app == "classifier" else (
+                f"{a['layer']}+{a['head']}" if app == "features" else f"frozen to {a['freeze_until']}")
+            ax.annotate(tag, (a["ms_per_image"], a["val_accuracy"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    pts = [(a["ms_per_image"], a["val_accuracy"]) for a in scored]
+    front = pareto_front(pts)
+    if front:
+        ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k--", lw=1, label="Pareto front")
+    if recommended is not None and recommended.get("val_accuracy") is not None:
+        ax.scatter([recommended["ms_per_image"]], [recommended["val_accuracy"]], s=320, facecolors="none",
+                   edgecolors="black", linewidths=1.5, label="recommended", zorder=4)
+    ax.set_xlabel("cost per image: forward pass to the cut (ms/image, measured here)")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title("three ways to reuse a pretrained model: accuracy vs cost")
+    ax.legend(loc="lower right", fontsize=8)
     return _png(fig)

@@ -4,6 +4,8 @@
   (ImageFolder layout). Pretrained features separate them clearly; random features do much worse.
 - photos: scikit-image's bundled photos (chelsea the cat, coffee, astronaut...); near-copies: distinct photos
   with planted re-encoded, resized and cropped copies (similarity search and dedup checks).
+- ImageNet-named: crops of the cat and the coffee photo under folders named by their ImageNet classes (the
+  pretrained classifier applies as is); digits: scikit-learn's 8x8 digits upscaled (a task unlike ImageNet).
 Also writers that repack a folder of images as WebDataset tars or a Parquet file with image bytes.
 """
 
@@ -188,3 +190,52 @@ def make_near_copies(root: str | os.PathLike, copies_of: int = 24, tiles: bool =
             img.save(root / rel, quality=quality)
             manifest[rel] = f"originals/{name}.{originals_as}"
     return manifest
+
+
+# ImageNet class name (a folder name: '_' for spaces) -> the bundled photo its images are cut from
+IMAGENET_NAMED = {"tabby": "chelsea", "coffee_mug": "coffee"}
+
+
+def make_imagenet_named(root: str | os.PathLike, per_class: int = 24, patch: int = 128, seed: int = 0
+                        ) -> list[Path]:
+    """``root/<ImageNet class name>/<nnn>.jpg``: random crops (55-100 % of the short side), mirror images and
+    brightness changes of a bundled photo of that class (chelsea the cat: ``tabby``; coffee: ``coffee_mug``).
+    A labelled set whose labels are ImageNet class names: the pretrained classifier applies as is."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for cls, name in IMAGENET_NAMED.items():
+        img = photo(name)
+        w, h = img.size
+        d = Path(root) / cls
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            side = int(min(w, h) * rng.uniform(0.55, 1.0))
+            x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+            crop = img.crop((x, y, x + side, y + side)).resize((patch, patch), Image.BICUBIC)
+            if rng.random() < 0.5:
+                crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+            a = np.asarray(crop).astype(np.float32) * rng.uniform(0.7, 1.3)
+            path = d / f"{i:03d}.jpg"
+            Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(path, quality=90)
+            out.append(path)
+    return out
+
+
+def make_digits(root: str | os.PathLike, n: int = 600, size: int = 64) -> list[Path]:
+    """``root/<digit>/<nnnn>.png``: the first ``n`` of scikit-learn's 8x8 handwritten digits, upscaled to
+    ``size`` pixels, as RGB. A task unlike ImageNet: an intermediate cut of an ImageNet backbone separates
+    them better than its final features."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:  # pragma: no cover
+        raise ImportError("the digits set needs scikit-learn: pip install 'pipeline[demo]'") from e
+    d = load_digits()
+    out = []
+    for i in range(min(n, len(d.target))):
+        a = (d.images[i] * (255.0 / 16.0)).astype(np.uint8)
+        folder = Path(root) / str(int(d.target[i]))
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{i:04d}.png"
+        _rgb(a).resize((size, size), Image.BICUBIC).save(path)
+        out.append(path)
+    return out

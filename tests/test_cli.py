@@ -91,7 +91,8 @@ def test_ray_job_entry_point_takes_a_config_file_and_its_commands_flags(ray_sess
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and "unknown key 'backbone.lyr'" in bad.stderr
     for job, flag in (("finetune", "--freeze-until"), ("train_heads", "--labels-from"),
-                      ("nightly", "--run-date"), ("extract", "--incremental")):
+                      ("nightly", "--run-date"), ("extract", "--incremental"),
+                      ("compare", "--label-map")):
         h = subprocess.run([sys.executable, f"jobs/{job}.py", "--help"], capture_output=True, text=True,
                            cwd=ROOT, timeout=60)
         assert h.returncode == 0 and flag in h.stdout, (job, h.stdout, h.stderr)

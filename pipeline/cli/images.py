@@ -239,6 +239,50 @@ def probe(
 
 
 @app.command()
+def compare(
+    source: str | None = typer.Option(None, help="labelled images (local or s3://...)"),
+    output: str | None = typer.Option(None, help="output directory: features/, finetune/, compare.json, "
+                                      "compare.png"),
+    model: str | None = typer.Option(None, help="backbone (or use --models a,b)"),
+    models: str | None = typer.Option(None, help="comma-separated backbones to compare"),
+    layers: str | None = typer.Option(None, help="candidate cuts of the feature arm (default: all stages)"),
+    weights: str | None = typer.Option(None, help="none | hub | packaged | PATH_OR_URI"),
+    labels: str | None = typer.Option(None, help="folder (default) | <column or member name>"),
+    format: str | None = typer.Option(None, "--format", help="auto | files | webdataset | parquet"),
+    sample: int | None = typer.Option(None, help="use at most N images"),
+    epochs: int | None = typer.Option(None, help="fine-tuning epochs of each fine-tuned arm (default 2)"),
+    label_map: str | None = typer.Option(None, help="YAML or CSV: your label -> ImageNet class names or "
+                                         "indices, for the classifier arm"),
+    val_fraction: float | None = typer.Option(None, help="validation share, split by a hash of id"),
+    tolerance: float | None = typer.Option(None, help="arms this close to the best accuracy compete on cost "
+                                           "(default 0.01)"),
+    overwrite: bool = typer.Option(False, help="start over (a rerun otherwise reuses the feature passes "
+                                   "and fine-tuning checkpoints)"),
+    config: str | None = typer.Option(None, "--config", "-c", help="YAML config file"),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print compare.json"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+) -> None:
+    """Which way to reuse a pretrained model: classifier as is, features + head, or fine-tuning, measured on
+    one split with their cost; recommends one and prints the commands that run it at scale."""
+
+    flags = {"source.uri": source, "output.uri": output, "backbone.model": model, "models": models,
+             "layers": layers, "backbone.weights": weights, "source.labels": labels, "source.format": format,
+             "sample": sample, "epochs": epochs, "label_map": label_map, "val_fraction": val_fraction,
+             "tolerance": tolerance}
+
+    def go():
+        from pipeline.commands.compare import compare as run_compare
+        from pipeline.commands.compare_rules import format_compare
+        from pipeline.config.compare import CompareConfig
+
+        cfg = merge_sources(CompareConfig, config, flags, set_)
+        echo(run_compare(cfg, overwrite=overwrite), format_compare, as_json)
+
+    invoke(go)
+
+
+@app.command()
 def finetune(
     source: str | None = typer.Option(None, help="labelled images (local or s3://...)"),
     output: str | None = typer.Option(None, help="output directory: checkpoints, backbone, head, report"),

@@ -45,24 +45,24 @@ def _check_output(cfg: Any, overwrite: bool) -> tuple[str, dict[str, Any]] | Non
     return latest
 
 
-def finetune(cfg: Any, *, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+def finetune(cfg: Any, *, overwrite: bool = False, progress: bool = True, listed: tuple[list[Shard], int] |
+             None = None, labelled: tuple[list[str], list[str | None]] | None = None) -> dict[str, Any]:
     """Fine-tune a pretrained backbone on labelled images with Ray Train (DDP over ``runtime.workers``).
 
     Checkpoints go to ``OUTPUT/checkpoints/epoch-NNNN/`` every epoch; a rerun into the same output continues
     from the last one (``--overwrite`` starts over). Writes ``OUTPUT/backbone.safetensors`` (for `extract
     --weights`), ``OUTPUT/head/`` (for `heads predict` on embeddings of that backbone at --layer final),
-    ``OUTPUT/finetune.json`` and ``OUTPUT/report.png``; returns finetune.json's content.
+    ``OUTPUT/finetune.json`` and ``OUTPUT/report.png``; returns finetune.json's content. ``listed`` (shards,
+    skipped) and ``labelled`` (ids, labels): a caller's listing and labels (`compare` fine-tunes its sample).
     """
-    t_start = time.perf_counter()
-    run_id = new_run_id()
-    out = cfg.output.uri
+    t_start, run_id, out = time.perf_counter(), new_run_id(), cfg.output.uri
     # Everything the user can get wrong is checked before Ray starts: source, model, weights, freeze layer.
-    shards, skipped = list_shards(cfg.source)
+    shards, skipped = listed or list_shards(cfg.source)
     check_source(cfg.source, shards)
     del ft.build_training_model(cfg).model  # validates model, weights and freeze_until
     latest = _check_output(cfg, overwrite)
 
-    ids, labels = collect_labels(shards, cfg.source, cfg.runtime)
+    ids, labels = labelled or collect_labels(shards, cfg.source, cfg.runtime)
     split = ft.make_split(ids, labels, cfg.train.val_fraction)
     fingerprint = ft.resume_fingerprint(cfg, split.classes)
     if latest is not None:

@@ -1,8 +1,9 @@
 """End-to-end demo on embedded defaults: a small real image set served from a loopback S3 server, embedded
-with packaged ImageNet weights by a local Ray, read back from Parquet; then real photos with planted copies:
+with packaged ImageNet weights by a local Ray, read back from Parquet; which way to reuse the model
+(`compare`) and where to cut it (a probe on a task unlike ImageNet); then real photos with planted copies:
 an index over their embeddings queried with new altered photos, and a dedup of the photos.
 
-    python -m pipeline.demo [--workdir demo-output] [--per-class 24]
+    python -m pipeline.demo [--workdir demo-output] [--per-class 30]
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ SIMILARITY_FEATURES = {"tf_efficientnet_lite0": ("blocks.5", "grid3")}
 
 
 def similar_images(s3, work: Path, model: str) -> bool:
-    """Steps 6 and 7 on real photos (scikit-image's, with planted re-encoded, resized and cropped copies):
+    """Steps 7 and 8 on real photos (scikit-image's, with planted re-encoded, resized and cropped copies):
     an index over their embeddings, queried with fresh altered copies of photos that have none stored, and a
     dedup of the photos. True when every query finds its original first and dedup reports no false pair."""
     import pyarrow.dataset as pads
@@ -76,7 +77,7 @@ def similar_images(s3, work: Path, model: str) -> bool:
     n = s3.upload_dir(str(local), src)
     features = f"{s3.make_bucket('demo-analytics')}/{model}"
     layer, pool = SIMILARITY_FEATURES.get(model, ("final", "avg"))
-    print(f"[6/7] {n} photos ({n - len(planted)} distinct, {len(planted)} planted copies) uploaded to {src}; "
+    print(f"[7/8] {n} photos ({n - len(planted)} distinct, {len(planted)} planted copies) uploaded to {src}; "
           f"pipeline extract --source {src} --output {features} --model {model} --layer {layer} "
           f"--pool {pool}")
     extract(ExtractConfig.model_validate({"source": {"uri": src},
@@ -112,7 +113,7 @@ def similar_images(s3, work: Path, model: str) -> bool:
         print(f"      {q:<34} -> {top[0]['id']:<30} cosine {top[0]['score']:.3f}"
               + ("  (its original)" if top[0]["id"] == originals[q] else f"  (not {originals[q]})"))
     out = f"{features}-dedup"
-    print(f"[7/7] pipeline dedup --embeddings {features} --output {out}")
+    print(f"[8/8] pipeline dedup --embeddings {features} --output {out}")
     print(format_dedup(dedup(DedupConfig.model_validate({"embeddings": features, "output": out,
                                                          "runtime": rt}))))
     with storage.open_input(f"{out}/duplicates.parquet") as f:
@@ -133,9 +134,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline import samples, storage
     from pipeline.commands.extract import extract
-    from pipeline.commands.probe import format_probe, probe
     from pipeline.commands.run import format_summary
-    from pipeline.config import ExtractConfig, HeadTrainConfig, ProbeConfig
+    from pipeline.config import ExtractConfig, HeadTrainConfig
+    from pipeline.demo.reuse import which_application, which_cut
     from pipeline.demo.s3local import local_s3
     from pipeline.heads import train_head
 
@@ -144,14 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     data = work / "textures"
     files = samples.make_textures(data, per_class=args.per_class, patch=96, seed=0)
-    print(f"[1/7] built {len(files)} texture patches ({', '.join(samples.TEXTURES)}; random scale, rotation "
+    print(f"[1/8] built {len(files)} texture patches ({', '.join(samples.TEXTURES)}; random scale, rotation "
           f"and contrast) under {data}")
 
     with local_s3() as s3:
         src = s3.make_bucket("demo-images") + "/textures"
         features = s3.make_bucket("demo-features")
         n = s3.upload_dir(str(data), src)
-        print(f"[2/7] loopback S3 at {s3.endpoint}: uploaded {n} files to {src}")
+        print(f"[2/8] loopback S3 at {s3.endpoint}: uploaded {n} files to {src}")
 
         accuracy = {}
         for weights in ("packaged", "none"):
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                 "output": {"uri": out},
                 "runtime": {"batch_size": 32, "num_cpus": 2},
             })
-            print(f"[3/7] pipeline extract --source {src} --output {out} --model {args.model} "
+            print(f"[3/8] pipeline extract --source {src} --output {out} --model {args.model} "
                   f"--weights {weights} --layer final --labels folder")
             summary = extract(cfg)
             print(format_summary(summary))
@@ -174,20 +175,14 @@ def main(argv: list[str] | None = None) -> int:
             val = head["metrics"]["validation"]
             accuracy[weights] = (nn_agree, val["accuracy"], val["macro_f1"])
 
-        print("[4/7] standalone feature extractor + linear head (pipeline heads train):")
+        print("[4/8] standalone feature extractor + linear head (pipeline heads train):")
         print(f"      {'weights':<22} {'NN agreement':>12} {'val accuracy':>12} {'macro-F1':>9}")
         for w, (nn_a, acc, f1) in accuracy.items():
             name = "ImageNet (packaged)" if w == "packaged" else "random init (none)"
             print(f"      {name:<22} {nn_a:>12.3f} {acc:>12.3f} {f1:>9.3f}")
 
-        probe_cfg = ProbeConfig.model_validate({
-            "source": {"uri": src, "labels": "folder"}, "output": {"uri": f"{features}/probe"},
-            "runtime": {"batch_size": 32, "progress": False}, "models": [args.model], "layers": ["all"],
-        })
-        print(f"[5/7] pipeline probe --source {src} --output {features}/probe --model {args.model} "
-              "--layers all")
-        report = probe(probe_cfg, progress=False)
-        print(format_probe(report))
+        reuse_ok = which_application(data, work, args.model)
+        cut_ok = which_cut(work, args.model)
         query_ok = similar_images(s3, work, args.model)
         local = work / "features"
         copied = storage.copy_tree(features, str(local))  # the loopback S3 server ends with the demo
@@ -196,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
           f"under {local}/ and {work / 'analytics'}/")
     show_output(local / f"{args.model}-packaged")
     pretrained, random_init = accuracy["packaged"][1], accuracy["none"][1]
-    return 0 if pretrained > random_init and query_ok else 1
+    return 0 if pretrained > random_init and query_ok and reuse_ok and cut_ok else 1
 
 
 if __name__ == "__main__":
