@@ -171,8 +171,11 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 def compare_png(arms: list[dict[str, Any]], recommended: dict[str, Any] | None) -> bytes:
     """`pipeline compare`: validation accuracy against the cost per image of each arm, the Pareto front
-    joined, the recommended arm ringed."""
+    joined, the recommended arm ringed. Labelled: the front, the classifier and the fine-tuned arms (every
+    arm is in compare.json and the printed table)."""
     scored = [a for a in arms if a.get("val_accuracy") is not None]
+    pts = [(a["ms_per_image"], a["val_accuracy"]) for a in scored]
+    front = pareto_front(pts)
     fig = _figure(8, 5)
     ax = fig.subplots()
     markers = {"classifier": ("*", "tab:red"), "features": ("o", "tab:blue"), "finetune": ("s", "tab:green")}
@@ -180,18 +183,19 @@ def compare_png(arms: list[dict[str, Any]], recommended: dict[str, Any] | None) 
         mine = [a for a in scored if a["application"] == app]
         ax.scatter([a["ms_per_image"] for a in mine], [a["val_accuracy"] for a in mine], marker=marker,
                    color=color, s=90 if marker == "*" else 40, label=app, zorder=3)
-        for a in mine:
-            tag = a["model"] if app == "classifier" else (
-                f"{a['layer']}+{a['head']}" if app == "features" else f"frozen to {a['freeze_until']}")
-            ax.annotate(tag, (a["ms_per_image"], a["val_accuracy"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
-    pts = [(a["ms_per_image"], a["val_accuracy"]) for a in scored]
-    front = pareto_front(pts)
+    for i, a in enumerate(scored):
+        if a["application"] == "features" and i not in front:
+            continue
+        tag = {"classifier": f"classifier {a['model']}", "features": f"{a['layer']}+{a.get('head')}",
+               "finetune": f"fine-tuned, frozen to {a.get('freeze_until')}"}[a["application"]]
+        ax.annotate(tag, pts[i], fontsize=7, xytext=(4, -10 if a["application"] == "features" else 3),
+                    textcoords="offset points")
     if front:
         ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k--", lw=1, label="Pareto front")
     if recommended is not None and recommended.get("val_accuracy") is not None:
         ax.scatter([recommended["ms_per_image"]], [recommended["val_accuracy"]], s=320, facecolors="none",
                    edgecolors="black", linewidths=1.5, label="recommended", zorder=4)
+    ax.margins(x=0.2)
     ax.set_xlabel("cost per image: forward pass to the cut (ms/image, measured here)")
     ax.set_ylabel("validation accuracy")
     ax.set_title("three ways to reuse a pretrained model: accuracy vs cost")
