@@ -602,3 +602,36 @@ def test_sanitized_keys_are_unique_and_not_hidden():
     a = shards.file_shard("webdataset", [storage.FileInfo("u1", "a/b.tar", 1, "v")])
     b = shards.file_shard("webdataset", [storage.FileInfo("u2", "a_b.tar", 1, "v")])
     assert a.key != b.key and a.key.startswith("a_b.tar-") and b.key.startswith("a_b.tar-")
+
+
+def test_content_fingerprint_sees_an_edit_that_kept_the_size_and_the_mtime(tmp_path):
+    """A BMP repainted in place at the same dimensions (same size) with its mtime put back, as `cp -p` or a
+    restore leaves it: the quick check (size + mtime) misses it, `fingerprint: content` does not."""
+    from pipeline.sources.fingerprint import content_version
+
+    src = tmp_path / "src" / "a"
+    src.mkdir(parents=True)
+    for i, color in enumerate(("red", "green", "blue")):
+        Image.new("RGB", (16, 16), color).save(src / f"{i}.bmp")
+    (src / "notes.txt").write_text("not an input: never hashed")
+
+    def versions(fingerprint: str) -> dict[str, str]:
+        listed, _ = list_shards(SourceConfig(uri=str(tmp_path / "src"), fingerprint=fingerprint))
+        return {s.key: s.version for s in listed}
+
+    before = {f: versions(f) for f in ("stat", "content")}
+    assert before["stat"].keys() == before["content"].keys() and before["stat"] != before["content"]
+    edited = src / "1.bmp"
+    st = edited.stat()
+    size = st.st_size
+    Image.new("RGB", (16, 16), "yellow").save(edited)
+    os.utime(edited, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert edited.stat().st_size == size and edited.stat().st_mtime_ns == st.st_mtime_ns
+    assert versions("stat") == before["stat"]  # the quick check cannot see it
+    assert versions("content") != before["content"]
+
+    gone = storage.FileInfo(str(src / "missing.bmp"), "a/missing.bmp", 10, "mtime")
+    assert content_version(gone) == gone  # unreadable: listed as is, the read task reports it
+    (tmp_path / "m.csv").write_text(f"uri\n{src / '0.bmp'}\n")
+    with pytest.raises(ConfigError, match="a manifest's checksum column .* is its content fingerprint"):
+        list_shards(SourceConfig(uri=str(tmp_path / "m.csv"), fingerprint="content"))

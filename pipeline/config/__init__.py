@@ -53,6 +53,9 @@ class SourceConfig(StrictModel):
     files_per_shard: int = Field(256, ge=1, description="at most this many loose image files in one read "
                                  "task (shards are cut by path: about 110 on average for 256)")
     max_bytes: int = Field(MAX_BYTES, ge=1, description="larger encoded images become error rows")
+    fingerprint: Literal["stat", "content"] = Field("stat", description="what tells a changed file: stat "
+                                                    "(size and mtime or ETag) or content (a hash of its "
+                                                    "bytes, read at listing: an edit keeping both counts)")
 
 
 class BackboneConfig(StrictModel):
@@ -158,8 +161,6 @@ class RuntimeConfig(RayRuntime):
         if self.calls_per_actor is not None:
             return self.calls_per_actor
         return 2 if (self.gpus_per_actor or 0) > 0 and self.device != "cpu" else 1
-
-
 
 
 def check_distinct(source_uri: str, output_uri: str, what: str) -> None:
@@ -364,7 +365,6 @@ class FinetuneConfig(StrictModel):
         check_distinct(self.source.uri, self.output.uri,
                        "output.uri must differ from source.uri: write the fine-tuned model elsewhere")
         return self
-
 
 
 class IndexBuildConfig(StrictModel):

@@ -24,6 +24,7 @@ import pyarrow as pa
 from pipeline import storage
 from pipeline.config import IMAGE_EXTENSIONS, ConfigError, SourceConfig
 from pipeline.sources import files, manifest, parquet, webdataset
+from pipeline.sources.fingerprint import content_versions
 from pipeline.sources.parquet import resolve_image_column
 from pipeline.sources.shards import (
     LOOSE_FORMATS,
@@ -136,11 +137,16 @@ def list_shards(cfg: SourceConfig, depth: int | None = None) -> tuple[list[Shard
     """(shards, skipped): the work units under cfg.uri (or named by a manifest), and how many listed files
     are not inputs. ``depth``: the folder depth the output recorded (see `layout_of`).
 
-    Lists only; never reads image bytes. A source may be a prefix, a single file, or a manifest. The listing
-    streams: folders are listed in parallel and cut into shards as they arrive.
+    Lists only; reads no image bytes unless ``source.fingerprint`` is ``content`` (then each input file is
+    hashed as it is listed). A source may be a prefix, a single file, or a manifest. The listing streams:
+    folders are listed in parallel and cut into shards as they arrive.
     """
     layout = layout_of(cfg, depth)
     if manifest.is_manifest(cfg):
+        if cfg.fingerprint == "content":
+            raise ConfigError("source.fingerprint=content hashes listed files; a manifest's checksum column "
+                              "(sha256, md5, checksum, ...) is its content fingerprint: add one to the "
+                              "manifest and drop source.fingerprint")
         return manifest.list_manifest(cfg, layout)
     if layout.prefix and not storage.isdir(cfg.uri):
         raise ConfigError(f"source '{cfg.uri}' is not a folder under source.root: point --source at a folder "
@@ -149,7 +155,11 @@ def list_shards(cfg: SourceConfig, depth: int | None = None) -> tuple[list[Shard
     found: dict[str, list[Shard]] = {k: [] for k in LISTED}
     chunker = Chunker(cfg.files_per_shard, layout.depth, lambda ms: chunk_shard(ms, layout.root))
     n_files = 0
-    for f in storage.walk_files(cfg.uri, hidden=(".",)):
+    files = storage.walk_files(cfg.uri, hidden=(".",))
+    if cfg.fingerprint == "content":  # an edit that kept the size and the mtime still counts
+        files = content_versions(files, lambda f: _kind_of(f.rel) is not None and not
+                                 WRITER_NAMES.intersection(f.rel.split("/")))
+    for f in files:
         if WRITER_NAMES.intersection(f.rel.split("/")):
             continue
         n_files += 1
