@@ -77,6 +77,14 @@ def test_a_sample_that_cannot_be_compared_is_refused_before_anything_is_written(
     assert r.returncode == 2
     assert "too few validation images to compare: 2 of 2 classes have fewer than 10" in r.stderr
     assert "raise --val-fraction" in r.stderr
+    enough = ("--val-fraction", "0.6", "--set", "min_val_per_class=1")
+    r = cli("compare", "--source", src, "--output", out, "--model", MODEL, "--layers", "blocks.3,blocks.99",
+            *enough)
+    assert r.returncode == 2 and "unknown layer 'blocks.99' for model 'tf_efficientnet_lite0'" in r.stderr
+    (tmp_path / "map.yaml").write_text("tabby: [tabbby]\n")
+    r = cli("compare", "--source", src, "--output", out, "--model", MODEL,
+            "--label-map", tmp_path / "map.yaml", *enough)
+    assert r.returncode == 2 and "did you mean 'tabby'" in r.stderr, r.stderr
     r = cli("compare", "--source", src / "tabby", "--output", out, "--model", MODEL)  # files, no folders
     assert r.returncode == 2 and "have no labels: compare needs labelled images" in r.stderr, r.stderr
     shutil.rmtree(src / "coffee_mug")

@@ -33,6 +33,7 @@ from pipeline.split import Split, make_split
 
 FEATURES, FINETUNED = "features", "finetune"
 EXTRACTED = "extracted.json"  # a model's finished feature pass: its cuts, dims, costs and images
+SAMPLE = "compare-sample.json"  # the images a fine-tuned arm's checkpoints were trained on
 HEADS = ("linear", "mlp")
 
 
@@ -88,9 +89,11 @@ def _val_digest(split: Split, ids: list[str]) -> str:
 
 
 def _layer_ids(uri: str) -> list[str]:
+    """The labelled rows' ids of one stored cut."""
     from pipeline.output.reader import EmbeddingReader
 
-    return [i for chunk in EmbeddingReader(uri).chunks() for i in chunk.ids]
+    return [i for chunk in EmbeddingReader(uri).chunks()
+            for i, lab in zip(chunk.ids, chunk.labels.to_pylist()) if lab]
 
 
 def feature_pass(cfg: CompareConfig, model: str, shards: list[Shard], ids_digest: str,
@@ -103,12 +106,13 @@ def feature_pass(cfg: CompareConfig, model: str, shards: list[Shard], ids_digest
     layers = ["all"] if cfg.layers == ["all"] else [*cfg.layers, *(x for x in ("final", "logits")
                                                                     if x not in cfg.layers)]
     pcfg = ProbeConfig.model_validate({
-        "source": cfg.source.model_dump(), "output": {"uri": root, "dtype": cfg.output.dtype},
+        "source": cfg.source.model_dump(), "output": {"uri": root},
         "runtime": cfg.runtime.model_dump(), "backbone": cfg.backbone.model_dump(), "models": [model],
         "layers": layers, "val_fraction": cfg.val_fraction})
     marker = storage.join(root, _slug(model), EXTRACTED)
     wanted = {"model": model, "layers": layers, "images": ids_digest,
-              "backbone": cfg.backbone.model_dump(exclude={"model", "layer"}), "dtype": cfg.output.dtype}
+              "backbone": cfg.backbone.model_dump(exclude={"model", "layer"}),
+              "source": cfg.source.model_dump(exclude={"uri"}), "max_pixels": cfg.runtime.max_pixels}
     if storage.exists(marker):
         done = json.loads(storage.read_bytes(marker))
         if {k: done.get(k) for k in wanted} == wanted:
@@ -135,7 +139,7 @@ def feature_arms(cfg: CompareConfig, model: str, done: dict[str, Any], split: Sp
     from pipeline.heads import train_head
 
     arms = []
-    itemsize = 2 if cfg.output.dtype == "float16" else 4
+    itemsize = 4  # the feature pass stores float32
     for layer, dim in zip(done["cuts"], done["dims"]):
         layer_dir = storage.join(cfg.output.uri, FEATURES, _slug(model), layer)
         ids = _layer_ids(layer_dir)
@@ -170,6 +174,9 @@ def classifier_arm(cfg: CompareConfig, model: str, done: dict[str, Any], split: 
                            **rules.cost_fields(done["ms_per_image"]["logits"], 0, 0.0)}
     if dim != 1000:
         return {**arm, "reason": f"its head has {dim} classes, not ImageNet's 1000"}
+    if cfg.backbone.normalize:
+        return {**arm, "reason": "backbone.normalize is on, so the stored logits are L2-normalized and their "
+                                 "softmax is not the classifier's: compare without --set backbone.normalize"}
     names = imagenet_class_names(model, dim)
     targets, unmapped = rules.label_targets(split.classes, names, label_map)
     arm["label_map"] = {c: [names[i] for i in targets[c]] for c in split.classes}
@@ -196,10 +203,16 @@ def classifier_arm(cfg: CompareConfig, model: str, done: dict[str, Any], split: 
 def finetune_arm(cfg: CompareConfig, model: str, freeze: str, done: dict[str, Any], split: Split,
                  listed: tuple[list[Shard], int], labelled: tuple[list[str], list[str | None]],
                  progress: bool) -> dict[str, Any]:
-    """Fine-tune with Ray Train (resuming from the output's checkpoints)."""
+    """Fine-tune with Ray Train, resuming from the output's checkpoints when they were trained on these
+    images (``SAMPLE`` beside them names the sample; another sample starts over)."""
     from pipeline.commands.finetune import finetune
 
     out = storage.join(cfg.output.uri, FINETUNED, f"{_slug(model)}-{_slug(freeze)}")
+    sample = storage.join(out, SAMPLE)
+    if storage.exists(out) and (not storage.exists(sample) or
+                                json.loads(storage.read_bytes(sample)).get("images") != done["images"]):
+        storage.remove_tree(out)
+    storage.write_json(sample, {"images": done["images"]})
     fcfg = FinetuneConfig.model_validate({
         "source": cfg.source.model_dump(), "output": {"uri": out},
         "backbone": {**cfg.backbone.model_dump(), "model": model, "layer": "final"},
@@ -221,6 +234,25 @@ def finetune_arm(cfg: CompareConfig, model: str, freeze: str, done: dict[str, An
             "artifacts": {"finetune": out, "backbone": report["backbone"]["uri"], "head": report["head"]}}
 
 
+def check_models(cfg: CompareConfig, classes: list[str], label_map: dict[str, list[str | int]] | None
+                 ) -> None:
+    """Each model, its candidate cuts and the label map's class names, checked before anything is written."""
+    from pipeline.backbone.cuts import stage_names
+    from pipeline.backbone.models import create_model
+    from pipeline.embed import imagenet_class_names
+
+    for model in cfg.model_names():
+        net = create_model(model, "none")[0]
+        modules = dict(net.named_modules())
+        bad = [x for x in cfg.layers if x not in ("all", "final", "logits") and (not x or x not in modules)]
+        if bad:
+            raise ConfigError(f"unknown layer {', '.join(repr(x) for x in bad)} for model '{model}'. Valid "
+                              f"layers: final, logits, {', '.join(stage_names(net, model))} (or any module "
+                              f"name: `pipeline layers --model {model} --all`)")
+        if label_map:
+            rules.label_targets(classes, imagenet_class_names(model, 1000), label_map)
+
+
 def _freeze_for(feature: list[dict[str, Any]], model: str) -> str:
     """Fine-tuning's frozen depth: up to the feature arm's best cut of this model (the head only when that
     cut is the final features or the logits)."""
@@ -233,17 +265,23 @@ def commands_for(arm: dict[str, Any], cfg: CompareConfig) -> list[str]:
     """The commands that run an arm over the source at scale (with its trained head or fine-tuned weights)."""
     import shlex
 
+    from pipeline.config import SourceConfig
+
     q = shlex.quote
     src = q(cfg.source.uri) + ("" if cfg.source.format == "auto" else f" --format {cfg.source.format}")
+    default = SourceConfig(uri=cfg.source.uri).model_dump()
+    src += "".join(f" --set {q(f'source.{k}={v}')}" for k, v in cfg.source.model_dump().items()
+                   if k not in ("uri", "format", "labels") and v != default[k])
+    weights = "" if cfg.backbone.weights == "packaged" else f" --weights {q(cfg.backbone.weights)}"
     scale = storage.join(cfg.output.uri, "scale")
     model = arm["model"]
     if arm["application"] == "classifier":
         dest = q(storage.join(scale, "classify-" + _slug(model)))
-        return [f"pipeline classify --source {src} --output {dest} --model {q(model)}"]
+        return [f"pipeline classify --source {src} --output {dest} --model {q(model)}{weights}"]
     if arm["application"] == "features":
         emb = q(storage.join(scale, f"{_slug(model)}-{arm['layer']}"))
-        extra = "" if cfg.backbone.pool == "avg" else f" --pool {cfg.backbone.pool}"
-        extra += "" if cfg.backbone.weights == "packaged" else f" --weights {q(cfg.backbone.weights)}"
+        extra = ("" if cfg.backbone.pool == "avg" else f" --pool {cfg.backbone.pool}") + weights
+        extra += " --normalize" if cfg.backbone.normalize else ""
         extract = (f"pipeline extract --source {src} --output {emb} --model {q(model)} "
                    f"--layer {arm['layer']}{extra}")
     else:
@@ -268,6 +306,7 @@ def compare(cfg: CompareConfig, *, overwrite: bool = False, progress: bool = Tru
     label_map = rules.read_label_map(cfg.label_map) if cfg.label_map else None
     ids, labels = collect_labels(shards, cfg.source, cfg.runtime)
     split = shared_split(ids, labels, cfg)  # refusals come before anything is written
+    check_models(cfg, split.classes, label_map)
     out = cfg.output.uri
     storage.check_writable(out)
     if overwrite:
@@ -278,7 +317,8 @@ def compare(cfg: CompareConfig, *, overwrite: bool = False, progress: bool = Tru
             elif storage.exists(uri):
                 storage.remove(uri)
     labelled = [i for i, lab in zip(ids, labels) if lab]
-    images = _digest([f"{s.key}\t{s.version}\t{s.count}" for s in shards])
+    images = _digest([f"{s.key}\t{s.version}\t{s.count}" for s in shards] +
+                     [f"{i}\t{lab}" for i, lab in zip(ids, labels)])
     wall: dict[str, float] = {"labels_s": round(time.perf_counter() - t_start, 3)}
 
     arms: list[dict[str, Any]] = []

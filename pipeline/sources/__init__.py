@@ -157,8 +157,8 @@ def list_shards(cfg: SourceConfig, depth: int | None = None) -> tuple[list[Shard
     n_files = 0
     files = storage.walk_files(cfg.uri, hidden=(".",))
     if cfg.fingerprint == "content":  # an edit that kept the size and the mtime still counts
-        files = content_versions(files, lambda f: _kind_of(f.rel) is not None and not
-                                 WRITER_NAMES.intersection(f.rel.split("/")))
+        files = content_versions(files, lambda f: cfg.format in ("auto", _kind_of(f.rel)) and _kind_of(f.rel)
+                                 is not None and not WRITER_NAMES.intersection(f.rel.split("/")))
     for f in files:
         if WRITER_NAMES.intersection(f.rel.split("/")):
             continue
