@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     textures, photos = work / "textures", work / "imagenet-named"
     samples.make_textures(textures, per_class=args.per_class, patch=96, seed=0)
-    samples.make_imagenet_named(photos, per_class=args.per_class, patch=128, seed=0)
+    samples.make_imagenet_named(photos, per_class=max(args.per_class, 40), patch=128, seed=0)
     ray.init(num_cpus=None, include_dashboard=False, log_to_driver=False)
     print(f"machine: {platform.processor() or platform.machine()}, model {args.model}, epochs {args.epochs}")
     for name, src in (("textures", textures), ("ImageNet-named photos", photos)):
