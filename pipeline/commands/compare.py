@@ -26,6 +26,7 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.commands import compare_rules as rules
+from pipeline.commands.probe import slug
 from pipeline.config import ConfigError, FinetuneConfig, HeadTrainConfig, ProbeConfig, RayRuntime
 from pipeline.config.compare import CompareConfig
 from pipeline.sources import Shard, check_source, list_shards, sample_shards
@@ -35,10 +36,6 @@ FEATURES, FINETUNED = "features", "finetune"
 EXTRACTED = "extracted.json"  # a model's finished feature pass: its cuts, dims, costs and images
 SAMPLE = "compare-sample.json"  # the images a fine-tuned arm's checkpoints were trained on
 HEADS = ("linear", "mlp")
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
 
 
 def _sampled(shards: list[Shard], n: int | None, files_per_shard: int) -> list[Shard]:
@@ -109,7 +106,7 @@ def feature_pass(cfg: CompareConfig, model: str, shards: list[Shard], ids_digest
         "source": cfg.source.model_dump(), "output": {"uri": root},
         "runtime": cfg.runtime.model_dump(), "backbone": cfg.backbone.model_dump(), "models": [model],
         "layers": layers, "val_fraction": cfg.val_fraction})
-    marker = storage.join(root, _slug(model), EXTRACTED)
+    marker = storage.join(root, slug(model), EXTRACTED)
     wanted = {"model": model, "layers": layers, "images": ids_digest,
               "backbone": cfg.backbone.model_dump(exclude={"model", "layer"}),
               "source": cfg.source.model_dump(exclude={"uri"}), "max_pixels": cfg.runtime.max_pixels}
@@ -120,8 +117,8 @@ def feature_pass(cfg: CompareConfig, model: str, shards: list[Shard], ids_digest
                 print(f"compare: {model}: reusing its feature pass ({len(done['cuts'])} cuts)",
                       file=sys.stderr)
             return done
-    if storage.exists(storage.join(root, _slug(model))):
-        storage.remove_tree(storage.join(root, _slug(model)))
+    if storage.exists(storage.join(root, slug(model))):
+        storage.remove_tree(storage.join(root, slug(model)))
     run, _, cuts, dims, cost = extract_run(pcfg, model, shards, None)
     if progress:
         print(f"compare: {model}: extracting {len(cuts)} cuts ({', '.join(cuts)})", file=sys.stderr)
@@ -141,7 +138,7 @@ def feature_arms(cfg: CompareConfig, model: str, done: dict[str, Any], split: Sp
     arms = []
     itemsize = 4  # the feature pass stores float32
     for layer, dim in zip(done["cuts"], done["dims"]):
-        layer_dir = storage.join(cfg.output.uri, FEATURES, _slug(model), layer)
+        layer_dir = storage.join(cfg.output.uri, FEATURES, slug(model), layer)
         ids = _layer_ids(layer_dir)
         for head in HEADS:
             t = time.perf_counter()
@@ -186,7 +183,7 @@ def classifier_arm(cfg: CompareConfig, model: str, done: dict[str, Any], split: 
                                  f"({shown}): {rules.LABEL_MAP_HELP}"}
     index = {c: i for i, c in enumerate(split.classes)}
     ids, ys, preds = [], [], []
-    for chunk in EmbeddingReader(storage.join(cfg.output.uri, FEATURES, _slug(model), "logits")).chunks():
+    for chunk in EmbeddingReader(storage.join(cfg.output.uri, FEATURES, slug(model), "logits")).chunks():
         val = split.is_val(chunk.ids)
         labels = chunk.labels.to_pylist()
         keep = [i for i in np.flatnonzero(val) if labels[i] in index]
@@ -207,7 +204,7 @@ def finetune_arm(cfg: CompareConfig, model: str, freeze: str, done: dict[str, An
     images (``SAMPLE`` beside them names the sample; another sample starts over)."""
     from pipeline.commands.finetune import finetune
 
-    out = storage.join(cfg.output.uri, FINETUNED, f"{_slug(model)}-{_slug(freeze)}")
+    out = storage.join(cfg.output.uri, FINETUNED, f"{slug(model)}-{slug(freeze)}")
     sample = storage.join(out, SAMPLE)
     if storage.exists(out) and (not storage.exists(sample) or
                                 json.loads(storage.read_bytes(sample)).get("images") != done["images"]):
@@ -276,16 +273,16 @@ def commands_for(arm: dict[str, Any], cfg: CompareConfig) -> list[str]:
     scale = storage.join(cfg.output.uri, "scale")
     model = arm["model"]
     if arm["application"] == "classifier":
-        dest = q(storage.join(scale, "classify-" + _slug(model)))
+        dest = q(storage.join(scale, "classify-" + slug(model)))
         return [f"pipeline classify --source {src} --output {dest} --model {q(model)}{weights}"]
     if arm["application"] == "features":
-        emb = q(storage.join(scale, f"{_slug(model)}-{arm['layer']}"))
+        emb = q(storage.join(scale, f"{slug(model)}-{arm['layer']}"))
         extra = ("" if cfg.backbone.pool == "avg" else f" --pool {cfg.backbone.pool}") + weights
         extra += " --normalize" if cfg.backbone.normalize else ""
         extract = (f"pipeline extract --source {src} --output {emb} --model {q(model)} "
                    f"--layer {arm['layer']}{extra}")
     else:
-        emb = q(storage.join(scale, f"{_slug(model)}-finetuned"))
+        emb = q(storage.join(scale, f"{slug(model)}-finetuned"))
         extract = (f"pipeline extract --source {src} --output {emb} --model {q(model)} "
                    f"--weights {q(arm['artifacts']['backbone'])} --layer final")
     return [extract, f"pipeline heads predict --head {q(arm['artifacts']['head'])} --embeddings {emb} "
@@ -334,7 +331,7 @@ def compare(cfg: CompareConfig, *, overwrite: bool = False, progress: bool = Tru
         wall[f"classifier {model}"] = round(time.perf_counter() - t, 3)
     features = [a for a in arms if a["application"] == "features"]
     for model in cfg.model_names():
-        done = json.loads(storage.read_bytes(storage.join(out, FEATURES, _slug(model), EXTRACTED)))
+        done = json.loads(storage.read_bytes(storage.join(out, FEATURES, slug(model), EXTRACTED)))
         for freeze in dict.fromkeys((_freeze_for(features, model), "none")):
             t = time.perf_counter()
             arms.append(finetune_arm(cfg, model, freeze, done, split, (shards, skipped),

@@ -22,7 +22,8 @@ from pipeline.plan import precision_of
 from pipeline.sources import Shard, check_source, list_shards, sample_shards
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
+    """A model name as a folder name (the feature passes of probe and compare are stored under it)."""
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
 
 
@@ -66,7 +67,7 @@ def extract_run(cfg: ProbeConfig, model: str, shards: list[Shard], limit: int | 
     decision = plan_for(cfg.runtime, backbone, estimated_images(shards) if limit is None else limit)
     runtime = decision.runtime
     outputs = [
-        Output(f"{_slug(model)}/{layer}/{EMBEDDINGS_DIR}",
+        Output(f"{slug(model)}/{layer}/{EMBEDDINGS_DIR}",
                {**EMBEDDING_COLUMNS, "embedding": embedding_column(i, len(layers))},
                backbone.spec(i, dtype="float32", versions=versions(),
                              precision=precision_of(runtime.autocast)))
@@ -109,7 +110,7 @@ def probe(cfg: ProbeConfig, *, overwrite: bool = False, progress: bool = True) -
     for run, model, layers, dims, cost in runs_to_do:
         runs.append(run.run(shards, skipped, time.perf_counter())["run_id"])
         for layer, dim in zip(layers, dims):
-            layer_dir = storage.join(cfg.output.uri, _slug(model), layer)
+            layer_dir = storage.join(cfg.output.uri, slug(model), layer)
             head = train_head(HeadTrainConfig(
                 embeddings=layer_dir, output=storage.join(layer_dir, "head"), head=cfg.head,
                 val_fraction=cfg.val_fraction, epochs=cfg.epochs), progress=False)
