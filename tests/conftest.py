@@ -46,6 +46,33 @@ def textures_dir(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def photos(ray_session, tmp_path_factory):
+    """The photos (lossless PNG originals) and their planted JPEG copies embedded once; the originals' rows
+    alone as a table of their own (its files keep the embedding spec in their metadata, as an extract of the
+    originals would). Shared by test_dedup and test_serve."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from pipeline.commands.extract import extract
+    from pipeline.config import ExtractConfig
+    from pipeline.samples import make_near_copies
+
+    root = tmp_path_factory.mktemp("photos")
+    planted = make_near_copies(root / "img", copies_of=16, seed=1, originals_as="png")
+    extract(ExtractConfig.model_validate({
+        "source": {"uri": str(root / "img")},
+        "backbone": {"model": "tf_efficientnet_lite0", "layer": "blocks.5", "pool": "grid3"},
+        "output": {"uri": str(root / "feat" / "img")}, "runtime": {"progress": False, "batch_size": 32}}))
+    for f in (root / "feat" / "img" / "embeddings").glob("*.parquet"):
+        t = pq.read_table(f)
+        t = t.filter(pc.starts_with(t.column("id"), "originals/"))
+        if t.num_rows:
+            (root / "feat" / "originals" / "embeddings").mkdir(parents=True, exist_ok=True)
+            pq.write_table(t, root / "feat" / "originals" / "embeddings" / f.name)
+    return root, planted
+
+
 @pytest.fixture
 def bucket(s3_server, request):
     """A fresh, empty bucket for one test."""

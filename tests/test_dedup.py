@@ -9,40 +9,16 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-import pytest
 
 from pipeline.analytics.vectors import clustered_vectors, write_embeddings
 from pipeline.commands.dedup import dedup
-from pipeline.commands.extract import extract
 from pipeline.commands.index import build
 from pipeline.commands.neighbors import neighbors
-from pipeline.config import DedupConfig, ExtractConfig, IndexBuildConfig, NeighborsConfig, SourceConfig
-from pipeline.samples import make_near_copies
+from pipeline.config import DedupConfig, IndexBuildConfig, NeighborsConfig, SourceConfig
 
 RT = {"progress": False, "batch_size": 32}
-
-
-@pytest.fixture(scope="module")
-def photos(ray_session, tmp_path_factory):
-    """The photos (lossless PNG originals) and their planted JPEG copies embedded once; the originals' rows
-    alone as a table of their own (its files keep the embedding spec in their metadata, as an extract of the
-    originals would)."""
-    root = tmp_path_factory.mktemp("photos")
-    planted = make_near_copies(root / "img", copies_of=16, seed=1, originals_as="png")
-    extract(ExtractConfig.model_validate({
-        "source": {"uri": str(root / "img")},
-        "backbone": {"model": "tf_efficientnet_lite0", "layer": "blocks.5", "pool": "grid3"},
-        "output": {"uri": str(root / "feat" / "img")}, "runtime": RT}))
-    for f in (root / "feat" / "img" / "embeddings").glob("*.parquet"):
-        t = pq.read_table(f)
-        t = t.filter(pc.starts_with(t.column("id"), "originals/"))
-        if t.num_rows:
-            (root / "feat" / "originals" / "embeddings").mkdir(parents=True, exist_ok=True)
-            pq.write_table(t, root / "feat" / "originals" / "embeddings" / f.name)
-    return root, planted
 
 
 def test_copies_find_their_original_as_the_top_neighbour(photos):

@@ -12,7 +12,8 @@ from pipeline.cli.common import app
 
 __all__ = ["app", "main"]
 
-for _module in ("images", "analytics"):  # each registers its commands on the app, in this order in --help
+# each registers its commands on the app, in this order in --help
+for _module in ("images", "analytics", "serve"):
     importlib.import_module(f"pipeline.cli.{_module}")
 
 

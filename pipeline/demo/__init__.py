@@ -125,6 +125,16 @@ def similar_images(s3, work: Path, model: str) -> bool:
     return ok and false == 0
 
 
+def serve_command(work: Path, model: str) -> str:
+    """How to look at the photos' output in a browser: its index and dedup are found beside it; the photos,
+    uploaded to the loopback S3 server that ended with the demo, are read from their local copy."""
+    probe = work / "digits-probe"
+    return ("look at the photos, their neighbours, duplicate groups and clusters in a browser:\n"
+            f"  .venv/bin/pipeline serve {work / 'analytics' / model} --source-map "
+            f"s3://demo-photos/photos={work / 'photos'}" + (f" --probe {probe}" if probe.exists() else "")
+            + "\n  then open http://127.0.0.1:8000/")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="demo-output")
@@ -190,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"demo finished in {time.perf_counter() - t0:.0f}s; its outputs ({copied} files) are mirrored "
           f"under {local}/ and {work / 'analytics'}/")
     show_output(local / f"{args.model}-packaged")
+    print(serve_command(work, args.model))
     pretrained, random_init = accuracy["packaged"][1], accuracy["none"][1]
     return 0 if pretrained > random_init and query_ok and reuse_ok and cut_ok else 1
 

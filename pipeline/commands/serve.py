@@ -1,0 +1,88 @@
+"""`pipeline serve OUTPUT`: a read-only web page over an extract output and what was made from it (search by
+image or id, duplicates, clusters and outliers, probe and heads, runs). See pipeline/serve/."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pipeline import storage
+from pipeline.commands.neighbors import backbone_for
+from pipeline.config import ConfigError, RuntimeConfig
+from pipeline.config.serve import ServeConfig
+from pipeline.output.spec import EmbeddingSpec
+
+TOKEN_ENV = "PIPELINE_SERVE_TOKEN"
+# what `serve` looks for beside OUTPUT when not told: the candidates in order, the file that marks one
+BESIDE = {
+    "index": (("{o}-index", "{o}/index"), "index.json"),
+    "dedup": (("{o}-dedup", "{o}/dedup"), "dedup.json"),
+    "probe": (("{o}-probe", "{o}/probe", "{o}"), "probe.json"),
+    "head": (("{o}/head", "{o}-head"), "head.json"),
+}
+
+
+def found_beside(cfg: ServeConfig) -> dict[str, str | None]:
+    """index/dedup/probe/head: the URI given, else the first folder beside OUTPUT that holds its file."""
+    out = cfg.output.rstrip("/")
+    found: dict[str, str | None] = {}
+    for what, (candidates, marker) in BESIDE.items():
+        given = getattr(cfg, what)
+        if given is not None:
+            if not storage.exists(storage.join(given, marker)):
+                raise ConfigError(f"--{what} {given} holds no {marker}: pass the folder `pipeline {what}` "
+                                  f"wrote" if what != "head" else f"--head {given} holds no head.json: pass "
+                                  "the folder `pipeline heads train` wrote")
+            found[what] = given
+            continue
+        found[what] = next((c.format(o=out) for c in candidates
+                            if storage.exists(storage.join(c.format(o=out), marker))), None)
+    return found
+
+
+def upload_spec(spec: EmbeddingSpec, cfg: ServeConfig) -> tuple[Any | None, str | None]:
+    """The EmbedderSpec that embeds an uploaded image as the table's rows were (its model, weights, cut,
+    pooling, preprocessing and precision), or None and why search by image is not available."""
+    from pipeline.embed import EmbedderSpec
+
+    try:
+        backbone = backbone_for(spec)
+    except ValueError as e:
+        return None, str(e)
+    precision = getattr(spec, "precision", None) or "fp32"
+    autocast = "none" if precision in ("fp32", "fp16") else precision
+    runtime = RuntimeConfig(device="cpu", autocast=autocast, decoder="pil", batch_size=1, forward_batch=1,
+                            compile=False, max_pixels=cfg.max_pixels, progress=False)
+    return EmbedderSpec(backbone, runtime, max_bytes=cfg.max_bytes), None
+
+
+def make_app(cfg: ServeConfig, *, start_loading: bool = True):
+    """The FastAPI app for ``cfg`` (what `serve` runs; tests call it with TestClient)."""
+    from pipeline.serve import Catalog, Uploads, create_app
+
+    beside = found_beside(cfg)
+    catalog = Catalog(cfg.output, **beside)
+    spec, reason = upload_spec(catalog.spec, cfg)
+    return create_app(catalog, Uploads(spec, reason), token=cfg.token, source_map=cfg.source_map, k=cfg.k,
+                      thumbnail_px=cfg.thumbnail_px, cache_thumbnails=cfg.cache_thumbnails,
+                      max_bytes=cfg.max_bytes, max_pixels=cfg.max_pixels, start_loading=start_loading)
+
+
+def with_env_token(cfg: ServeConfig) -> ServeConfig:
+    if cfg.token is None and os.environ.get(TOKEN_ENV):
+        return ServeConfig.model_validate({**cfg.model_dump(), "token": os.environ[TOKEN_ENV]})
+    return cfg
+
+
+def serve(cfg: ServeConfig) -> None:
+    """Run the app with uvicorn until interrupted."""
+    import uvicorn
+
+    cfg = with_env_token(cfg)
+    app = make_app(cfg)
+    beside = {k: v for k, v in found_beside(cfg).items() if v}
+    print(f"serving {storage.redact(cfg.output)}"
+          + "".join(f"\n  {k:<6} {storage.redact(v)}" for k, v in beside.items())
+          + f"\n  open   http://{cfg.host}:{cfg.port}/" + ("?token=<your token>" if cfg.token else ""),
+          flush=True)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")

@@ -1,0 +1,242 @@
+"""What `pipeline serve` shows, read once from the outputs (Ray-free, read-only): the table's ids, sources,
+labels and embeddings (one snapshot through the ledger), the index (or an exact search over the table when
+there is none), the dedup groups, clusters and outlier scores, the probe, a head's metrics, and the runs."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.analytics import index as ix
+from pipeline.analytics import store
+from pipeline.output.layout import ERRORS_DIR, RUNS_DIR
+from pipeline.output.reader import EmbeddingReader, read_embeddings
+
+MAP_POINTS = 5000  # rows drawn on the clusters map (a sample of larger tables, by a hash of id)
+OUTLIERS_SHOWN = 48
+ERRORS_SHOWN = 500
+
+
+@dataclass
+class Rows:
+    """The table: row i has ids[i], sources[i], labels[i] and the unit-length vector x[i]."""
+
+    ids: list[str]
+    sources: list[str | None]
+    labels: list[str | None]
+    x: np.ndarray
+    where: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.where = {r: i for i, r in enumerate(self.ids)}
+
+    def describe(self, i: int, score: float | None = None) -> dict[str, Any]:
+        out = {"id": self.ids[i], "label": self.labels[i], "source": self.sources[i]}
+        if score is not None:
+            out["score"] = round(float(score), 4)
+        return out
+
+
+def read_rows(output: str) -> Rows:
+    """One snapshot of OUTPUT's embeddings, vectors scaled to unit length (cosine = dot product)."""
+    t = read_embeddings(output, columns=["id", "source", "label", "embedding"])
+    if t.num_rows == 0:
+        raise ValueError(f"'{output}' holds no embeddings yet: run `pipeline extract --output {output}`")
+    emb = t.column("embedding").combine_chunks()
+    dim = emb.type.list_size
+    x = np.array(emb.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)  # writable
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return Rows(t.column("id").to_pylist(), t.column("source").to_pylist(), t.column("label").to_pylist(), x)
+
+
+class Index:
+    """A faiss index folder loaded for search (memory-mapped when large), its row ids by label."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.meta = store.read_meta(uri)
+        self.params = ix.IndexParams.from_dict(self.meta["params"])
+        self.index = store.load_index(uri, self.meta)
+        self.ids = store.id_lookup(store.read_ids(uri, self.meta), int(self.meta["next_label"])).to_pylist()
+        self.size = int(self.index.ntotal)
+
+    def search(self, q: np.ndarray, k: int) -> list[tuple[str, float]]:
+        x = ix.prepare(q[None, :].copy(), self.params.metric)
+        scores, labels = ix.search(self.index, self.params, x, k)
+        return [(self.ids[i], float(s)) for i, s in zip(labels[0], scores[0]) if i >= 0 and self.ids[i]]
+
+
+def exact_search(rows: Rows, q: np.ndarray, k: int) -> list[tuple[str, float]]:
+    s = rows.x @ (q / max(float(np.linalg.norm(q)), 1e-12))
+    top = np.argpartition(-s, min(k, len(s) - 1))[:k] if len(s) > k else np.arange(len(s))
+    top = top[np.argsort(-s[top], kind="stable")]
+    return [(rows.ids[i], float(s[i])) for i in top]
+
+
+def read_json(uri: str | None) -> dict[str, Any] | None:
+    if uri is None or not storage.exists(uri):
+        return None
+    return json.loads(storage.read_bytes(uri))
+
+
+def read_parquet(uri: str) -> pa.Table | None:
+    if not storage.exists(uri):
+        return None
+    with storage.open_input(uri) as f:
+        return pq.read_table(f)
+
+
+def pca_2d(x: np.ndarray) -> np.ndarray:
+    """The rows projected on their first two principal components."""
+    c = x - x.mean(axis=0, keepdims=True)
+    _, _, vt = np.linalg.svd(c, full_matrices=False)
+    return c @ vt[:2].T if vt.shape[0] >= 2 else np.zeros((len(x), 2), np.float32)
+
+
+def map_points(rows: Rows, clusters: dict[str, int]) -> dict[str, Any]:
+    """A 2-D map: UMAP when umap-learn is installed, else PCA; at most MAP_POINTS rows (by a hash of id)."""
+    n = len(rows.ids)
+    pick = np.arange(n)
+    if n > MAP_POINTS:
+        h = pc.hash(pa.array(rows.ids)) if hasattr(pc, "hash") else None
+        order = np.argsort(np.asarray(h) if h is not None else np.random.default_rng(0).random(n))
+        pick = np.sort(order[:MAP_POINTS])
+    x = rows.x[pick]
+    method = "pca"
+    try:
+        import umap  # optional
+
+        xy = umap.UMAP(n_components=2, random_state=0).fit_transform(x) if len(x) > 15 else pca_2d(x)
+        method = "umap" if len(x) > 15 else "pca"
+    except ImportError:
+        xy = pca_2d(x)
+    return {"method": method, "rows": n, "shown": len(pick),
+            "points": [{"id": rows.ids[i], "label": rows.labels[i], "cluster": clusters.get(rows.ids[i]),
+                        "x": round(float(a), 5), "y": round(float(b), 5)} for i, (a, b) in zip(pick, xy)]}
+
+
+class Catalog:
+    """Everything the page shows. The table loads in a background thread (``ready``); JSON files are read
+    when asked, so a run that finished since the app started shows up."""
+
+    def __init__(self, output: str, index: str | None = None, dedup: str | None = None,
+                 probe: str | None = None, head: str | None = None) -> None:
+        self.output, self.index_uri, self.dedup_uri = output, index, dedup
+        self.probe_uri, self.head_uri = probe, head
+        self.rows: Rows | None = None
+        self.index: Index | None = None
+        self.error: str | None = None
+        self.loaded_s: float | None = None
+        self.ready = threading.Event()
+        self.spec = EmbeddingReader(output).spec
+
+    def load(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.rows = read_rows(self.output)
+            if self.index_uri:
+                self.index = Index(self.index_uri)
+        except Exception as e:  # noqa: BLE001 - shown on the page and by /healthz
+            self.error = f"{type(e).__name__}: {e}"
+        self.loaded_s = round(time.perf_counter() - t0, 3)
+        self.ready.set()
+
+    def start(self) -> None:
+        threading.Thread(target=self.load, name="catalog-load", daemon=True).start()
+
+    def search(self, q: np.ndarray, k: int, exclude: str | None = None) -> list[dict[str, Any]]:
+        rows = self.rows
+        want = k + (1 if exclude else 0)
+        hits = self.index.search(q, want) if self.index is not None else exact_search(rows, q, want)
+        out = []
+        for rid, score in hits:
+            i = rows.where.get(rid)
+            if rid == exclude or i is None:
+                continue  # the query itself, or a row the index holds that this snapshot no longer has
+            out.append(rows.describe(i, score))
+        return out[:k]
+
+    def vector(self, row_id: str) -> np.ndarray | None:
+        i = self.rows.where.get(row_id)
+        return None if i is None else self.rows.x[i]
+
+    def source_of(self, row_id: str) -> str | None:
+        i = self.rows.where.get(row_id) if self.rows is not None else None
+        return None if i is None else self.rows.sources[i]
+
+    # -- what sits beside the table ----------------------------------------------------------------------
+    def duplicates(self) -> dict[str, Any] | None:
+        if not self.dedup_uri:
+            return None
+        summary = read_json(storage.join(self.dedup_uri, "dedup.json")) or {}
+        dup = read_parquet(storage.join(self.dedup_uri, "duplicates.parquet"))
+        if dup is None:
+            return None
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for r in dup.to_pylist():
+            groups.setdefault(r["duplicate_of"], []).append({"id": r["id"], "similarity": r["similarity"]})
+        ordered = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+        return {"threshold": summary.get("threshold"), "keep_rule": summary.get("keep_rule"),
+                "rows": summary.get("rows"), "by_threshold": summary.get("by_threshold", {}),
+                "groups": [{"kept": kept, "removed": sorted(m, key=lambda r: -r["similarity"])}
+                           for kept, m in ordered]}
+
+    def clusters(self) -> dict[str, Any]:
+        table = read_parquet(storage.join(self.dedup_uri, "clusters.parquet")) if self.dedup_uri else None
+        assigned = dict(zip(table.column("id").to_pylist(), table.column("cluster").to_pylist())) \
+            if table is not None else {}
+        out = map_points(self.rows, assigned)
+        out["outliers"] = []
+        if table is not None and "outlier_score" in table.schema.names:
+            top = table.sort_by([("outlier_score", "descending")]).slice(0, OUTLIERS_SHOWN).to_pylist()
+            out["outliers"] = [{**r, "label": self.rows.labels[self.rows.where[r["id"]]]}
+                               for r in top if r["id"] in self.rows.where]
+        return out
+
+    def probe(self) -> dict[str, Any] | None:
+        return read_json(storage.join(self.probe_uri, "probe.json")) if self.probe_uri else None
+
+    def head(self) -> dict[str, Any] | None:
+        meta = read_json(storage.join(self.head_uri, "head.json")) if self.head_uri else None
+        if meta is None:
+            return None
+        return {"classes": meta.get("classes"), "head": meta.get("head"), "metrics": meta.get("metrics"),
+                "embeddings": meta.get("embeddings"), "uri": self.head_uri}
+
+    def runs(self) -> list[dict[str, Any]]:
+        root = storage.join(self.output, RUNS_DIR)
+        if not storage.exists(root):
+            return []
+        out = []
+        for f in storage.list_files(root, hidden=()):
+            if f.rel.endswith(".json"):
+                try:
+                    r = json.loads(storage.read_bytes(f.uri))
+                except (ValueError, OSError):
+                    continue  # a record being written or damaged: left out
+                out.append({k: r.get(k) for k in ("run_id", "kind", "started_at", "source", "counts",
+                                                  "error_kinds", "images_per_s", "timings", "plan",
+                                                  "ledger", "run_date")})
+        return sorted(out, key=lambda r: r.get("started_at") or "", reverse=True)
+
+    def errors(self, run_date: str | None = None) -> dict[str, Any]:
+        """The error rows of the snapshot (of one nightly run date when given): id, source, kind, message."""
+        try:
+            t = read_embeddings(self.output, ERRORS_DIR)
+        except ValueError:
+            return {"rows": 0, "shown": []}
+        if run_date and "run_date" in t.schema.names:
+            t = t.filter(pc.equal(t.column("run_date").cast(pa.string()), run_date))
+        keep = [c for c in ("id", "source", "error_kind", "error_message", "run_date") if c in t.schema.names]
+        shown = t.select(keep).slice(0, ERRORS_SHOWN).to_pylist()
+        return {"rows": t.num_rows, "shown": [{k: (str(v) if v is not None else None) for k, v in r.items()}
+                                              for r in shown]}
