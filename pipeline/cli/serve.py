@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
 
 from pipeline.cli.common import SET_HELP, app, fail, invoke
 from pipeline.config.files import merge_sources
-from pipeline.config.serve import ServeConfig
+from pipeline.config.serve import TOKEN_ENV, ServeConfig
 
 
 def parse_source_map(items: list[str]) -> dict[str, str]:
@@ -41,7 +43,8 @@ def serve(
     """A web page over an output: search by image or id, duplicates, clusters and outliers, probe, runs."""
 
     flags = {"output": output, "index": index, "dedup": dedup, "probe": probe, "head": head, "host": host,
-             "port": port, "token": token, "source_map": parse_source_map(source_map) or None}
+             "port": port, "token": token or os.environ.get(TOKEN_ENV) or None,
+             "source_map": parse_source_map(source_map) or None}
 
     def go():
         from pipeline.commands.serve import serve as run_serve

@@ -3,7 +3,6 @@ image or id, duplicates, clusters and outliers, probe and heads, runs). See pipe
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from pipeline import storage
@@ -12,7 +11,6 @@ from pipeline.config import ConfigError, RuntimeConfig
 from pipeline.config.serve import ServeConfig
 from pipeline.output.spec import EmbeddingSpec
 
-TOKEN_ENV = "PIPELINE_SERVE_TOKEN"
 # what `serve` looks for beside OUTPUT when not told: the candidates in order, the file that marks one
 BESIDE = {
     "index": (("{o}-index", "{o}/index"), "index.json"),
@@ -68,17 +66,10 @@ def make_app(cfg: ServeConfig, *, start_loading: bool = True):
                       max_bytes=cfg.max_bytes, max_pixels=cfg.max_pixels, start_loading=start_loading)
 
 
-def with_env_token(cfg: ServeConfig) -> ServeConfig:
-    if cfg.token is None and os.environ.get(TOKEN_ENV):
-        return ServeConfig.model_validate({**cfg.model_dump(), "token": os.environ[TOKEN_ENV]})
-    return cfg
-
-
 def serve(cfg: ServeConfig) -> None:
     """Run the app with uvicorn until interrupted."""
     import uvicorn
 
-    cfg = with_env_token(cfg)
     app = make_app(cfg)
     beside = {k: v for k, v in found_beside(cfg).items() if v}
     print(f"serving {storage.redact(cfg.output)}"

@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from pipeline.config import MAX_BYTES, MAX_PIXELS, ConfigError, StrictModel
 
 LOOPBACK_NAMES = ("localhost",)
+TOKEN_ENV = "PIPELINE_SERVE_TOKEN"  # the CLI's default --token
 
 
 def is_loopback(host: str) -> bool:
