@@ -35,6 +35,7 @@ from pipeline.heads import train_head
 from pipeline.reports import probe_png
 from pipeline.samples import altered_copy
 from pipeline.serve.thumbs import read_image_bytes, remap
+from pipeline.storage import copy_tree
 
 RT = {"progress": False, "batch_size": 32}
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -156,6 +157,25 @@ def test_thumbnails_and_a_placeholder_for_an_image_that_is_gone(served, client):
     assert remap("s3://b/photos/a.jpg", {"s3://b": "/x", "s3://b/photos": "/data"}) == "/data/a.jpg"
 
 
+def test_an_output_its_index_dedup_and_images_on_s3(served, bucket):
+    """The output, its index and dedup copied to the loopback S3 server, the images too (read from there
+    through --source-map): search, duplicates and thumbnails all come from s3://."""
+    root = served["root"]
+    for name in ("img", "img-index", "img-dedup"):
+        copy_tree(str(root / "feat" / name), f"{bucket}/feat/{name}")
+    copy_tree(str(root / "img"), f"{bucket}/images")
+    cfg = ServeConfig(output=f"{bucket}/feat/img", source_map={str(root / "img"): f"{bucket}/images"})
+    with TestClient(make_app(cfg)) as c:
+        status = c.get("/api/status").json()
+        assert status["search"] == "index" and status["dedup"]
+        assert status["rows"] == 32 + len(served["planted"])
+        path, original = next(iter(served["queries"].items()))
+        assert c.post("/api/search", content=path.read_bytes()).json()["results"][0]["id"] == original
+        assert len(c.get("/api/duplicates").json()["groups"]) == len(set(served["planted"].values()))
+        r = c.get("/api/thumb", params={"id": original})
+        assert r.headers["content-type"] == "image/jpeg" and "x-placeholder" not in r.headers
+
+
 def test_thumbnails_of_webdataset_members_and_parquet_cells(tmp_path):
     img = io.BytesIO()
     Image.new("RGB", (64, 48), "red").save(img, format="JPEG")
@@ -207,7 +227,7 @@ def test_nothing_writes_to_the_outputs(served, client):
 
 
 def test_a_token_guards_every_request(served):
-    with pytest.raises(ConfigError, match="--host 0.0.0.0 exposes the page beyond this machine: give --token"):
+    with pytest.raises(ConfigError, match="--host 0.0.0.0 exposes the page beyond this machine: give --tok"):
         merge_sources(ServeConfig, None, {"output": str(served["feat"]), "host": "0.0.0.0"})
     cfg = ServeConfig(output=str(served["feat"]), host="0.0.0.0", token=TOKEN)
     with TestClient(make_app(cfg)) as c:
