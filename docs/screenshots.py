@@ -8,6 +8,7 @@ demo's altered query photos, and saves each tab."""
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import socket
 import threading
@@ -31,7 +32,7 @@ def main() -> None:
     from pipeline.commands.serve import make_app
     from pipeline.config.serve import ServeConfig
 
-    demo = Path(args.demo).resolve()
+    demo = Path(args.demo)
     cfg = ServeConfig(output=str(demo / "analytics" / args.model), probe=str(demo / "digits-probe"),
                       source_map={"s3://demo-photos/photos": str(demo / "photos")})
     with socket.socket() as s:
@@ -40,8 +41,10 @@ def main() -> None:
     server = uvicorn.Server(uvicorn.Config(make_app(cfg), host="127.0.0.1", port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     url = f"http://127.0.0.1:{port}"
-    while not server.started or b'"ready":true' not in urllib.request.urlopen(url + "/healthz").read():
+    while not server.started or not json.loads(urllib.request.urlopen(url + "/healthz").read())["ready"]:
         time.sleep(0.2)
+    while not json.loads(urllib.request.urlopen(url + "/api/status").read())["upload"]["ready"]:
+        time.sleep(0.2)  # the model: the search shown is one a user gets once the page has loaded
     query = sorted((demo / "query").glob("*.jpg"))[0]
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])

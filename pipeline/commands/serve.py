@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline import storage
-from pipeline.commands.neighbors import backbone_for
 from pipeline.config import ConfigError, RuntimeConfig
 from pipeline.config.serve import ServeConfig
 from pipeline.output.spec import EmbeddingSpec
@@ -40,13 +39,16 @@ def found_beside(cfg: ServeConfig) -> dict[str, str | None]:
 
 def upload_spec(spec: EmbeddingSpec, cfg: ServeConfig) -> tuple[Any | None, str | None]:
     """The EmbedderSpec that embeds an uploaded image as the table's rows were (its model, weights, cut,
-    pooling, preprocessing and precision), or None and why search by image is not available."""
-    from pipeline.embed import EmbedderSpec
+    pooling, preprocessing and precision), or None and why search by image is not available. Called in the
+    app's model-loading thread: torch is imported there, not before the page answers."""
+    from pipeline.commands.neighbors import backbone_for
 
     try:
         backbone = backbone_for(spec)
     except ValueError as e:
         return None, str(e)
+    from pipeline.embed import EmbedderSpec
+
     precision = getattr(spec, "precision", None) or "fp32"
     autocast = "none" if precision in ("fp32", "fp16") else precision
     runtime = RuntimeConfig(device="cpu", autocast=autocast, decoder="pil", batch_size=1, forward_batch=1,
@@ -60,8 +62,8 @@ def make_app(cfg: ServeConfig, *, start_loading: bool = True):
 
     beside = found_beside(cfg)
     catalog = Catalog(cfg.output, **beside)
-    spec, reason = upload_spec(catalog.spec, cfg)
-    return create_app(catalog, Uploads(spec, reason), token=cfg.token, source_map=cfg.source_map, k=cfg.k,
+    uploads = Uploads(lambda: upload_spec(catalog.spec, cfg))
+    return create_app(catalog, uploads, token=cfg.token, source_map=cfg.source_map, k=cfg.k,
                       thumbnail_px=cfg.thumbnail_px, cache_thumbnails=cfg.cache_thumbnails,
                       max_bytes=cfg.max_bytes, max_pixels=cfg.max_pixels, start_loading=start_loading)
 

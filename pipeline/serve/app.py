@@ -9,9 +9,11 @@ from __future__ import annotations
 import hmac
 import threading
 import time
+from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
+import anyio.to_thread
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
@@ -23,7 +25,7 @@ from pipeline.serve.thumbs import Thumbnails, remap
 
 TOKEN_COOKIE = "pipeline_serve_token"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-READY_WAIT_S = 60.0  # a request that needs the table waits this long for it to load, then gets 503
+READY_WAIT_S = 120.0  # a request that needs the table waits this long for it to load, then gets 503
 UPLOAD_LIMITS = {"too_large": 413, "too_many_pixels": 413, "extreme_aspect_ratio": 413}
 PLACEHOLDER = (b'<svg xmlns="http://www.w3.org/2000/svg" width="192" height="192" viewBox="0 0 192 192">'
                b'<rect width="192" height="192" fill="#e5e7eb"/><path d="M60 128l28-36 20 24 14-16 22 28z" '
@@ -41,6 +43,10 @@ class Metrics:
         self.thumbnails = 0
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
+
+    def count(self, name: str) -> None:
+        with self.lock:
+            setattr(self, name, getattr(self, name) + 1)
 
     def observe(self, by: str, seconds: float) -> None:
         with self.lock:
@@ -81,19 +87,21 @@ MODEL_BUILD_LOCK = threading.Lock()  # models are built one at a time: concurren
 class Uploads:
     """Embeds uploaded images with the table's own backbone spec; the model loads in the background."""
 
-    def __init__(self, spec: Any | None, reason: str | None = None) -> None:
-        self.spec, self.reason = spec, reason
+    def __init__(self, make_spec: Callable[[], tuple[Any | None, str | None]]) -> None:
+        self.make_spec = make_spec  # -> (an EmbedderSpec, or None and why search by image is not available)
+        self.reason: str | None = None
         self.embedder = None
         self.ready = threading.Event()
         self.lock = threading.Lock()
 
     def load(self) -> None:
         try:
-            if self.spec is not None:
+            spec, self.reason = self.make_spec()
+            if spec is not None:
                 with MODEL_BUILD_LOCK:
                     from pipeline.embed import Embedder
 
-                    self.embedder = Embedder(self.spec, threads=1)
+                    self.embedder = Embedder(spec, threads=1)
         except Exception as e:  # noqa: BLE001 - shown by /api/status
             self.reason = f"the model did not load: {type(e).__name__}: {e}"
         self.ready.set()
@@ -166,8 +174,8 @@ def create_app(catalog: Catalog, uploads: Uploads, *, token: str | None = None,
         response.headers.setdefault("Cache-Control", "no-store")
         return response
 
-    def table() -> Catalog:
-        if not catalog.ready.wait(READY_WAIT_S):
+    def table(wait: float = READY_WAIT_S) -> Catalog:
+        if not catalog.ready.wait(wait):
             raise HTTPException(503, "the table is still loading: try again in a few seconds")
         if catalog.error:
             raise HTTPException(500, f"the output could not be read: {catalog.error}")
@@ -189,7 +197,7 @@ def create_app(catalog: Catalog, uploads: Uploads, *, token: str | None = None,
 
     @app.get("/api/status")
     def status() -> dict[str, Any]:
-        c = table()
+        c = table(wait=1.0)  # the page polls it: answers at once, 503 while loading
         spec = c.spec
         return {
             "output": storage.redact(c.output), "rows": len(c.rows.ids), "dim": int(c.rows.x.shape[1]),
@@ -198,8 +206,7 @@ def create_app(catalog: Catalog, uploads: Uploads, *, token: str | None = None,
                 "uri": storage.redact(c.index.uri), "kind": c.index.meta.get("kind"), "vectors": c.index.size,
                 "recall": (c.index.meta.get("recall") or {})},
             "search": "index" if c.index is not None else "exact",
-            "upload": {"available": uploads.spec is not None and uploads.embedder is not None or
-                       (uploads.spec is not None and not uploads.ready.is_set()),
+            "upload": {"available": uploads.embedder is not None or not uploads.ready.is_set(),
                        "ready": uploads.embedder is not None, "reason": uploads.reason,
                        "max_bytes": max_bytes, "max_pixels": max_pixels},
             "dedup": c.dedup_uri is not None, "probe": c.probe_uri is not None,
@@ -231,13 +238,11 @@ def create_app(catalog: Catalog, uploads: Uploads, *, token: str | None = None,
         try:
             data = await _read_limited(request, max_bytes)
             c = table()
-            import anyio.to_thread
-
             q = await anyio.to_thread.run_sync(uploads.embed, data)
         except HTTPException:
-            metrics.rejected += 1
+            metrics.count("rejected")
             raise
-        results = c.search(q, clamp(k))
+        results = await anyio.to_thread.run_sync(c.search, q, clamp(k))
         return answer("image", t0, {"upload": name or "image", "bytes": len(data)}, results)
 
     @app.get("/api/rows")
@@ -253,7 +258,7 @@ def create_app(catalog: Catalog, uploads: Uploads, *, token: str | None = None,
         c = table()
         if id not in c.rows.where:
             raise HTTPException(404, f"no row with id '{id}' in this table")
-        metrics.thumbnails += 1
+        metrics.count("thumbnails")
         data = thumbs.get(id, remap(c.source_of(id), source_map))
         if data is None:
             return Response(PLACEHOLDER, media_type="image/svg+xml", headers={"X-Placeholder": "1"})

@@ -19,7 +19,8 @@ from pipeline import storage
 from pipeline.analytics import index as ix
 from pipeline.analytics import store
 from pipeline.output.layout import ERRORS_DIR, RUNS_DIR
-from pipeline.output.reader import EmbeddingReader, read_embeddings
+from pipeline.output.reader import read_embeddings, snapshot_files
+from pipeline.output.spec import EmbeddingSpec
 
 MAP_POINTS = 5000  # rows drawn on the clusters map (a sample of larger tables, by a hash of id)
 OUTLIERS_SHOWN = 48
@@ -46,16 +47,42 @@ class Rows:
         return out
 
 
-def read_rows(output: str) -> Rows:
-    """One snapshot of OUTPUT's embeddings, vectors scaled to unit length (cosine = dot product)."""
-    t = read_embeddings(output, columns=["id", "source", "label", "embedding"])
-    if t.num_rows == 0:
+def snapshot(output: str) -> tuple[list[str], EmbeddingSpec]:
+    """The files of OUTPUT's embeddings the ledger lists, and their spec (from the first file's footer);
+    ValueError naming the fix for a folder that is no extract output or holds no rows yet."""
+    files = snapshot_files(output)
+    if not files:
         raise ValueError(f"'{output}' holds no embeddings yet: run `pipeline extract --output {output}`")
-    emb = t.column("embedding").combine_chunks()
-    dim = emb.type.list_size
-    x = np.array(emb.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)  # writable
-    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    return Rows(t.column("id").to_pylist(), t.column("source").to_pylist(), t.column("label").to_pylist(), x)
+    with storage.open_input(files[0]) as f:
+        return files, EmbeddingSpec.from_schema(pq.ParquetFile(f).schema_arrow)
+
+
+def read_rows(files: list[str], dim: int) -> Rows:
+    """The snapshot's rows, vectors scaled to unit length (cosine = dot product), read file by file into one
+    preallocated float32 matrix (1M x 256: 1 GiB held, about as much again at the peak)."""
+    counts = []
+    for uri in files:
+        with storage.open_input(uri) as f:
+            counts.append(pq.ParquetFile(f).metadata.num_rows)
+    x = np.empty((sum(counts), dim), np.float32)
+    ids: list[str] = []
+    sources: list[str | None] = []
+    labels: list[str | None] = []
+    at = 0
+    for uri, n in zip(files, counts):
+        with storage.open_input(uri) as f:
+            t = pq.read_table(f, columns=["id", "source", "label", "embedding"])
+        block = x[at:at + n]
+        block[:] = t.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False) \
+            .reshape(n, dim)
+        block /= np.maximum(np.sqrt(np.einsum("ij,ij->i", block, block)), 1e-12)[:, None]
+        ids += t.column("id").to_pylist()
+        sources += t.column("source").to_pylist()
+        labels += t.column("label").to_pylist()
+        at += n
+        del t
+    pa.default_memory_pool().release_unused()
+    return Rows(ids, sources, labels, x)
 
 
 class Index:
@@ -137,12 +164,12 @@ class Catalog:
         self.error: str | None = None
         self.loaded_s: float | None = None
         self.ready = threading.Event()
-        self.spec = EmbeddingReader(output).spec
+        self.files, self.spec = snapshot(output)
 
     def load(self) -> None:
         t0 = time.perf_counter()
         try:
-            self.rows = read_rows(self.output)
+            self.rows = read_rows(self.files, int(self.spec.dim))
             if self.index_uri:
                 self.index = Index(self.index_uri)
         except Exception as e:  # noqa: BLE001 - shown on the page and by /healthz

@@ -16,7 +16,6 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline import storage
-from pipeline.preprocess.decode import DecodeError, decode_image
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -89,6 +88,8 @@ def read_image_bytes(source: str, row_id: str) -> bytes | None:
 
 def thumbnail(data: bytes, size: int, max_pixels: int, max_bytes: int) -> bytes | None:
     """A JPEG of at most ``size`` px on its longest side; None for data that is not a decodable image."""
+    from pipeline.preprocess.decode import DecodeError, decode_image  # its package imports torch: when needed
+
     img = decode_image(data, max_pixels=max_pixels, max_bytes=max_bytes, draft_size=(size, size))
     if isinstance(img, DecodeError):
         return None
