@@ -88,7 +88,7 @@ def measure(out: str, queries: int, warmup: int, k: int, seed: int) -> dict:
 
     before = _mem()["VmRSS"]
     t0 = time.perf_counter()
-    client = TestClient(make_app(ServeConfig(output=out)))
+    client = TestClient(make_app(ServeConfig(output=out)), base_url="http://127.0.0.1:8000")
     while not client.get("/healthz").json()["ready"]:
         time.sleep(0.05)
     load_s = time.perf_counter() - t0

@@ -42,6 +42,12 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 TOKEN = "a-token-of-24-characters"
 
 
+def _client(app_or_cfg) -> TestClient:
+    """A TestClient addressing the app as a browser on this machine does (Host: 127.0.0.1)."""
+    app = make_app(app_or_cfg) if isinstance(app_or_cfg, ServeConfig) else app_or_cfg
+    return TestClient(app, base_url="http://127.0.0.1:8000")
+
+
 def _labelled_head(root: Path) -> str:
     """A linear head trained on a small labelled table of three separable classes."""
     rng = np.random.default_rng(0)
@@ -98,7 +104,7 @@ def served(photos, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(served):
-    with TestClient(make_app(served["cfg"])) as c:
+    with _client(served["cfg"]) as c:
         yield c
 
 
@@ -135,10 +141,10 @@ def test_bad_uploads_are_4xx_with_a_message(served, client):
     assert r.status_code == 400 and "not_an_image" in r.json()["detail"]
     png = io.BytesIO()
     Image.new("RGB", (400, 300), "white").save(png, format="PNG")
-    with TestClient(make_app(ServeConfig(output=str(served["feat"]), max_bytes=500))) as small:
+    with _client(ServeConfig(output=str(served["feat"]), max_bytes=500)) as small:
         r = small.post("/api/search", content=png.getvalue())
         assert r.status_code == 413 and "limit" in r.json()["detail"]
-    with TestClient(make_app(ServeConfig(output=str(served["feat"]), max_pixels=100_000))) as small:
+    with _client(ServeConfig(output=str(served["feat"]), max_pixels=100_000)) as small:
         r = small.post("/api/search", content=png.getvalue())
         assert r.status_code == 413 and "too_many_pixels" in r.json()["detail"], r.json()
         assert "pipeline_serve_rejected_uploads_total 1" in small.get("/metrics").text
@@ -150,7 +156,7 @@ def test_thumbnails_and_a_placeholder_for_an_image_that_is_gone(served, client):
     assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
     assert max(Image.open(io.BytesIO(r.content)).size) == 192
     moved = ServeConfig(output=str(served["feat"]), source_map={str(served["root"] / "img"): "/nowhere"})
-    with TestClient(make_app(moved)) as c:
+    with _client(moved) as c:
         r = c.get("/api/thumb", params={"id": "originals/astronaut.png"})
         assert r.status_code == 200 and r.headers["x-placeholder"] == "1"
     assert client.get("/api/thumb", params={"id": "no/such.png"}).status_code == 404
@@ -165,7 +171,7 @@ def test_an_output_its_index_dedup_and_images_on_s3(served, bucket):
         copy_tree(str(root / "feat" / name), f"{bucket}/feat/{name}")
     copy_tree(str(root / "img"), f"{bucket}/images")
     cfg = ServeConfig(output=f"{bucket}/feat/img", source_map={str(root / "img"): f"{bucket}/images"})
-    with TestClient(make_app(cfg)) as c:
+    with _client(cfg) as c:
         status = c.get("/api/status").json()
         assert status["search"] == "index" and status["dedup"]
         assert status["rows"] == 32 + len(served["planted"])
@@ -200,8 +206,9 @@ def test_duplicates_clusters_probe_head_and_runs(served, client):
     assert all(len(g["removed"]) == 3 for g in dups["groups"]) and dups["by_threshold"]
     cl = client.get("/api/clusters").json()
     assert cl["method"] in ("pca", "umap") and len(cl["points"]) == 32 + len(planted)
-    scores = [o["outlier_score"] for o in cl["outliers"]]
-    assert scores == sorted(scores, reverse=True) and scores
+    for key, column in (("outliers", "outlier_score"), ("far_from_centre", "distance_to_centroid")):
+        scores = [o[column] for o in cl[key]]
+        assert scores == sorted(scores, reverse=True) and scores
     pr = client.get("/api/probe").json()
     assert pr["probe"]["best"]["layer"] == "blocks.4"
     assert np.array(pr["head"]["metrics"]["validation"]["confusion"]).shape == (3, 3)
@@ -230,13 +237,20 @@ def test_a_token_guards_every_request(served):
     with pytest.raises(ConfigError, match="--host 0.0.0.0 exposes the page beyond this machine: give --tok"):
         merge_sources(ServeConfig, None, {"output": str(served["feat"]), "host": "0.0.0.0"})
     cfg = ServeConfig(output=str(served["feat"]), host="0.0.0.0", token=TOKEN)
-    with TestClient(make_app(cfg)) as c:
+    with _client(cfg) as c:
         assert c.get("/healthz").status_code == 401
         wrong = {"Authorization": "Bearer wrong-token-123456789"}
         assert c.get("/api/status", headers=wrong).status_code == 401
         assert c.get("/api/status", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
         assert c.get(f"/?token={TOKEN}").status_code == 200  # sets the page's cookie
         assert c.get("/api/status").status_code == 200
+
+
+def test_without_a_token_only_loopback_names_are_answered(client):
+    assert client.get("/healthz", headers={"Host": "localhost:8000"}).status_code == 200
+    assert client.get("/healthz", headers={"Host": "[::1]:8000"}).status_code == 200
+    r = client.get("/api/status", headers={"Host": "attacker.example:8000"})
+    assert r.status_code == 403 and "DNS rebinding" in r.json()["detail"]
 
 
 def _free_port() -> int:

@@ -2,7 +2,8 @@
 CDN) and the JSON API under /api/ that the page uses; /healthz and /metrics (Prometheus text).
 
 Read-only: no route writes anything. Every request carries the token when one is set (``Authorization:
-Bearer T``, or ``?token=T`` once, which sets a cookie for the page's own requests)."""
+Bearer T``, or ``?token=T`` once, which sets a cookie for the page's own requests); without one, only
+requests addressed to a loopback name are answered (a DNS-rebinding page cannot read it)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from fastapi.staticfiles import StaticFiles
 
 from pipeline import storage
+from pipeline.config.serve import is_loopback
 from pipeline.serve.data import Catalog
 from pipeline.serve.thumbs import Thumbnails, remap
 
@@ -130,6 +132,13 @@ def _authorized(request: Request, token: str | None) -> bool:
     return hmac.compare_digest(given.encode(), token.encode())
 
 
+def _loopback_host(request: Request) -> bool:
+    """Whether the request's Host header names this machine's loopback (checked when there is no token)."""
+    host = request.headers.get("host", "")
+    name = host[1:].split("]")[0] if host.startswith("[") else host.rsplit(":", 1)[0]
+    return is_loopback(name)
+
+
 def _static_dir() -> str:
     return str(resources.files("pipeline.serve") / "static")
 
@@ -165,6 +174,10 @@ def create_app(catalog: Catalog, uploads: Uploads, *, token: str | None = None,
 
     @app.middleware("http")
     async def check_token(request: Request, call_next):
+        if not token and not _loopback_host(request):
+            return JSONResponse({"detail": "this page answers to localhost and 127.0.0.1 only (another name "
+                                           "can be a web page reaching it through DNS rebinding): open it as "
+                                           "http://127.0.0.1:PORT/, or serve with --token"}, status_code=403)
         if not _authorized(request, token):
             return JSONResponse({"detail": "a token is required: add ?token=T to the page's address, or "
                                            "send Authorization: Bearer T"}, status_code=401)

@@ -222,11 +222,12 @@ class Catalog:
         assigned = dict(zip(table.column("id").to_pylist(), table.column("cluster").to_pylist())) \
             if table is not None else {}
         out = map_points(self.rows, assigned)
-        out["outliers"] = []
-        if table is not None and "outlier_score" in table.schema.names:
-            top = table.sort_by([("outlier_score", "descending")]).slice(0, OUTLIERS_SHOWN).to_pylist()
-            out["outliers"] = [{**r, "label": self.rows.labels[self.rows.where[r["id"]]]}
-                               for r in top if r["id"] in self.rows.where]
+        for key, column in (("outliers", "outlier_score"), ("far_from_centre", "distance_to_centroid")):
+            out[key] = []
+            if table is not None and column in table.schema.names:
+                top = table.sort_by([(column, "descending")]).slice(0, OUTLIERS_SHOWN).to_pylist()
+                out[key] = [{**r, "label": self.rows.labels[self.rows.where[r["id"]]]}
+                            for r in top if r["id"] in self.rows.where]
         return out
 
     def probe(self) -> dict[str, Any] | None:

@@ -155,10 +155,15 @@ async function loadClusters() {
     state.map = await api("/api/clusters");
     $("map-about").textContent = `${state.map.method.toUpperCase()} of ${state.map.shown} of ${state.map.rows} rows; hover for the image, click to search from it`;
     drawMap();
-    $("outliers").replaceChildren(...state.map.outliers.slice(0, 24).map((r) =>
-      tile({ id: r.id, label: r.label }, `<br>outlier score <b>${fmt(r.outlier_score)}</b> · cluster ${r.cluster}`)));
+    drawOutliers();
     if (!state.map.outliers.length) setMessage("cluster-message", "no outlier scores: run `pipeline dedup` on this output (it writes clusters.parquet)");
   } catch (e) { setMessage("cluster-message", e.message, true); }
+}
+
+function drawOutliers() {
+  const by = $("outlier-by").value;
+  $("outliers").replaceChildren(...(state.map[by] || []).slice(0, 24).map((r) => tile({ id: r.id, label: r.label },
+    `<br>outlier score <b>${fmt(r.outlier_score)}</b> · to centre <b>${fmt(r.distance_to_centroid)}</b> · cluster ${r.cluster}`)));
 }
 
 function drawMap() {
@@ -199,6 +204,7 @@ function wireMap() {
   canvas.addEventListener("mouseleave", () => { hover.hidden = true; });
   canvas.addEventListener("click", (e) => { const s = nearestPoint(e); if (s) location.hash = "#search?id=" + encodeURIComponent(s.p.id); });
   $("colour-by").addEventListener("change", () => state.map && drawMap());
+  $("outlier-by").addEventListener("change", () => state.map && drawOutliers());
 }
 
 // ---- probe and heads -------------------------------------------------------------------------------------
