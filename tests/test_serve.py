@@ -182,12 +182,36 @@ def test_an_output_its_index_dedup_and_images_on_s3(served, bucket):
         assert r.headers["content-type"] == "image/jpeg" and "x-placeholder" not in r.headers
 
 
+def test_a_mismatched_index_and_damaged_files_are_named_never_a_500(served, tmp_path):
+    """An L2 index beside the output is not used (the page ranks by cosine): exact search, and why; given as
+    --index it is refused at start. A truncated dedup.json and a malformed probe.json are 422s naming them."""
+    out = tmp_path / "img"
+    copy_tree(str(served["feat"]), str(out))
+    build(IndexBuildConfig(embeddings=str(out), output=f"{out}-index", metric="l2", runtime=RT))
+    copy_tree(f"{served['feat']}-dedup", f"{out}-dedup")
+    Path(f"{out}-dedup/dedup.json").write_text('{"threshold": 0.8, "by_thr')
+    (tmp_path / "probe").mkdir()
+    (tmp_path / "probe" / "probe.json").write_text("[1, 2]")
+    original = sorted(set(served["planted"].values()))[0]
+    with _client(ServeConfig(output=str(out), probe=str(tmp_path / "probe"))) as c:
+        status = c.get("/api/status").json()
+        assert status["search"] == "exact" and "cosine" in status["index_note"]
+        found = [r["id"] for r in c.get("/api/search", params={"id": original, "k": 3}).json()["results"]]
+        assert sorted(found) == sorted(p for p, o in served["planted"].items() if o == original)
+        r = c.get("/api/duplicates")
+        assert r.status_code == 422 and "dedup.json" in r.json()["detail"]
+        r = c.get("/api/probe")
+        assert r.status_code == 422 and "probe.json" in r.json()["detail"]
+    with pytest.raises(ConfigError, match="--index .* ranks by l2 distance"):
+        make_app(ServeConfig(output=str(out), index=f"{out}-index"), start_loading=False)
+
+
 def test_thumbnails_of_webdataset_members_and_parquet_cells(tmp_path):
     img = io.BytesIO()
     Image.new("RGB", (64, 48), "red").save(img, format="JPEG")
     data = img.getvalue()
     with tarfile.open(tmp_path / "shard-0.tar", "w") as tf:
-        for name, payload in (("a/k1.jpg", b"junk"), ("a/k1x.jpg", b"junk"), ("a/k2.jpg", data),
+        for name, payload in (("a/k1.jpg", b"junk"), ("x/a/k2.jpg", b"junk"), ("./a/k2.jpg", data),
                               ("a/k2.cls", b"3")):
             info = tarfile.TarInfo(name)
             info.size = len(payload)
@@ -335,6 +359,8 @@ def test_the_page_in_chromium_finds_originals_pivots_and_renders_every_tab(serve
         page.reload()  # the URL holds the query
         page.wait_for_selector("#results .tile[data-score]")
         assert page.locator("#results .tile").evaluate_all("ts => ts.map(t => t.dataset.id)") == after
+        page.goto(f"{live_server}/#search?id={original}&k=7")  # a shared link with a k the menu lacks
+        page.wait_for_function("() => document.querySelectorAll('#results .tile').length === 7")
         page.goto(live_server + "/#duplicates")
         page.wait_for_selector("#groups .group")
         assert page.locator("#groups .group").count() == len(set(served["planted"].values()))

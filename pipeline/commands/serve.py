@@ -37,6 +37,26 @@ def found_beside(cfg: ServeConfig) -> dict[str, str | None]:
     return found
 
 
+def index_problem(uri: str, spec: EmbeddingSpec) -> str | None:
+    """Why the index at ``uri`` cannot serve this table's searches (None: it can): unreadable, another metric
+    than cosine (the page ranks and labels scores by cosine), or built from other embeddings."""
+    from pipeline.analytics import store
+
+    try:
+        meta = store.read_meta(uri)
+    except (ValueError, OSError) as e:
+        return f"its index.json cannot be read ({e})"
+    if not isinstance(meta, dict) or "params" not in meta:
+        return "its index.json is not what `pipeline index build` writes"
+    if meta.get("metric", "cosine") != "cosine":
+        return (f"it ranks by {meta.get('metric')} distance and the page by cosine: build one with "
+                "`pipeline index build --metric cosine`")
+    diff = EmbeddingSpec.parse(meta.get("spec")).feature_differences(spec, mine="index", theirs="table")
+    if diff:
+        return f"it was built from other embeddings ({'; '.join(diff)}): rebuild it from this output"
+    return None
+
+
 def upload_spec(spec: EmbeddingSpec, cfg: ServeConfig) -> tuple[Any | None, str | None]:
     """The EmbedderSpec that embeds an uploaded image as the table's rows were (its model, weights, cut,
     pooling, preprocessing and precision), or None and why search by image is not available. Called in the
@@ -45,8 +65,9 @@ def upload_spec(spec: EmbeddingSpec, cfg: ServeConfig) -> tuple[Any | None, str 
 
     try:
         backbone = backbone_for(spec)
-    except ValueError as e:
-        return None, str(e)
+    except ValueError:
+        return None, ("the table's embeddings name no model that made them (they were not written by "
+                      "`pipeline extract`): search by row id")
     from pipeline.embed import EmbedderSpec
 
     precision = getattr(spec, "precision", None) or "fp32"
@@ -61,7 +82,15 @@ def make_app(cfg: ServeConfig, *, start_loading: bool = True):
     from pipeline.serve import Catalog, Uploads, create_app
 
     beside = found_beside(cfg)
-    catalog = Catalog(cfg.output, **beside)
+    catalog = Catalog(cfg.output, **{**beside, "index": None})
+    if beside["index"]:
+        problem = index_problem(beside["index"], catalog.spec)
+        if problem and cfg.index:
+            raise ConfigError(f"--index {cfg.index}: {problem}")
+        if problem:
+            catalog.index_note = f"'{beside['index']}' beside the output is not used: {problem}; exact search"
+        else:
+            catalog.index_uri = beside["index"]
     uploads = Uploads(lambda: upload_spec(catalog.spec, cfg))
     return create_app(catalog, uploads, token=cfg.token, source_map=cfg.source_map, k=cfg.k,
                       thumbnail_px=cfg.thumbnail_px, cache_thumbnails=cfg.cache_thumbnails,

@@ -22,7 +22,7 @@ from fastapi.staticfiles import StaticFiles
 
 from pipeline import storage
 from pipeline.config.serve import is_loopback
-from pipeline.serve.data import Catalog
+from pipeline.serve.data import Catalog, DamagedFile
 from pipeline.serve.thumbs import Thumbnails, remap
 
 TOKEN_COOKIE = "pipeline_serve_token"
@@ -127,9 +127,10 @@ class Uploads:
 def _authorized(request: Request, token: str | None) -> bool:
     if not token:
         return True
-    given = request.headers.get("authorization", "").removeprefix("Bearer ").strip() \
-        or request.query_params.get("token") or request.cookies.get(TOKEN_COOKIE) or ""
-    return hmac.compare_digest(given.encode(), token.encode())
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    offered = [value.strip()] if scheme.lower() == "bearer" else []
+    offered += [request.query_params.get("token") or "", request.cookies.get(TOKEN_COOKIE) or ""]
+    return any(hmac.compare_digest(given.encode(), token.encode()) for given in offered if given)
 
 
 def _loopback_host(request: Request) -> bool:
@@ -146,12 +147,13 @@ def _static_dir() -> str:
 async def _read_limited(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"upload is {declared} bytes, above the limit of {limit} (--max-bytes)")
+        raise HTTPException(413, f"upload is {declared} bytes, above the limit of {limit} "
+                                 "(--set max_bytes=N)")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise HTTPException(413, f"upload is over {limit} bytes, the limit (--max-bytes)")
+            raise HTTPException(413, f"upload is over {limit} bytes, the limit (--set max_bytes=N)")
     if not body:
         raise HTTPException(400, "empty upload: send the image file's bytes as the request body")
     return bytes(body)
@@ -162,8 +164,8 @@ def create_app(catalog: Catalog, uploads: Uploads, *, token: str | None = None,
                cache_thumbnails: int = 4096, max_bytes: int = 64 << 20, max_pixels: int = 50_000_000,
                start_loading: bool = True) -> FastAPI:
     """The app over a Catalog; ``start_loading`` loads the table and the model in background threads."""
-    app = FastAPI(title="pipeline serve", docs_url="/api/docs", openapi_url="/api/openapi.json",
-                  redoc_url=None)
+    # no /docs page: FastAPI's loads its script from a CDN, and the app serves everything itself
+    app = FastAPI(title="pipeline serve", docs_url=None, openapi_url="/api/openapi.json", redoc_url=None)
     metrics = Metrics()
     thumbs = Thumbnails(thumbnail_px, cache_thumbnails, max_pixels=max_pixels, max_bytes=max_bytes)
     source_map = dict(source_map or {})
@@ -171,6 +173,10 @@ def create_app(catalog: Catalog, uploads: Uploads, *, token: str | None = None,
     if start_loading:
         catalog.start()
         threading.Thread(target=uploads.load, name="model-load", daemon=True).start()
+
+    @app.exception_handler(DamagedFile)
+    async def damaged(request: Request, exc: DamagedFile) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
 
     @app.middleware("http")
     async def check_token(request: Request, call_next):
@@ -218,7 +224,7 @@ def create_app(catalog: Catalog, uploads: Uploads, *, token: str | None = None,
             "index": None if c.index is None else {
                 "uri": storage.redact(c.index.uri), "kind": c.index.meta.get("kind"), "vectors": c.index.size,
                 "recall": (c.index.meta.get("recall") or {})},
-            "search": "index" if c.index is not None else "exact",
+            "search": "index" if c.index is not None else "exact", "index_note": c.index_note,
             "upload": {"available": uploads.embedder is not None or not uploads.ready.is_set(),
                        "ready": uploads.embedder is not None, "reason": uploads.reason,
                        "max_bytes": max_bytes, "max_pixels": max_pixels},
@@ -250,10 +256,11 @@ def create_app(catalog: Catalog, uploads: Uploads, *, token: str | None = None,
         t0 = time.perf_counter()
         try:
             data = await _read_limited(request, max_bytes)
-            c = table()
+            c = await anyio.to_thread.run_sync(table)  # waiting for the table must not hold the event loop
             q = await anyio.to_thread.run_sync(uploads.embed, data)
-        except HTTPException:
-            metrics.count("rejected")
+        except HTTPException as e:
+            if 400 <= e.status_code < 500:
+                metrics.count("rejected")
             raise
         results = await anyio.to_thread.run_sync(c.search, q, clamp(k))
         return answer("image", t0, {"upload": name or "image", "bytes": len(data)}, results)

@@ -22,6 +22,11 @@ from pipeline.output.layout import ERRORS_DIR, RUNS_DIR
 from pipeline.output.reader import read_embeddings, snapshot_files
 from pipeline.output.spec import EmbeddingSpec
 
+
+class DamagedFile(ValueError):
+    """A file beside the output that cannot be read as what wrote it writes (the page says which)."""
+
+
 MAP_POINTS = 5000  # rows drawn on the clusters map (a sample of larger tables, by a hash of id)
 OUTLIERS_SHOWN = 48
 ERRORS_SHOWN = 500
@@ -75,6 +80,7 @@ def read_rows(files: list[str], dim: int) -> Rows:
         block = x[at:at + n]
         block[:] = t.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False) \
             .reshape(n, dim)
+        np.nan_to_num(block, copy=False, nan=0.0, posinf=0.0, neginf=0.0)  # a damaged row cannot break PCA
         block /= np.maximum(np.sqrt(np.einsum("ij,ij->i", block, block)), 1e-12)[:, None]
         ids += t.column("id").to_pylist()
         sources += t.column("source").to_pylist()
@@ -109,17 +115,33 @@ def exact_search(rows: Rows, q: np.ndarray, k: int) -> list[tuple[str, float]]:
     return [(rows.ids[i], float(s[i])) for i in top]
 
 
-def read_json(uri: str | None) -> dict[str, Any] | None:
+def read_json(uri: str | None, needs: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    """A JSON object with the keys ``needs``; None when there is no file; DamagedFile when it is no such."""
     if uri is None or not storage.exists(uri):
         return None
-    return json.loads(storage.read_bytes(uri))
+    try:
+        out = json.loads(storage.read_bytes(uri))
+    except (ValueError, OSError) as e:
+        raise DamagedFile(f"'{uri}' cannot be read ({e}): rerun the command that wrote it") from None
+    if not isinstance(out, dict) or any(k not in out for k in needs):
+        raise DamagedFile(f"'{uri}' is not what `pipeline` writes there (an object with {', '.join(needs)}): "
+                          "rerun the command that wrote it")
+    return out
 
 
-def read_parquet(uri: str) -> pa.Table | None:
+def read_parquet(uri: str, columns: tuple[str, ...]) -> pa.Table | None:
+    """The table with ``columns``; None when there is no file; DamagedFile when it cannot be read so."""
     if not storage.exists(uri):
         return None
-    with storage.open_input(uri) as f:
-        return pq.read_table(f)
+    try:
+        with storage.open_input(uri) as f:
+            t = pq.read_table(f)
+    except (OSError, ValueError, pa.ArrowException) as e:
+        raise DamagedFile(f"'{uri}' cannot be read ({e}): rerun the command that wrote it") from None
+    missing = [c for c in columns if c not in t.schema.names]
+    if missing:
+        raise DamagedFile(f"'{uri}' has no column {', '.join(missing)}: rerun the command that wrote it")
+    return t
 
 
 def pca_2d(x: np.ndarray) -> np.ndarray:
@@ -161,6 +183,7 @@ class Catalog:
         self.probe_uri, self.head_uri = probe, head
         self.rows: Rows | None = None
         self.index: Index | None = None
+        self.index_note: str | None = None  # why an index beside the output is not used
         self.error: str | None = None
         self.loaded_s: float | None = None
         self.ready = threading.Event()
@@ -170,12 +193,27 @@ class Catalog:
         t0 = time.perf_counter()
         try:
             self.rows = read_rows(self.files, int(self.spec.dim))
-            if self.index_uri:
-                self.index = Index(self.index_uri)
         except Exception as e:  # noqa: BLE001 - shown on the page and by /healthz
             self.error = f"{type(e).__name__}: {e}"
+        if self.index_uri and self.rows is not None:
+            self.load_index()
         self.loaded_s = round(time.perf_counter() - t0, 3)
         self.ready.set()
+
+    def load_index(self) -> None:
+        """The index, unless it cannot be read or holds other rows: then exact search, and why."""
+        try:
+            index = Index(self.index_uri)
+        except Exception as e:  # noqa: BLE001 - the page falls back to exact search and says why
+            self.index_note = f"'{self.index_uri}' cannot be read ({type(e).__name__}: {e}): exact search"
+            return
+        held = [i for i in index.ids if i is not None]
+        found = sum(i in self.rows.where for i in held)
+        if found < 0.5 * max(len(held), 1):
+            self.index_note = (f"'{self.index_uri}' holds other rows ({found} of its {len(held)} ids are in "
+                               "this table): exact search; rebuild it with `pipeline index build`")
+            return
+        self.index = index
 
     def start(self) -> None:
         threading.Thread(target=self.load, name="catalog-load", daemon=True).start()
@@ -205,12 +243,14 @@ class Catalog:
         if not self.dedup_uri:
             return None
         summary = read_json(storage.join(self.dedup_uri, "dedup.json")) or {}
-        dup = read_parquet(storage.join(self.dedup_uri, "duplicates.parquet"))
+        dup = read_parquet(storage.join(self.dedup_uri, "duplicates.parquet"),
+                           ("id", "duplicate_of", "similarity"))
         if dup is None:
             return None
         groups: dict[str, list[dict[str, Any]]] = {}
         for r in dup.to_pylist():
-            groups.setdefault(r["duplicate_of"], []).append({"id": r["id"], "similarity": r["similarity"]})
+            groups.setdefault(r["duplicate_of"], []).append({"id": r["id"],
+                                                             "similarity": r["similarity"] or 0.0})
         ordered = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
         return {"threshold": summary.get("threshold"), "keep_rule": summary.get("keep_rule"),
                 "rows": summary.get("rows"), "by_threshold": summary.get("by_threshold", {}),
@@ -218,7 +258,8 @@ class Catalog:
                            for kept, m in ordered]}
 
     def clusters(self) -> dict[str, Any]:
-        table = read_parquet(storage.join(self.dedup_uri, "clusters.parquet")) if self.dedup_uri else None
+        table = read_parquet(storage.join(self.dedup_uri, "clusters.parquet"), ("id", "cluster")) \
+            if self.dedup_uri else None
         assigned = dict(zip(table.column("id").to_pylist(), table.column("cluster").to_pylist())) \
             if table is not None else {}
         out = map_points(self.rows, assigned)
@@ -231,7 +272,9 @@ class Catalog:
         return out
 
     def probe(self) -> dict[str, Any] | None:
-        return read_json(storage.join(self.probe_uri, "probe.json")) if self.probe_uri else None
+        if not self.probe_uri:
+            return None
+        return read_json(storage.join(self.probe_uri, "probe.json"), ("best", "results"))
 
     def head(self) -> dict[str, Any] | None:
         meta = read_json(storage.join(self.head_uri, "head.json")) if self.head_uri else None
@@ -251,17 +294,22 @@ class Catalog:
                     r = json.loads(storage.read_bytes(f.uri))
                 except (ValueError, OSError):
                     continue  # a record being written or damaged: left out
+                if not isinstance(r, dict):
+                    continue
                 out.append({k: r.get(k) for k in ("run_id", "kind", "started_at", "source", "counts",
                                                   "error_kinds", "images_per_s", "timings", "plan",
                                                   "ledger", "run_date")})
-        return sorted(out, key=lambda r: r.get("started_at") or "", reverse=True)
+        return sorted(out, key=lambda r: str(r.get("started_at") or ""), reverse=True)
 
     def errors(self, run_date: str | None = None) -> dict[str, Any]:
         """The error rows of the snapshot (of one nightly run date when given): id, source, kind, message."""
+        if not snapshot_files(self.output, ERRORS_DIR):
+            return {"rows": 0, "shown": []}
         try:
             t = read_embeddings(self.output, ERRORS_DIR)
-        except ValueError:
-            return {"rows": 0, "shown": []}
+        except (OSError, ValueError, pa.ArrowException) as e:
+            raise DamagedFile(f"the error rows of '{self.output}' cannot be read ({e}): `pipeline verify "
+                              f"{self.output} --repair`") from None
         if run_date and "run_date" in t.schema.names:
             t = t.filter(pc.equal(t.column("run_date").cast(pa.string()), run_date))
         keep = [c for c in ("id", "source", "error_kind", "error_message", "run_date") if c in t.schema.names]

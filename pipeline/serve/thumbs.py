@@ -32,15 +32,23 @@ def remap(source: str | None, source_map: dict[str, str]) -> str | None:
 
 
 def _tar_member(uri: str, row_id: str) -> bytes | None:
-    """The image member of the sample whose key ends ``row_id`` (``<shard rel>/<key>``)."""
+    """The image member of the sample ``row_id`` names: ``<shard rel>/<key>``, where the shard's rel ends with
+    the tar's file name and the key is a member's path up to the first dot of its file name (without a
+    leading ``./``), as the WebDataset reader names samples."""
+    tar_name = uri.rstrip("/").rsplit("/", 1)[-1]
+    at = row_id.rfind(tar_name + "/")
+    if at < 0:
+        return None
+    want = row_id[at + len(tar_name) + 1:]
     with storage.open_input(uri) as f, tarfile.open(fileobj=f, mode="r|*") as tf:
         for m in tf:
             if not m.isfile():
                 continue
-            base = m.name.rsplit("/", 1)
-            stem, _, ext = base[-1].partition(".")
-            key = (base[0] + "/" + stem) if len(base) == 2 else stem
-            if ext.lower() in IMAGE_SUFFIXES and row_id.endswith("/" + key):
+            name = m.name[2:] if m.name.startswith("./") else m.name
+            folder, _, base = name.rpartition("/")
+            stem, _, ext = base.partition(".")
+            key = f"{folder}/{stem}" if folder else stem
+            if ext.lower() in IMAGE_SUFFIXES and key == want:
                 data = tf.extractfile(m)
                 return data.read() if data is not None else None
     return None

@@ -12,7 +12,10 @@ const fmt = (x, d = 3) => (x === null || x === undefined ? "–" : Number(x).toF
 async function api(path, options) {
   const r = await fetch(path, options);
   const body = await r.json().catch(() => ({}));
-  if (!r.ok) throw new Error(body.detail || r.status + " " + r.statusText);
+  if (!r.ok) {
+    const d = body.detail;
+    throw new Error(Array.isArray(d) ? d.map((x) => `${(x.loc || []).slice(-1)[0]}: ${x.msg}`).join("; ") : d || r.status + " " + r.statusText);
+  }
   return body;
 }
 
@@ -58,7 +61,10 @@ function showResults(body, queryHtml) {
 
 async function showSearch(params) {
   const id = params.get("id");
-  if (params.get("k")) $("k").value = params.get("k");
+  const asked = parseInt(params.get("k"), 10);
+  const k = Number.isFinite(asked) ? Math.max(1, Math.min(200, asked)) : 0;
+  if (k && ![...$("k").options].some((o) => o.value === String(k))) $("k").add(new Option(String(k)));
+  if (k) $("k").value = String(k);
   if (!id) { if (!state.searched) browse(); return; }
   $("query-id").value = id;
   setMessage("search-message", "searching…");
@@ -163,7 +169,7 @@ async function loadClusters() {
 function drawOutliers() {
   const by = $("outlier-by").value;
   $("outliers").replaceChildren(...(state.map[by] || []).slice(0, 24).map((r) => tile({ id: r.id, label: r.label },
-    `<br>outlier score <b>${fmt(r.outlier_score)}</b> · to centre <b>${fmt(r.distance_to_centroid)}</b> · cluster ${r.cluster}`)));
+    `<br>outlier score <b>${fmt(r.outlier_score)}</b> · to centre <b>${fmt(r.distance_to_centroid)}</b> · cluster ${esc(r.cluster)}`)));
 }
 
 function drawMap() {
@@ -198,7 +204,7 @@ function wireMap() {
     hover.style.left = (e.offsetX + 12) + "px"; hover.style.top = (e.offsetY + 12) + "px";
     if (hover.dataset.id !== s.p.id) {
       hover.dataset.id = s.p.id;
-      hover.innerHTML = `<img alt="" src="${thumb(s.p.id)}">${esc(s.p.id)}<br>${esc(s.p.label ?? "")} cluster ${s.p.cluster ?? "–"}`;
+      hover.innerHTML = `<img alt="" src="${thumb(s.p.id)}">${esc(s.p.id)}<br>${esc(s.p.label ?? "")} cluster ${esc(s.p.cluster ?? "–")}`;
     }
   });
   canvas.addEventListener("mouseleave", () => { hover.hidden = true; });
@@ -215,7 +221,7 @@ async function loadProbe() {
     if (probe) {
       const best = probe.best || {};
       const rows = probe.results.map((r) => `<tr class="${r.model === best.model && r.layer === best.layer ? "best" : ""}">` +
-        `<td>${esc(r.model)}</td><td>${esc(r.layer)}</td><td class="num">${r.dim}</td><td class="num">${fmt(r.accuracy)}</td>` +
+        `<td>${esc(r.model)}</td><td>${esc(r.layer)}</td><td class="num">${esc(r.dim)}</td><td class="num">${fmt(r.accuracy)}</td>` +
         `<td class="num">${fmt(r.macro_f1)}</td><td class="num">${fmt(r.forward_ms_per_image, 1)}</td></tr>`).join("");
       $("probe").innerHTML = `<h2>Probe: which cut is best (linear head per cut; best: ${esc(best.model)} @ ${esc(best.layer)})</h2>` +
         `<table><tr><th>model</th><th>layer</th><th>dim</th><th>val accuracy</th><th>macro-F1</th><th>ms / image</th></tr>${rows}</table>` +
@@ -228,11 +234,11 @@ async function loadProbe() {
 function headHtml(head) {
   const val = (head.metrics || {}).validation || {};
   const classes = head.classes || [], cm = val.confusion || [];
-  const peak = Math.max(1, ...cm.flat());
+  const peak = Math.max(1, ...cm.flat().map(Number).filter(Number.isFinite));
   const cells = cm.map((row, i) => `<tr><th>${esc(classes[i])}</th>` + row.map((n) =>
-    `<td style="background: rgba(37,99,235,${(n / peak * 0.8).toFixed(2)}); color: ${n / peak > 0.5 ? "#fff" : "inherit"}">${n}</td>`).join("") + "</tr>").join("");
-  return `<h2>Head: ${esc((head.head || {}).type)} over ${(head.head || {}).input_dim} features, ${classes.length} classes</h2>` +
-    `<p>validation accuracy <b>${fmt(val.accuracy)}</b>, macro-F1 <b>${fmt(val.macro_f1)}</b> on ${val.rows ?? "–"} rows</p>` +
+    `<td style="background: rgba(37,99,235,${(Number(n) / peak * 0.8 || 0).toFixed(2)}); color: ${Number(n) / peak > 0.5 ? "#fff" : "inherit"}">${esc(n)}</td>`).join("") + "</tr>").join("");
+  return `<h2>Head: ${esc((head.head || {}).type)} over ${esc((head.head || {}).input_dim)} features, ${classes.length} classes</h2>` +
+    `<p>validation accuracy <b>${fmt(val.accuracy)}</b>, macro-F1 <b>${fmt(val.macro_f1)}</b> on ${esc(val.rows ?? "–")} rows</p>` +
     (cm.length ? `<table class="confusion"><tr><th>true \\ predicted</th>${classes.map((c) => `<th>${esc(c)}</th>`).join("")}</tr>${cells}</table>` : "");
 }
 
@@ -241,11 +247,11 @@ async function loadRuns() {
   try {
     const { runs } = await api("/api/runs");
     const rows = runs.map((r, i) => {
-      const c = r.counts || {}, kinds = Object.entries(r.error_kinds || {}).map(([k, v]) => `${esc(k)}=${v}`).join(", ");
+      const c = r.counts || {}, kinds = Object.entries(r.error_kinds || {}).map(([k, v]) => `${esc(k)}=${esc(v)}`).join(", ");
       const plan = r.plan || {}, settings = plan.settings || {};
       return `<tr class="clickable" data-run="${i}"><td>${esc((r.started_at || "").slice(0, 19).replace("T", " "))}</td><td>${esc(r.kind)}</td>` +
-        `<td>${esc(r.run_date ?? "")}</td><td class="num">${c.inputs ?? "–"}</td><td class="num">${c.embedded ?? "–"}</td>` +
-        `<td class="num">${c.failed ?? "–"}</td><td>${kinds}</td><td class="num">${fmt(r.images_per_s, 1)}</td>` +
+        `<td>${esc(r.run_date ?? "")}</td><td class="num">${esc(c.inputs ?? "–")}</td><td class="num">${esc(c.embedded ?? "–")}</td>` +
+        `<td class="num">${esc(c.failed ?? "–")}</td><td>${kinds}</td><td class="num">${fmt(r.images_per_s, 1)}</td>` +
         `<td>${esc(plan.precision ?? "")} ${settings.actors ? esc(settings.actors) + " actors" : ""}</td></tr>`;
     }).join("");
     $("runs").innerHTML = runs.length ? `<table><tr><th>started (UTC)</th><th>kind</th><th>run date</th><th>inputs</th><th>embedded</th>` +
@@ -258,7 +264,7 @@ async function loadRuns() {
 async function loadErrors(run) {
   const body = await api("/api/errors" + (run.run_date ? "?run_date=" + encodeURIComponent(run.run_date) : ""));
   $("errors-title").hidden = false;
-  $("errors-title").textContent = `Error rows${run.run_date ? " of " + run.run_date : ""} (${body.rows})`;
+  $("errors-title").textContent = `Error rows${run.run_date ? " of " + run.run_date : ""} (${Number(body.rows)})`;
   $("errors").innerHTML = body.rows ? `<table><tr><th>id</th><th>kind</th><th>message</th><th>source</th></tr>` +
     body.shown.map((r) => `<tr><td>${esc(r.id)}</td><td>${esc(r.error_kind)}</td><td>${esc(r.error_message)}</td><td>${esc(r.source)}</td></tr>`).join("") +
     "</table>" : '<p class="muted">no error rows: every image of the snapshot was embedded</p>';
@@ -282,6 +288,7 @@ async function start() {
   if (!s) return;
   $("about").textContent = `${s.output} · ${s.rows} rows · ${s.model ?? "?"} @ ${s.layer ?? "?"} (${s.pool ?? "?"}, ${s.dim}-d) · ` +
     (s.index ? `${s.index.kind} index of ${s.index.vectors} vectors` : "exact search") +
+    (s.index_note ? ` (${s.index_note})` : "") +
     (s.upload.available ? "" : ` · search by image unavailable: ${s.upload.reason}`);
   route();
 }
