@@ -298,7 +298,7 @@ def _wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float =
     raise AssertionError("not ready")
 
 
-def test_the_command_serves_the_page_and_finds_what_is_beside_the_output(served):
+def test_the_command_serves_the_page_and_finds_what_is_beside_the_output(served, cli):
     port = _free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "pipeline", "serve", str(served["feat"]), "--port", str(port)]
@@ -310,6 +310,8 @@ def test_the_command_serves_the_page_and_finds_what_is_beside_the_output(served)
         assert '<input type="file" id="upload"' in page
         status = json.loads(urllib.request.urlopen(url + "/api/status").read())
         assert status["search"] == "index" and status["dedup"]
+        second = cli("serve", str(served["feat"]), "--port", str(port))
+        assert second.returncode == 2 and "cannot listen on" in second.stderr
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=30)

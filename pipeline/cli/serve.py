@@ -46,6 +46,9 @@ def serve(
              "port": port, "token": token or os.environ.get(TOKEN_ENV) or None,
              "source_map": parse_source_map(source_map) or None}
 
+    if output is None and config is None:
+        fail("give the output to serve: pipeline serve OUTPUT (an extract OUTPUT folder, local or s3://)")
+
     def go():
         from pipeline.commands.serve import serve as run_serve
 

@@ -99,12 +99,20 @@ def make_app(cfg: ServeConfig, *, start_loading: bool = True):
 
 def serve(cfg: ServeConfig) -> None:
     """Run the app with uvicorn until interrupted."""
+    import socket
+
     import uvicorn
 
+    try:  # a port in use is a clear line and exit 2, before the page is announced
+        with socket.create_server((cfg.host, cfg.port)) as s:
+            port = s.getsockname()[1] if cfg.port == 0 else cfg.port
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror or e}): choose another "
+                          "--port, or stop what uses it") from None
     app = make_app(cfg)
     beside = {k: v for k, v in found_beside(cfg).items() if v}
     print(f"serving {storage.redact(cfg.output)}"
           + "".join(f"\n  {k:<6} {storage.redact(v)}" for k, v in beside.items())
-          + f"\n  open   http://{cfg.host}:{cfg.port}/" + ("?token=<your token>" if cfg.token else ""),
+          + f"\n  open   http://{cfg.host}:{port}/" + ("?token=<your token>" if cfg.token else ""),
           flush=True)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+    uvicorn.run(app, host=cfg.host, port=port, log_level="warning")

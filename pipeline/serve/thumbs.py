@@ -132,7 +132,7 @@ class Thumbnails:
                 out = thumbnail(data, self.size, self.max_pixels, self.max_bytes) if data else None
             except (OSError, ValueError, tarfile.TarError, pa.ArrowException):
                 out = None  # gone, unreadable or damaged: the page shows a placeholder
-        if self.capacity:
+        if self.capacity and out is not None:  # a missing image is looked for again next time
             with self._lock:
                 self._cache[row_id] = out
                 while len(self._cache) > self.capacity:
