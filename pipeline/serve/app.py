@@ -11,6 +11,7 @@ import hmac
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
@@ -159,20 +160,58 @@ async def _read_limited(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def create_app(catalog: Catalog, uploads: Uploads, *, token: str | None = None,
-               source_map: dict[str, str] | None = None, k: int = 12, thumbnail_px: int = 192,
-               cache_thumbnails: int = 4096, max_bytes: int = 64 << 20, max_pixels: int = 50_000_000,
-               start_loading: bool = True) -> FastAPI:
-    """The app over a Catalog; ``start_loading`` loads the table and the model in background threads."""
-    # no /docs page: FastAPI's loads its script from a CDN, and the app serves everything itself
-    app = FastAPI(title="pipeline serve", docs_url=None, openapi_url="/api/openapi.json", redoc_url=None)
-    metrics = Metrics()
-    thumbs = Thumbnails(thumbnail_px, cache_thumbnails, max_pixels=max_pixels, max_bytes=max_bytes)
-    source_map = dict(source_map or {})
-    cached: dict[str, Any] = {}
-    if start_loading:
-        catalog.start()
-        threading.Thread(target=uploads.load, name="model-load", daemon=True).start()
+@dataclass
+class Served:
+    """What the routes share: the catalog, the upload embedder, the counters, the thumbnails, the settings."""
+
+    catalog: Catalog
+    uploads: Uploads
+    thumbs: Thumbnails
+    token: str | None
+    source_map: dict[str, str]
+    k: int
+    max_bytes: int
+    max_pixels: int
+    metrics: Metrics = field(default_factory=Metrics)
+    cached: dict[str, Any] = field(default_factory=dict)
+
+    def table(self, wait: float = READY_WAIT_S) -> Catalog:
+        """The loaded catalog, waiting for it up to ``wait`` s (then 503)."""
+        if not self.catalog.ready.wait(wait):
+            raise HTTPException(503, "the table is still loading: try again in a few seconds")
+        if self.catalog.error:
+            raise HTTPException(500, f"the output could not be read: {self.catalog.error}")
+        return self.catalog
+
+    def answer(self, by: str, t0: float, query: dict[str, Any], results: list[dict[str, Any]]
+               ) -> dict[str, Any]:
+        took = time.perf_counter() - t0
+        self.metrics.observe(by, took)
+        return {"query": query, "results": results, "took_ms": round(1000 * took, 2)}
+
+    def clamp(self, n: int | None) -> int:
+        return max(1, min(int(n or self.k), 200))
+
+    def status(self) -> dict[str, Any]:
+        c, up = self.table(wait=1.0), self.uploads  # the page polls it: answers at once, 503 while loading
+        spec = c.spec
+        return {
+            "output": storage.redact(c.output), "rows": len(c.rows.ids), "dim": int(c.rows.x.shape[1]),
+            "model": spec.model, "layer": spec.layer, "pool": spec.pool, "k": self.k, "loaded_s": c.loaded_s,
+            "index": None if c.index is None else {
+                "uri": storage.redact(c.index.uri), "kind": c.index.meta.get("kind"), "vectors": c.index.size,
+                "recall": (c.index.meta.get("recall") or {})},
+            "search": "index" if c.index is not None else "exact", "index_note": c.index_note,
+            "upload": {"available": up.embedder is not None or not up.ready.is_set(),
+                       "ready": up.embedder is not None, "reason": up.reason,
+                       "max_bytes": self.max_bytes, "max_pixels": self.max_pixels},
+            "dedup": c.dedup_uri is not None, "probe": c.probe_uri is not None,
+            "head": c.head_uri is not None,
+        }
+
+
+def _guard(app: FastAPI, s: Served) -> None:
+    """Damaged files as 422s; the Host check (no token) or the token on every request."""
 
     @app.exception_handler(DamagedFile)
     async def damaged(request: Request, exc: DamagedFile) -> JSONResponse:
@@ -180,25 +219,22 @@ def create_app(catalog: Catalog, uploads: Uploads, *, token: str | None = None,
 
     @app.middleware("http")
     async def check_token(request: Request, call_next):
-        if not token and not _loopback_host(request):
+        if not s.token and not _loopback_host(request):
             return JSONResponse({"detail": "this page answers to localhost and 127.0.0.1 only (another name "
                                            "can be a web page reaching it through DNS rebinding): open it as "
                                            "http://127.0.0.1:PORT/, or serve with --token"}, status_code=403)
-        if not _authorized(request, token):
+        if not _authorized(request, s.token):
             return JSONResponse({"detail": "a token is required: add ?token=T to the page's address, or "
                                            "send Authorization: Bearer T"}, status_code=401)
         response = await call_next(request)
-        if token and request.query_params.get("token"):
-            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
+        if s.token and request.query_params.get("token"):
+            response.set_cookie(TOKEN_COOKIE, s.token, httponly=True, samesite="strict")
         response.headers.setdefault("Cache-Control", "no-store")
         return response
 
-    def table(wait: float = READY_WAIT_S) -> Catalog:
-        if not catalog.ready.wait(wait):
-            raise HTTPException(503, "the table is still loading: try again in a few seconds")
-        if catalog.error:
-            raise HTTPException(500, f"the output could not be read: {catalog.error}")
-        return catalog
+
+def _system_routes(app: FastAPI, s: Served) -> None:
+    """The page and its assets, /healthz, /metrics, /api/status."""
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> HTMLResponse:
@@ -208,66 +244,48 @@ def create_app(catalog: Catalog, uploads: Uploads, *, token: str | None = None,
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
-        return {"ok": catalog.error is None, "ready": catalog.ready.is_set(), "error": catalog.error}
+        c = s.catalog
+        return {"ok": c.error is None, "ready": c.ready.is_set(), "error": c.error}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def prometheus() -> str:
-        return metrics.text(catalog, thumbs)
+        return s.metrics.text(s.catalog, s.thumbs)
 
     @app.get("/api/status")
     def status() -> dict[str, Any]:
-        c = table(wait=1.0)  # the page polls it: answers at once, 503 while loading
-        spec = c.spec
-        return {
-            "output": storage.redact(c.output), "rows": len(c.rows.ids), "dim": int(c.rows.x.shape[1]),
-            "model": spec.model, "layer": spec.layer, "pool": spec.pool, "k": k, "loaded_s": c.loaded_s,
-            "index": None if c.index is None else {
-                "uri": storage.redact(c.index.uri), "kind": c.index.meta.get("kind"), "vectors": c.index.size,
-                "recall": (c.index.meta.get("recall") or {})},
-            "search": "index" if c.index is not None else "exact", "index_note": c.index_note,
-            "upload": {"available": uploads.embedder is not None or not uploads.ready.is_set(),
-                       "ready": uploads.embedder is not None, "reason": uploads.reason,
-                       "max_bytes": max_bytes, "max_pixels": max_pixels},
-            "dedup": c.dedup_uri is not None, "probe": c.probe_uri is not None,
-            "head": c.head_uri is not None,
-        }
+        return s.status()
 
-    def answer(by: str, t0: float, query: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
-        took = time.perf_counter() - t0
-        metrics.observe(by, took)
-        return {"query": query, "results": results, "took_ms": round(1000 * took, 2)}
 
-    def clamp(n: int | None) -> int:
-        return max(1, min(int(n or k), 200))
+def _search_routes(app: FastAPI, s: Served) -> None:
+    """Search by id and by upload, the rows, the thumbnails."""
 
     @app.get("/api/search")
     def search_by_id(id: str, k: int | None = None) -> dict[str, Any]:  # noqa: A002 - the API's name
         t0 = time.perf_counter()
-        c = table()
+        c = s.table()
         q = c.vector(id)
         if q is None:
             raise HTTPException(404, f"no row with id '{id}' in this table")
-        i = c.rows.where[id]
-        return answer("id", t0, c.rows.describe(i), c.search(q, clamp(k), exclude=id))
+        return s.answer("id", t0, c.rows.describe(c.rows.where[id]), c.search(q, s.clamp(k), exclude=id))
 
     @app.post("/api/search")
     async def search_by_image(request: Request, k: int | None = None, name: str | None = None
                               ) -> dict[str, Any]:
         t0 = time.perf_counter()
         try:
-            data = await _read_limited(request, max_bytes)
-            c = await anyio.to_thread.run_sync(table)  # waiting for the table must not hold the event loop
-            q = await anyio.to_thread.run_sync(uploads.embed, data)
+            data = await _read_limited(request, s.max_bytes)
+            c = await anyio.to_thread.run_sync(s.table)  # waiting for the table must not hold the event loop
+            q = await anyio.to_thread.run_sync(s.uploads.embed, data)
         except HTTPException as e:
             if 400 <= e.status_code < 500:
-                metrics.count("rejected")
+                s.metrics.count("rejected")
             raise
-        results = await anyio.to_thread.run_sync(c.search, q, clamp(k))
-        return answer("image", t0, {"upload": name or "image", "bytes": len(data)}, results)
+        results = await anyio.to_thread.run_sync(c.search, q, s.clamp(k))
+        return s.answer("image", t0, {"upload": name or "image", "bytes": len(data)}, results)
 
     @app.get("/api/rows")
     def rows(offset: int = 0, limit: int = 24) -> dict[str, Any]:
-        c = table()
+        c = s.table()
         offset, limit = max(0, offset), max(1, min(limit, 500))
         n = len(c.rows.ids)
         return {"total": n, "offset": offset,
@@ -275,18 +293,22 @@ def create_app(catalog: Catalog, uploads: Uploads, *, token: str | None = None,
 
     @app.get("/api/thumb")
     def thumb(id: str) -> Response:  # noqa: A002
-        c = table()
+        c = s.table()
         if id not in c.rows.where:
             raise HTTPException(404, f"no row with id '{id}' in this table")
-        metrics.count("thumbnails")
-        data = thumbs.get(id, remap(c.source_of(id), source_map))
+        s.metrics.count("thumbnails")
+        data = s.thumbs.get(id, remap(c.source_of(id), s.source_map))
         if data is None:
             return Response(PLACEHOLDER, media_type="image/svg+xml", headers={"X-Placeholder": "1"})
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
+
+def _tab_routes(app: FastAPI, s: Served) -> None:
+    """What the other tabs show: duplicates, clusters, probe and head, runs and error rows."""
+
     @app.get("/api/duplicates")
     def duplicates() -> dict[str, Any]:
-        out = table().duplicates()
+        out = s.table().duplicates()
         if out is None:
             raise HTTPException(404, "no dedup output: run `pipeline dedup --embeddings OUTPUT --output "
                                      "OUTPUT-dedup`, or pass --dedup URI")
@@ -294,19 +316,19 @@ def create_app(catalog: Catalog, uploads: Uploads, *, token: str | None = None,
 
     @app.get("/api/clusters")
     def clusters() -> dict[str, Any]:
-        c = table()
-        if "clusters" not in cached:
-            cached["clusters"] = c.clusters()
-        return cached["clusters"]
+        c = s.table()
+        if "clusters" not in s.cached:
+            s.cached["clusters"] = c.clusters()
+        return s.cached["clusters"]
 
     @app.get("/api/probe")
     def probe() -> dict[str, Any]:
-        c = table()
+        c = s.table()
         return {"probe": c.probe(), "head": c.head()}
 
     @app.get("/api/probe.png")
     def probe_png() -> Response:
-        c = table()
+        c = s.table()
         uri = storage.join(c.probe_uri, "probe.png") if c.probe_uri else None
         if uri is None or not storage.exists(uri):
             raise HTTPException(404, "no probe chart: pass --probe URI (a `pipeline probe` output)")
@@ -314,10 +336,28 @@ def create_app(catalog: Catalog, uploads: Uploads, *, token: str | None = None,
 
     @app.get("/api/runs")
     def runs() -> dict[str, Any]:
-        return {"runs": table().runs()}
+        return {"runs": s.table().runs()}
 
     @app.get("/api/errors")
     def errors(run_date: str | None = None) -> dict[str, Any]:
-        return table().errors(run_date)
+        return s.table().errors(run_date)
 
+
+def create_app(catalog: Catalog, uploads: Uploads, *, token: str | None = None,
+               source_map: dict[str, str] | None = None, k: int = 12, thumbnail_px: int = 192,
+               cache_thumbnails: int = 4096, max_bytes: int = 64 << 20, max_pixels: int = 50_000_000,
+               start_loading: bool = True) -> FastAPI:
+    """The app over a Catalog; ``start_loading`` loads the table and the model in background threads."""
+    # no /docs page: FastAPI's loads its script from a CDN, and the app serves everything itself
+    app = FastAPI(title="pipeline serve", docs_url=None, openapi_url="/api/openapi.json", redoc_url=None)
+    s = Served(catalog, uploads, Thumbnails(thumbnail_px, cache_thumbnails, max_pixels=max_pixels,
+                                            max_bytes=max_bytes),
+               token, dict(source_map or {}), k, max_bytes, max_pixels)
+    if start_loading:
+        catalog.start()
+        threading.Thread(target=uploads.load, name="model-load", daemon=True).start()
+    _guard(app, s)
+    _system_routes(app, s)
+    _search_routes(app, s)
+    _tab_routes(app, s)
     return app
