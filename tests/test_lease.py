@@ -142,14 +142,21 @@ def test_a_held_lease_passed_on_is_used_on_its_output_and_its_policy_elsewhere(t
     assert not storage.exists(lease_uri(out))
 
 
-def test_overwrite_clears_the_ledger_but_keeps_the_runs_lease(tmp_path):
+def test_an_overwrite_switches_generations_and_keeps_the_runs_lease(tmp_path):
+    from pipeline.output import generations
+
     out = str(tmp_path / "out")
     ledger = Ledger(out)
     ledger.write_state({"source": "x", "tables": {}})
+    ledger.fold()
     with hold(out, "overwriting", "extract") as lease:
-        ledger.clear()
+        new = ledger.at(generations.new_generation(), pending=True)
+        new.write_state({"source": "y", "tables": {}})
+        new.finish([])
         assert lease.read()["run_id"] == "overwriting"
-        assert sorted(os.listdir(tmp_path / "out" / "_ledger")) == ["lease.json"]
+        assert sorted(os.listdir(tmp_path / "out" / "_ledger")) == [
+            f"gen-{new.generation}", "lease.json", "output.json"]
+        assert Ledger(out).state() == {"source": "y", "tables": {}, "generation": new.generation}
 
 
 def test_every_writing_command_stops_at_once_while_another_run_holds_the_output(cli, textures_dir, tmp_path):

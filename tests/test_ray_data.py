@@ -42,7 +42,7 @@ def test_one_read_task_per_shard_and_a_datasink_that_commits_whole_shards(textur
     assert plan.listed == len(shards) >= 5 and len(plan.todo) == len(shards)
     assert all(s.count <= 5 for s in shards) and sum(s.count for s in shards) == 24
 
-    datasource = ShardDatasource(plan.todo, source, ledger_uri=out)
+    datasource = ShardDatasource(plan.todo, source, ledger=plan.ledger)
     tasks = datasource.get_read_tasks(parallelism=1)
     assert len(tasks) == len(shards)
     assert datasource.estimate_inmemory_data_size() == sum(s.size for s in shards)

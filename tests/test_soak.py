@@ -1,8 +1,9 @@
 """A soak of the system-of-record guarantees (`pytest -m slow tests/test_soak.py`; CI skips it): real
-`pipeline extract` drivers SIGKILLed at random points, second runs started while one writes, and the source
-changing between runs. After every kill the committed snapshot holds each image at most once, and at the
-end, after one run to completion, every image exactly once, the visible files are the ledger's, and
-`pipeline verify` finds nothing to repair.
+`pipeline extract` drivers (plain and `--overwrite`) SIGKILLed at random points, second runs started while
+one writes, and the source changing between runs. After every kill the committed snapshot holds each image
+at most once and, once it held rows, never none (an overwrite is built beside it); at the end, after one
+run to completion, every image exactly once, the visible files are the ledger's, and `pipeline verify`
+finds nothing to repair.
 """
 
 from __future__ import annotations
@@ -37,9 +38,13 @@ def test_killed_and_overlapping_runs_leave_every_image_exactly_once(ray_session,
            "--set", "source.files_per_shard=3", "--set", "output.rows_per_file=3",
            "--set", "runtime.progress=false"]
     rng = random.Random(7)
-    refused = kills = 0
-    for i in range(6):
-        first = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    refused = kills = overwrites = 0
+    had_rows = False
+    for i in range(10):
+        overwrite = i % 3 == 2
+        overwrites += overwrite
+        first = subprocess.Popen([*cmd, *(["--overwrite"] if overwrite else [])], env=env, cwd=ROOT,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(rng.uniform(6, 30))
         if i % 2 == 0 and first.poll() is None:  # a second writer while the first runs
             second = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -55,6 +60,8 @@ def test_killed_and_overlapping_runs_leave_every_image_exactly_once(ray_session,
         if (out / "_ledger" / "output.json").exists():
             ids = read_embeddings(str(out), columns=["id"]).column("id").to_pylist()
             assert len(ids) == len(set(ids)), f"round {i}: a committed image twice"
+            assert ids or not had_rows, f"round {i}: the snapshot lost every row"
+            had_rows = had_rows or bool(ids)
         # the source changes between runs: an image added, another removed
         cls = rng.choice(["brick", "grass", "gravel"])
         new = spare / cls / f"{i % 2:03d}.jpg"
@@ -68,4 +75,5 @@ def test_killed_and_overlapping_runs_leave_every_image_exactly_once(ray_session,
     ids = read_embeddings(str(out), columns=["id"]).column("id").to_pylist()
     expected = sorted(str(p.relative_to(src)) for p in src.rglob("*.jpg"))
     assert sorted(ids) == expected and len(ids) == len(set(ids))
-    print(f"{kills} drivers killed, {refused} overlapping runs refused; {len(ids)} images, each once")
+    print(f"{kills} drivers killed ({overwrites} runs with --overwrite), {refused} overlapping runs "
+          f"refused; {len(ids)} images, each once")

@@ -47,8 +47,9 @@ def extract(
     gpus_per_actor: float | None = typer.Option(None, help="GPUs per Embedder actor (fractions allowed)"),
     dtype: str | None = typer.Option(None, help="float32 | float16 embedding values"),
     normalize: bool | None = typer.Option(None, "--normalize/--no-normalize", help="L2-normalize"),
-    overwrite: bool = typer.Option(False, help="clear the output and redo every shard (a rerun otherwise "
-                                   "resumes: shards already done are skipped)"),
+    overwrite: bool = typer.Option(False, help="redo every shard, beside the old rows, which readers see "
+                                   "until the new ones are whole (a rerun otherwise resumes: shards already "
+                                   "done are skipped)"),
     incremental: bool = typer.Option(False, help="nightly mode: new or changed shards only, written under "
                                      "embeddings/run_date=YYYY-MM-DD/"),
     run_date: str | None = typer.Option(None, help="the run_date partition of an --incremental run "

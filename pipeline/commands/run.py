@@ -132,7 +132,9 @@ class ImageRun:
         started = datetime.now(timezone.utc).isoformat()
         t_validated = time.perf_counter()
         staged = self.work is not None
-        sink = ParquetSink(self.output_uri, outputs=self.outputs, staged=staged, partition=self.partition)
+        ledger = self.work.ledger.with_run(run_id) if staged and self.work.ledger is not None else None
+        sink = ParquetSink(self.output_uri, outputs=self.outputs, staged=staged, partition=self.partition,
+                           generation=ledger.generation if ledger is not None else "")
         if shards:
             from pipeline.ray.data import map_images
 
@@ -143,8 +145,8 @@ class ImageRun:
         if self.lease is not None:
             self.lease.check()
         if staged:
-            Ledger(self.output_uri, run_id).finish([s.key for s in shards],
-                                                   tables=[o.subdir for o in self.outputs])
+            (ledger or Ledger(self.output_uri, run_id)).finish([s.key for s in shards],
+                                                              tables=[o.subdir for o in self.outputs])
         t_done = time.perf_counter()
         summary = self._summary(run_id, started, stats, len(shards), skipped,
                                 (t_start, t_validated, t_run, t_done))

@@ -14,7 +14,7 @@ from typing import Any
 import pyarrow.compute as pc
 
 from pipeline.commands.run import new_run_id
-from pipeline.output import planning
+from pipeline.output import generations, planning
 from pipeline.output.lease import Lease, LockPolicy, hold
 from pipeline.output.ledger import Ledger
 
@@ -32,7 +32,8 @@ def verify(output_uri: str, *, repair: bool = False, lock: LockPolicy | Lease | 
                          "`pipeline extract` or `classify`")
     tables = sorted(state.get("tables") or {})
     table = ledger.index()
-    orphans, bad = planning.differences(ledger, tables, table)
+    pending = generations.pending_files(ledger)  # an --overwrite building the next generation
+    orphans, bad = planning.differences(ledger, tables, table, also=pending)
     report: dict[str, Any] = {
         "output": output_uri, "tables": tables, "shards": table.num_rows,
         "rows": {"embedded": int(pc.sum(table["embedded"]).as_py() or 0),
@@ -41,10 +42,12 @@ def verify(output_uri: str, *, repair: bool = False, lock: LockPolicy | Lease | 
         "orphans": len(orphans), "orphan_files": orphans[:SHOWN],
         "damaged_shards": len(bad), "damaged": dict(list(bad.items())[:SHOWN]),
         "staged_leftovers": len(ledger.leftover_keys()),
+        "pending_files": len(pending),
         "ok": not orphans and not bad,
     }
-    if repair and not report["ok"]:
+    if repair and not (report["ok"] and not pending):
         with hold(output_uri, new_run_id(), "verify --repair", lock):
+            generations.sweep(ledger, {ledger.generation})  # no run holds the lease: an overwrite given up
             table = ledger.index()
             removed, forgotten = planning.reconcile(ledger, tables, table)
             ledger.fold(drop=forgotten)
@@ -71,6 +74,10 @@ def format_verify(r: dict[str, Any]) -> str:
         lines.append(f"  damaged: shard {key}: {', '.join(files)} missing or not the size it was written at")
     if r["damaged_shards"] > len(r["damaged"]):
         lines.append(f"  ... {r['damaged_shards'] - len(r['damaged'])} more damaged shards")
+    if r.get("pending_files"):
+        lines.append(f"  pending: {r['pending_files']} files of an --overwrite in progress or interrupted "
+                     "(readers see the live generation; rerunning the overwrite resumes it, --repair "
+                     "removes it)")
     if r["staged_leftovers"]:
         lines.append(f"  staged:  {r['staged_leftovers']} shards of an interrupted run (the next run "
                      "finishes or drops them)")

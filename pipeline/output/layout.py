@@ -31,3 +31,7 @@ def write_parquet(uri: str, table: pa.Table) -> str:
     """Write a table as one Parquet file, whole (see `storage.write_bytes`); returns the URI."""
     storage.write_bytes(uri, parquet_bytes(table))
     return uri
+
+
+class LedgerError(RuntimeError):
+    """The ledger and the files disagree in a way a rerun cannot repair by itself."""

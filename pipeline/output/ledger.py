@@ -12,6 +12,12 @@ Ray-free. Layout under an output URI:
     _ledger/parts/<key>/<row>.json  written by a write task: the rows (intervals) a staged file holds
     _staging/<table>/...            files written but not yet visible
 
+An output that ``--overwrite`` rebuilt keeps these (all but output.json) under ``_ledger/gen-<tag>/``, and
+output.json names the live generation (``"generation": "<tag>"``). ``--overwrite`` builds the new generation
+beside the live one, its files named ``...-g<tag>.parquet`` and its state in ``gen-<tag>/pending.json``, and
+switches by rewriting output.json once every shard is committed (`switch`); then the old generation's files
+and ledger are removed. A snapshot reader (pipeline/output/reader.py) sees the old table or the new one.
+
 Rows are written under ``_staging/`` (readers skip names starting with '_'). A shard is committed when its
 parts cover rows ``0..total-1`` exactly: its files are moved into place, then ``shards/<key>.json`` is
 written, then its parts are dropped. Any process may commit (a write task, the read task, the driver at the
@@ -34,7 +40,6 @@ and ``finish`` (the driver, after the run: every shard it ran must be committed;
 from __future__ import annotations
 
 import json
-import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
@@ -42,12 +47,13 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline import storage
-from pipeline.output import planning
-from pipeline.output.layout import LEDGER_DIR, STAGING_DIR, write_parquet
-from pipeline.output.lease import LEASE_PREFIX
+from pipeline.output import generations, planning
+from pipeline.output.generations import GEN_PREFIX, PENDING
+from pipeline.output.layout import LEDGER_DIR, STAGING_DIR, LedgerError, write_parquet
 from pipeline.output.planning import Work, clear_or_refuse  # noqa: F401 - the ledger's API
 
 COMPACT = "committed.parquet"
+STATE = "output.json"
 _TOTAL = "total.json"
 _COMPACT_SCHEMA = pa.schema([
     pa.field("key", pa.string(), nullable=False), pa.field("version", pa.string()),
@@ -89,27 +95,50 @@ def coverage(parts: list[list[list[int]]], total: int) -> str:
     return "complete" if pos == total else "incomplete"
 
 
-class LedgerError(RuntimeError):
-    """The ledger and the files disagree in a way a rerun cannot repair by itself."""
-
-
 class Ledger:
-    """The ledger of one output URI."""
+    """The ledger of one output URI: its live generation, or with ``pending`` one that ``--overwrite``
+    builds. ``generation`` None: the live one, read from output.json when first needed (the driver and
+    readers); Ray tasks are given it."""
 
-    def __init__(self, output_uri: str, run_id: str = "") -> None:
+    def __init__(self, output_uri: str, run_id: str = "", generation: str | None = None,
+                 pending: bool = False) -> None:
         self.output_uri = output_uri
         self.run_id = run_id
+        self._generation = generation
+        self.pending = pending
+
+    def __repr__(self) -> str:
+        return f"Ledger({self.output_uri!r}, generation={self._generation!r}, pending={self.pending})"
+
+    @property
+    def generation(self) -> str:
+        if self._generation is None:
+            self._generation = str((self.live_state() or {}).get("generation") or "")
+        return self._generation
+
+    def with_run(self, run_id: str) -> Ledger:
+        """This ledger as the run ``run_id`` commits to it."""
+        return Ledger(self.output_uri, run_id, self.generation, self.pending)
+
+    def at(self, generation: str | None, pending: bool = False) -> Ledger:
+        """The ledger of another generation of this output (None: the live one)."""
+        return Ledger(self.output_uri, self.run_id, generation, pending)
 
     # -- paths ---------------------------------------------------------------------------------------
 
     def uri(self, *parts: str) -> str:
         return storage.join(self.output_uri, *parts)
 
+    def dir(self, *parts: str) -> str:
+        """A path in this generation's ledger folder."""
+        gen = self.generation
+        return self.uri(LEDGER_DIR, *([GEN_PREFIX + gen] if gen else []), *parts)
+
     def _shard_uri(self, key: str) -> str:
-        return self.uri(LEDGER_DIR, "shards", f"{key}.json")
+        return self.dir("shards", f"{key}.json")
 
     def _parts_uri(self, key: str) -> str:
-        return self.uri(LEDGER_DIR, "parts", key)
+        return self.dir("parts", key)
 
     def write_entry(self, entry: dict[str, Any]) -> None:
         """Replace a committed shard's entry (on_removed=keep marks it gone)."""
@@ -147,18 +176,30 @@ class Ledger:
             raise ValueError(f"not a JSON object with {', '.join(keys)}" if keys else "not a JSON object")
         return obj
 
-    def state(self) -> dict[str, Any] | None:
-        uri = self.uri(LEDGER_DIR, "output.json")
+    def live_state(self) -> dict[str, Any] | None:
+        """output.json: what the output holds, and its live generation."""
+        uri = self.uri(LEDGER_DIR, STATE)
         if not storage.exists(uri):
             return None
         return self._parsed(uri, lambda: self._object(uri))
 
+    def _state_uri(self) -> str:
+        return self.dir(PENDING) if self.pending else self.uri(LEDGER_DIR, STATE)
+
+    def state(self) -> dict[str, Any] | None:
+        """What this generation holds (output.json, or a pending generation's pending.json)."""
+        if not self.pending:
+            return self.live_state()
+        uri = self._state_uri()
+        return self._parsed(uri, lambda: self._object(uri)) if storage.exists(uri) else None
+
     def write_state(self, state: dict[str, Any]) -> None:
-        self._write_json(self.uri(LEDGER_DIR, "output.json"), state)
+        gen = {"generation": self.generation} if self.generation and not self.pending else {}
+        self._write_json(self._state_uri(), {**state, **gen})
 
     def _loose(self, threads: int = 16) -> dict[str, dict[str, Any]]:
         """The JSON entries written since the last fold, by key."""
-        root = self.uri(LEDGER_DIR, "shards")
+        root = self.dir("shards")
         if not storage.exists(root):
             return {}
         files = [f for f in storage.list_files(root) if f.rel.endswith(".json")]
@@ -172,7 +213,7 @@ class Ledger:
     def _compact(self) -> pa.Table:
         import pyarrow.parquet as pq
 
-        uri = self.uri(LEDGER_DIR, COMPACT)
+        uri = self.dir(COMPACT)
         if not storage.exists(uri):
             return _COMPACT_SCHEMA.empty_table()
         def read() -> pa.Table:
@@ -188,7 +229,7 @@ class Ledger:
         import pyarrow.parquet as pq
 
         state = self.state()
-        uri = self.uri(LEDGER_DIR, COMPACT)
+        uri = self.dir(COMPACT)
         if storage.exists(uri):
             def footer() -> Any:
                 with storage.open_input(uri) as f:
@@ -234,8 +275,8 @@ class Ledger:
         table = self.index(loose)
         if drop:
             table = table.filter(pc.invert(pc.is_in(table["key"], pa.array(sorted(drop), pa.string()))))
-        if loose or drop or not storage.exists(self.uri(LEDGER_DIR, COMPACT)):
-            write_parquet(self.uri(LEDGER_DIR, COMPACT), table.sort_by("key"))
+        if loose or drop or not storage.exists(self.dir(COMPACT)):
+            write_parquet(self.dir(COMPACT), table.sort_by("key"))
             for key in loose:
                 storage.remove(self._shard_uri(key))
         return table
@@ -277,7 +318,13 @@ class Ledger:
         if unfinished:
             raise RuntimeError(
                 f"{len(unfinished)} of {len(keys)} shards did not commit (first: {unfinished[0]}); "
-                "rerun the same command to finish them")
+                "rerun the same command to finish them"
+                + (" (the output stays as it was until they are)" if self.pending else ""))
+        if self.pending:  # an overwrite: switch readers to the new generation, remove the old one
+            done = generations.switch(self)
+            self.pending = False
+            old_tables = list(done["old_state"].get("tables") or {})
+            planning.reconcile(self, list(dict.fromkeys([*(tables or []), *old_tables])), self.index())
         if tables is not None:
             orphans, bad = planning.differences(self, tables, table)
             if orphans or bad:
@@ -364,14 +411,14 @@ class Ledger:
 
     def leftover_keys(self) -> list[str]:
         """Shards with staged parts from an earlier, interrupted run."""
-        root = self.uri(LEDGER_DIR, "parts")
+        root = self.dir("parts")
         if not storage.exists(root):
             return []
         return sorted({f.rel.split("/", 1)[0] for f in storage.list_files(root)})
 
     def clear_staging(self) -> None:
         """Drop every uncommitted part and staged file (only the driver, before a run starts)."""
-        storage.remove_tree(self.uri(LEDGER_DIR, "parts"))
+        storage.remove_tree(self.dir("parts"))
         storage.remove_tree(self.uri(STAGING_DIR))
 
     def remove_shard(self, entry: dict[str, Any]) -> None:
@@ -380,17 +427,3 @@ class Ledger:
         for rel in entry["files"]:
             storage.remove(self.uri(rel))
         storage.remove(self._shard_uri(entry["key"]))
-
-    def clear(self) -> None:
-        """Forget everything the output holds (``--overwrite``); the lease of the run doing it stays."""
-        root = self.uri(LEDGER_DIR)
-        if storage.exists(root):
-            fs, path = storage.get_fs(root)
-            try:
-                children = fs.ls(path, detail=False)
-            except FileNotFoundError:
-                children = []
-            for name in (posixpath.basename(child.rstrip("/")) for child in children):
-                if not name.startswith(LEASE_PREFIX):
-                    storage.remove_tree(storage.join(root, name))
-        storage.remove_tree(self.uri(STAGING_DIR))

@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from pipeline import storage
 from pipeline.config import ConfigError
+from pipeline.output import generations
 from pipeline.output.kept import keep_removed
 from pipeline.output.layout import ERRORS_DIR
 from pipeline.output.spec import EmbeddingSpec, dict_differences
@@ -48,11 +49,14 @@ class Work:
     scope: str = ""  # the prefix under the source root this run read ('' for all of it)
     orphans_removed: int = 0  # visible files no committed shard listed (an interrupted commit's), removed
     damaged: int = 0  # committed shards whose files were missing or not as written: forgotten, to run again
+    ledger: Any = None  # the ledger the run commits to: the live generation's, or one --overwrite builds
 
     def counts(self) -> dict[str, Any]:
         return {"listed": self.listed, "to_run": len(self.todo), "done_before": self.done_before,
                 "recovered": self.recovered, "removed_stale": self.removed_stale, "kept_removed": self.kept,
-                "scope": self.scope, "orphans_removed": self.orphans_removed, "damaged": self.damaged}
+                "scope": self.scope, "orphans_removed": self.orphans_removed, "damaged": self.damaged,
+                **({"generation": self.ledger.generation} if self.ledger is not None and self.ledger.pending
+                   else {})}
 
 
 def plan(ledger: Any, source_uri: str, tables: dict[str, dict[str, Any]], shards: list[Any], *,
@@ -67,15 +71,16 @@ def plan(ledger: Any, source_uri: str, tables: dict[str, dict[str, Any]], shards
     interrupted run are committed when complete or dropped. Shards that changed lose their old rows;
     rows of images that left the source are deleted, or kept and marked gone with
     ``on_removed="keep"``. An output made from another source, with another spec or with shards cut
-    another way is refused unless ``overwrite``, which clears it first.
+    another way is refused unless ``overwrite``, which builds a new generation beside it
+    (pipeline/output/generations.py): the returned Work's ledger.
     """
     import pyarrow.compute as pc
 
-    check_state(ledger, source_uri, tables, overwrite=overwrite, sharding=sharding)
+    ledger, fresh = check_state(ledger, source_uri, tables, overwrite=overwrite, sharding=sharding)
 
     listed = {s.key: s for s in shards}
     recovered = 0
-    if not overwrite:
+    if not fresh:
         known = set(ledger.index()["key"].to_pylist())
         for key in ledger.leftover_keys():
             if key in listed and key not in known:
@@ -102,26 +107,41 @@ def plan(ledger: Any, source_uri: str, tables: dict[str, dict[str, Any]], shards
     return Work(todo=[s for s in shards if s.key not in done], listed=len(shards),
                 done_before=len(done), recovered=recovered,
                 removed_stale=len(removed - damaged), kept=kept, scope=scope,
-                orphans_removed=len(orphans), damaged=len(damaged),
+                orphans_removed=len(orphans), damaged=len(damaged), ledger=ledger,
                 rows_before={"embedded": int(pc.sum(after["embedded"]).as_py() or 0),
                              "failed": int(pc.sum(after["failed"]).as_py() or 0)})
 
 
+def _normalised(state: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A stored state with its specs read as the current version reads them (defaults filled)."""
+    if state is None:
+        return None
+    return {**state, "tables": {k: EmbeddingSpec.parse(v).table_key()
+                                for k, v in (state.get("tables") or {}).items()}}
+
+
 def check_state(ledger: Any, source_uri: str, tables: dict[str, dict[str, Any]], *, overwrite: bool,
-                sharding: dict[str, Any] | None) -> None:
+                sharding: dict[str, Any] | None) -> tuple[Any, bool]:
     """Refuse an output made from another source, with another spec or with shards cut another way
-    (unless ``overwrite``, which clears it); then record what this run writes in output.json."""
+    (unless ``overwrite``); then record what this run writes. Returns (the ledger to run into, whether it
+    starts empty): with ``overwrite``, a new generation beside the live one, or an interrupted overwrite
+    made with these settings, resumed (also by a run without ``overwrite`` that the live one refuses)."""
     storage.check_writable(ledger.output_uri)
     want = storage.redact({"source": source_uri, "tables": tables})  # as output.json records it
-    state = ledger.state()
-    if state is not None:  # the stored specs read as the current version reads them (defaults filled)
-        state = {**state, "tables": {k: EmbeddingSpec.parse(v).table_key()
-                                     for k, v in (state.get("tables") or {}).items()}}
+    state = None if overwrite else _normalised(ledger.state())
+    if overwrite or (state is not None and {k: state.get(k) for k in want} != want):
+        resumed = generations.adoptable(ledger, want, sharding, _normalised)
+        if resumed is not None or overwrite:
+            new = resumed or ledger.at(generations.new_generation(), pending=True)
+            live = generations.live_generation(ledger)
+            generations.sweep(ledger, {live, new.generation})
+            if live is not None:  # the live generation's staged parts: their files go with _staging/ below
+                storage.remove_tree(ledger.at(live).dir("parts"))
+            if resumed is None:
+                new.write_state({**want, **({"sharding": sharding} if sharding else {})})
+            return new, resumed is None
     subdirs = [*tables, ERRORS_DIR]
-    if overwrite:
-        ledger.clear()
-        clear_or_refuse(ledger.output_uri, subdirs, overwrite=True)
-    elif state is None:
+    if state is None:
         clear_or_refuse(ledger.output_uri, subdirs, overwrite=False,
                         what=" that no run of this tool recorded")
     elif {k: state.get(k) for k in want} != want:
@@ -142,7 +162,9 @@ def check_state(ledger: Any, source_uri: str, tables: dict[str, dict[str, Any]],
                 f"output '{ledger.output_uri}' cuts loose files into shards at folder depth "
                 f"{recorded.get('depth')}, this run at {sharding.get('depth')} (source.split_depth): "
                 "drop source.split_depth to use the output's, or pass --overwrite to rebuild it")
+    generations.sweep(ledger, {ledger.generation})  # an overwrite given up: its files are orphans now
     ledger.write_state({**want, **({"sharding": sharding or recorded} if sharding or recorded else {})})
+    return ledger, False
 
 
 def sort_out(table: pa.Table, listed: dict[str, Any], scope: str
@@ -176,13 +198,14 @@ def visible_files(ledger: Any, tables: list[str]) -> dict[str, int]:
     return out
 
 
-def differences(ledger: Any, tables: list[str], table: pa.Table | None = None
-                ) -> tuple[list[str], dict[str, list[str]]]:
+def differences(ledger: Any, tables: list[str], table: pa.Table | None = None,
+                also: set[str] | frozenset[str] = frozenset()) -> tuple[list[str], dict[str, list[str]]]:
     """Where the visible files and the committed shards disagree: (visible files no committed shard
-    lists, {key: its files that are missing or not the size they were written at})."""
+    lists, {key: its files that are missing or not the size they were written at}). ``also``: files that
+    are not orphans though ``table`` does not list them (the live generation's, while one is built)."""
     table = ledger.index() if table is None else table
     visible = visible_files(ledger, tables)
-    listed: set[str] = set()
+    listed: set[str] = set(also)
     bad: dict[str, list[str]] = {}
     for raw in table["entry"].to_pylist():
         entry = json.loads(raw)
@@ -200,7 +223,7 @@ def reconcile(ledger: Any, tables: list[str], table: pa.Table) -> tuple[list[str
     replacing a shard or an older writer left), and forget committed shards whose files are missing or
     damaged, their other files removed, so that they run again. Returns (orphans removed, keys
     forgotten); the caller drops those keys from the ledger."""
-    orphans, bad = differences(ledger, tables, table)
+    orphans, bad = differences(ledger, tables, table, also=generations.live_files(ledger))
     for rel in orphans:
         storage.remove(ledger.uri(rel))
     if bad:

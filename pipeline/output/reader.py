@@ -85,10 +85,16 @@ class EmbeddingReader:
 
     def __init__(self, uri: str, labels: LabelTable | None = None) -> None:
         self.uri = _resolve_embeddings(uri)
-        self.files = _parquet_files(
-            self.uri, "embeddings",
-            "pass the OUTPUT folder of `pipeline extract` (it holds embeddings/*.parquet) or that "
-            "embeddings/ folder")
+        fix = ("pass the OUTPUT folder of `pipeline extract` (it holds embeddings/*.parquet) or that "
+               "embeddings/ folder")
+        self.files = _parquet_files(self.uri, "embeddings", fix)
+        if self.uri != uri and storage.exists(storage.join(uri, "_ledger", "output.json")):
+            # an output: the files its ledger lists (whole shards; the live generation during --overwrite)
+            base = self.uri.rstrip("/") + "/"
+            listed = {u[len(base):] for u in snapshot_files(uri) if u.startswith(base)}
+            self.files = [f for f in self.files if f.rel in listed]
+            if not self.files:
+                raise ValueError(f"no embeddings found at '{uri}' (no committed rows yet): {fix}")
         self.fs, _ = storage.get_fs(self.files[0].uri)
         self.paths = [storage.get_fs(f.uri)[1] for f in self.files]
         self.schemas: list[pa.Schema] = []
@@ -157,14 +163,22 @@ def snapshot_files(output_uri: str, table: str = EMBEDDINGS_DIR) -> list[str]:
     mid-commit. For readers without this package: DuckDB's ``read_parquet(<this list>,
     hive_partitioning = true)``, ``pyarrow.dataset.dataset(<this list>, partitioning="hive",
     partition_base_dir=OUTPUT/<table>)``."""
-    from pipeline.output.ledger import Ledger
+    from pipeline.output.ledger import Ledger, LedgerError
 
-    ledger = Ledger(output_uri)
-    if ledger.state() is None:
-        raise ValueError(f"'{output_uri}' holds no ledger (_ledger/output.json): pass the OUTPUT folder of "
-                         "`pipeline extract` or `classify`")
-    files = sorted(f for e in ledger.committed().values() for f in e["files"] if f.startswith(table + "/"))
-    return [ledger.uri(f) for f in files]
+    for _ in range(10):
+        ledger = Ledger(output_uri)
+        if ledger.state() is None:
+            raise ValueError(f"'{output_uri}' holds no ledger (_ledger/output.json): pass the OUTPUT folder "
+                             "of `pipeline extract` or `classify`")
+        try:
+            entries = ledger.committed().values()
+        except (OSError, storage.StorageError, LedgerError):
+            if Ledger(output_uri).generation == ledger.generation:
+                raise
+            continue  # --overwrite switched generations and removed the old one's ledger while it was read
+        if Ledger(output_uri).generation == ledger.generation:  # not switched meanwhile
+            return sorted(ledger.uri(f) for e in entries for f in e["files"] if f.startswith(table + "/"))
+    raise RuntimeError(f"'{output_uri}' changed generation 10 times while its ledger was read")
 
 
 def read_embeddings(output_uri: str, table: str = EMBEDDINGS_DIR, columns: list[str] | None = None,

@@ -87,7 +87,7 @@ class ParquetSink:
 
     def __init__(self, output_uri: str, spec: EmbeddingSpec | dict[str, Any] | None = None,
                  outputs: list[Output] | None = None, *, staged: bool = False,
-                 partition: str | None = None) -> None:
+                 partition: str | None = None, generation: str = "") -> None:
         self.output_uri = output_uri
         if outputs is None:
             if spec is None:
@@ -96,9 +96,10 @@ class ParquetSink:
         self.outputs = outputs
         self.staged = staged  # write under _staging/ and report parts for the ledger to commit
         self.partition = partition  # e.g. "run_date=2026-11-28": a Hive-style folder under each table
+        self.generation = generation  # the ledger generation of the files (pipeline/output/generations.py)
 
     def _name(self, shard: str, first_row: int) -> str:
-        return f"{shard}-{first_row:09d}.parquet"
+        return f"{shard}-{first_row:09d}{'-g' + self.generation if self.generation else ''}.parquet"
 
     def _place(self, subdir: str, name: str) -> tuple[str, str]:
         """(where the file is written, where it ends up), relative to the output URI."""

@@ -29,26 +29,26 @@ from pipeline.ray import data_context, init_ray
 from pipeline.sources import Shard, read_shard
 
 
-def _read_shard(shard: Shard, source_cfg: Any, ledger_uri: str | None) -> Iterator[pa.Table]:
+def _read_shard(shard: Shard, source_cfg: Any, ledger: Ledger | None) -> Iterator[pa.Table]:
     rows = 0
     for table in read_shard(shard, source_cfg):
         rows += table.num_rows
         yield table
-    if ledger_uri is not None:  # the whole shard was read: its row count is final
-        Ledger(ledger_uri).shard_read(shard.key, shard.version, rows, shard.first)
+    if ledger is not None:  # the whole shard was read: its row count is final
+        ledger.shard_read(shard.key, shard.version, rows, shard.first)
 
 
 class ShardDatasource(Datasource):
     """One read task per shard; rows stream out in small blocks of encoded bytes.
 
-    With ``ledger_uri`` each read task records the shard's row count in that output's ledger.
+    With ``ledger`` each read task records the shard's row count in that output's ledger.
     """
 
-    def __init__(self, shards: list[Shard], source_cfg: Any, ledger_uri: str | None = None) -> None:
+    def __init__(self, shards: list[Shard], source_cfg: Any, ledger: Ledger | None = None) -> None:
         super().__init__()
         self.shards = shards
         self.source_cfg = source_cfg
-        self.ledger_uri = ledger_uri
+        self.ledger = ledger
 
     def estimate_inmemory_data_size(self) -> int:
         return sum(s.size for s in self.shards)
@@ -59,7 +59,7 @@ class ShardDatasource(Datasource):
         for shard in self.shards:
             meta = BlockMetadata(num_rows=None, size_bytes=shard.size, input_files=list(shard.uris[:1]),
                                  exec_stats=None)
-            read = functools.partial(_read_shard, shard, self.source_cfg, self.ledger_uri)
+            read = functools.partial(_read_shard, shard, self.source_cfg, self.ledger)
             tasks.append(ReadTask(read, meta, per_task_row_limit=per_task_row_limit))
         return tasks
 
@@ -82,7 +82,7 @@ class ParquetDatasink(Datasink[WriteStats]):
                 block = pa.Table.from_pandas(block)
             stats = self.sink.write(block)
             if self.sink.staged:
-                Ledger(self.sink.output_uri).parts_written(stats.parts)
+                Ledger(self.sink.output_uri, generation=self.sink.generation).parts_written(stats.parts)
             total = total + stats.without_parts()
         return total
 
@@ -97,8 +97,8 @@ class ParquetDatasink(Datasink[WriteStats]):
         return "WriteParquet"
 
 
-def read_shards(shards: list[Shard], source_cfg: Any, ledger_uri: str | None = None) -> ray.data.Dataset:
-    return ray.data.read_datasource(ShardDatasource(shards, source_cfg, ledger_uri), num_cpus=READ_TASK_CPUS)
+def read_shards(shards: list[Shard], source_cfg: Any, ledger: Ledger | None = None) -> ray.data.Dataset:
+    return ray.data.read_datasource(ShardDatasource(shards, source_cfg, ledger), num_cpus=READ_TASK_CPUS)
 
 
 def map_images(stage: type, stage_kwargs: dict[str, Any], shards: list[Shard], source_cfg: Any, runtime: Any,
@@ -111,7 +111,8 @@ def map_images(stage: type, stage_kwargs: dict[str, Any], shards: list[Shard], s
     data_context(runtime)
     lo, hi = runtime.actor_range()
     calls = runtime.actor_calls()
-    ds = read_shards(shards, source_cfg, sink.output_uri if sink.staged else None)
+    ds = read_shards(shards, source_cfg,
+                     Ledger(sink.output_uri, generation=sink.generation) if sink.staged else None)
     if limit is not None:
         ds = ds.limit(limit)
     ds = ds.map_batches(
