@@ -53,11 +53,13 @@ def _write_shard(ledger: Ledger, shard, value: float) -> None:
     ledger.shard_read(shard.key, shard.version, n, shard.first)
 
 
-def _run(out, tables, run_id: str, *, overwrite: bool = False, stop_after: int | None = None) -> dict:
+def _run(out, tables, run_id: str, *, overwrite: bool = False, stop_after: int | None = None,
+         rels: list[str] = RELS, scope: str = "") -> dict:
     """A run at the ledger's level: plan, write every shard to run (or the first ``stop_after``, then
     stop as a kill would), finish."""
-    shards = _listing(RELS)
-    work = Ledger(str(out), run_id).plan("/src", tables, shards, overwrite=overwrite, sharding=CUT)
+    shards = _listing(rels)
+    work = Ledger(str(out), run_id).plan("/src", tables, shards, overwrite=overwrite, sharding=CUT,
+                                         scope=scope)
     value = 2.0 if tables is NEW else 1.0
     for i, shard in enumerate(work.todo):
         if stop_after is not None and i == stop_after:
@@ -171,6 +173,113 @@ def test_a_damaged_output_is_rebuilt_by_an_overwrite(tmp_path):
     (out / "_ledger" / "output.json").write_text('{"source": "/sr')  # truncated
     _run(out, NEW, "r2", overwrite=True)
     assert _snapshot(out) == dict.fromkeys(RELS, 2.0) and _glob_ids(out) == RELS
+
+
+def test_an_overwrite_killed_just_after_its_switch_is_not_redone_by_its_rerun(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    _run(out, OLD, "r1")
+    partial = _run(out, NEW, "r2", overwrite=True, stop_after=0)
+    for shard in _listing(RELS):  # every shard committed; the switch comes next
+        _write_shard(partial["ledger"], shard, 2.0)
+    real = Ledger.write_state
+
+    def write_then_die(self, state):
+        real(self, state)
+        if not self.pending:
+            raise KeyboardInterrupt("SIGKILL")  # right after output.json names the new generation
+
+    monkeypatch.setattr(Ledger, "write_state", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        partial["ledger"].finish([s.key for s in _listing(RELS)], tables=["embeddings"])
+    monkeypatch.undo()
+    again = _run(out, NEW, "r3", overwrite=True)  # the same command again: nothing to redo
+    assert again["to_run"] == 0 and not again["ledger"].pending
+    assert _glob_ids(out) == RELS and _snapshot(out) == dict.fromkeys(RELS, 2.0)
+    assert _ledger_names(out) == [f"gen-{partial['ledger'].generation}", "output.json"]
+
+
+def test_an_interrupted_overwrite_is_resumed_only_over_the_same_part_of_the_source(tmp_path):
+    from pipeline.config import ConfigError
+
+    out, rels = tmp_path / "out", [*RELS, *(f"b/{i}.jpg" for i in range(4))]
+    _run(out, OLD, "r1", rels=rels)
+    _run(out, NEW, "r2", overwrite=True, stop_after=1, rels=rels)  # the whole root, killed
+    with pytest.raises(ConfigError, match="--overwrite"):  # one folder of it, the new settings: refused,
+        _run(out, NEW, "r3", rels=rels[9:], scope="b/")  # never switched to with a/ unbuilt
+    assert _snapshot(out) == dict.fromkeys(rels, 1.0)
+
+
+def test_a_failed_read_of_the_live_ledger_stops_an_overwrite_before_it_removes_anything(tmp_path,
+                                                                                        monkeypatch):
+    out = tmp_path / "out"
+    _run(out, OLD, "r1")
+    real = Ledger.committed
+
+    def throttled(self):
+        if not self.pending:
+            raise storage.StorageError("cannot access the ledger: SlowDown")  # S3 503, a timeout
+        return real(self)
+
+    monkeypatch.setattr(Ledger, "committed", throttled)
+    with pytest.raises(storage.StorageError):
+        _run(out, NEW, "r2", overwrite=True)
+    monkeypatch.undo()
+    assert _snapshot(out) == dict.fromkeys(RELS, 1.0) and _glob_ids(out) == RELS
+
+
+def test_commands_reading_an_outputs_embeddings_folder_read_its_snapshot(tmp_path, monkeypatch):
+    from pipeline.output import reader
+
+    out = tmp_path / "out"
+    _run(out, OLD, "r1")
+    partial = _run(out, NEW, "r2", overwrite=True, stop_after=3)
+    for uri in (out, out / "embeddings"):  # as index.json records an output's embeddings
+        ids = [i for c in reader.EmbeddingReader(str(uri)).chunks() for i in c.ids]
+        assert sorted(ids) == RELS
+    real = reader.snapshot_files
+
+    def switched_meanwhile(*a, **k):  # the overwrite switches between the reader's listing and snapshot
+        monkeypatch.setattr(reader, "snapshot_files", real)
+        for shard in _listing(RELS)[3:]:
+            _write_shard(partial["ledger"], shard, 2.0)
+        partial["ledger"].finish([s.key for s in _listing(RELS)], tables=["embeddings"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(reader, "snapshot_files", switched_meanwhile)
+    r = reader.EmbeddingReader(str(out))
+    assert sorted(i for c in r.chunks() for i in c.ids) == RELS
+
+
+def test_verify_repair_after_waiting_for_an_overwrite_keeps_its_table(tmp_path, monkeypatch):
+    import contextlib
+
+    from pipeline.commands import verify as verify_mod
+
+    out = tmp_path / "out"
+    _run(out, OLD, "r1")
+    partial = _run(out, NEW, "r2", overwrite=True, stop_after=2)
+    assert verify_mod.verify(str(out))["pending_files"] == 2
+    real = verify_mod.hold
+
+    @contextlib.contextmanager
+    def waited(*a, **k):  # --wait-for-lock: the overwrite finishes while verify waits for the lease
+        for shard in _listing(RELS)[2:]:
+            _write_shard(partial["ledger"], shard, 2.0)
+        partial["ledger"].finish([s.key for s in _listing(RELS)], tables=["embeddings"])
+        with real(*a, **k) as lease:
+            yield lease
+
+    monkeypatch.setattr(verify_mod, "hold", waited)
+    report = verify_mod.verify(str(out), repair=True)
+    assert report["repaired"] == {"orphans_removed": 0, "shards_forgotten": 0}
+    assert _snapshot(out) == dict.fromkeys(RELS, 2.0) and _glob_ids(out) == RELS
+
+
+def test_a_first_run_with_overwrite_killed_is_resumed_by_a_plain_rerun(tmp_path):
+    out = tmp_path / "out"
+    _run(out, OLD, "r1", overwrite=True, stop_after=2)
+    c = _run(out, OLD, "r2")
+    assert c["done_before"] == 2 and _snapshot(out) == dict.fromkeys(RELS, 1.0) and _glob_ids(out) == RELS
 
 
 def _table(out) -> frozenset:

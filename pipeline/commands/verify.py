@@ -47,6 +47,9 @@ def verify(output_uri: str, *, repair: bool = False, lock: LockPolicy | Lease | 
     }
     if repair and not (report["ok"] and not pending):
         with hold(output_uri, new_run_id(), "verify --repair", lock):
+            # read again under the lease: a run that held it may have switched generations meanwhile
+            ledger = Ledger(output_uri)
+            tables = sorted((ledger.check_readable() or {}).get("tables") or {})
             generations.sweep(ledger, {ledger.generation})  # no run holds the lease: an overwrite given up
             table = ledger.index()
             removed, forgotten = planning.reconcile(ledger, tables, table)

@@ -61,17 +61,53 @@ def live_generation(ledger: Any) -> str | None:
         return None
 
 
-def adoptable(ledger: Any, want: dict[str, Any], sharding: dict[str, Any] | None,
+def adoptable(ledger: Any, want: dict[str, Any], sharding: dict[str, Any] | None, scope: str,
               normalise: Any) -> Any | None:
-    """A pending generation made for exactly this run's settings (``want``, ``sharding``), to resume."""
+    """A pending generation made for exactly this run's settings (``want``, ``sharding``) and the same
+    part of the source (``scope``), to resume."""
     for gen in pending(ledger):
         try:
             state = normalise(gen.state())
         except (LedgerError, ValueError, TypeError, KeyError):
             continue
-        if {k: state.get(k) for k in want} == want and state.get("sharding") == sharding:
+        if _same(state, want, sharding, scope):
             return gen
     return None
+
+
+def _same(state: dict[str, Any] | None, want: dict[str, Any], sharding: dict[str, Any] | None,
+          scope: str) -> bool:
+    state = state or {}
+    return ({k: state.get(k) for k in want} == want and state.get("sharding") == sharding
+            and state.get("scope", "") == scope)
+
+
+def switched(ledger: Any, live: str | None, want: dict[str, Any], sharding: dict[str, Any] | None,
+             scope: str, normalise: Any) -> Any | None:
+    """The live generation when an overwrite with these settings switched to it and was killed before it
+    removed its pending.json (its rerun finds everything done: the old files go as orphans); else None."""
+    if not live:
+        return None
+    gen = ledger.at(live, pending=True)
+    try:
+        state = normalise(gen.state())
+    except (LedgerError, ValueError, TypeError, KeyError):
+        return None
+    if state is None or not _same(state, want, sharding, scope):
+        return None
+    storage.remove(gen.dir(PENDING))
+    return ledger.at(live)
+
+
+def drop_pending(ledger: Any) -> None:
+    """Remove the pending generations, their files first (an output that has no live table yet: its
+    files would otherwise read as files no run of this tool recorded)."""
+    for gen in pending(ledger):
+        with contextlib.suppress(LedgerError):
+            for entry in gen.committed().values():
+                for rel in entry["files"]:
+                    storage.remove(gen.uri(rel))
+        storage.remove_tree(gen.dir())
 
 
 def sweep(ledger: Any, keep: set[str | None]) -> int:
@@ -89,16 +125,15 @@ def sweep(ledger: Any, keep: set[str | None]) -> int:
     return gone
 
 
-def live_files(ledger: Any) -> set[str]:
-    """The files the live generation lists, seen from a pending one (they stay while it is built); empty
-    when the live ledger cannot be read."""
+def live_files(ledger: Any) -> set[str] | None:
+    """The files the live generation lists, seen from a pending one (they stay while it is built); None
+    when the live ledger is damaged (then no file may be taken for an orphan before the switch)."""
     if not ledger.pending:
         return set()
     try:
-        live = ledger.at(None)
-        return {f for e in live.committed().values() for f in e["files"]}
-    except (LedgerError, storage.StorageError):
-        return set()
+        return {f for e in ledger.at(None).committed().values() for f in e["files"]}
+    except LedgerError:
+        return None
 
 
 def pending_files(ledger: Any) -> set[str]:
@@ -106,7 +141,7 @@ def pending_files(ledger: Any) -> set[str]:
     readers, not orphans either)."""
     files: set[str] = set()
     for gen in pending(ledger):
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(LedgerError):
             files |= {f for e in gen.committed().values() for f in e["files"]}
     return files
 

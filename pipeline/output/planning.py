@@ -76,7 +76,8 @@ def plan(ledger: Any, source_uri: str, tables: dict[str, dict[str, Any]], shards
     """
     import pyarrow.compute as pc
 
-    ledger, fresh = check_state(ledger, source_uri, tables, overwrite=overwrite, sharding=sharding)
+    ledger, fresh = check_state(ledger, source_uri, tables, overwrite=overwrite, sharding=sharding,
+                                scope=scope)
 
     listed = {s.key: s for s in shards}
     recovered = 0
@@ -121,25 +122,34 @@ def _normalised(state: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def check_state(ledger: Any, source_uri: str, tables: dict[str, dict[str, Any]], *, overwrite: bool,
-                sharding: dict[str, Any] | None) -> tuple[Any, bool]:
+                sharding: dict[str, Any] | None, scope: str = "") -> tuple[Any, bool]:
     """Refuse an output made from another source, with another spec or with shards cut another way
     (unless ``overwrite``); then record what this run writes. Returns (the ledger to run into, whether it
     starts empty): with ``overwrite``, a new generation beside the live one, or an interrupted overwrite
-    made with these settings, resumed (also by a run without ``overwrite`` that the live one refuses)."""
+    of the same settings and scope, resumed (also by a run without ``overwrite`` that the live table
+    would refuse, or on an output with no live table yet)."""
     storage.check_writable(ledger.output_uri)
     want = storage.redact({"source": source_uri, "tables": tables})  # as output.json records it
     state = None if overwrite else _normalised(ledger.state())
-    if overwrite or (state is not None and {k: state.get(k) for k in want} != want):
-        resumed = generations.adoptable(ledger, want, sharding, _normalised)
+    live = generations.live_generation(ledger)
+    if overwrite:
+        done = generations.switched(ledger, live, want, sharding, scope, _normalised)
+        if done is not None:
+            generations.sweep(ledger, {live})
+            return done, False
+    if overwrite or state is None or {k: state.get(k) for k in want} != want:
+        resumed = generations.adoptable(ledger, want, sharding, scope, _normalised)
         if resumed is not None or overwrite:
             new = resumed or ledger.at(generations.new_generation(), pending=True)
-            live = generations.live_generation(ledger)
             generations.sweep(ledger, {live, new.generation})
-            if live is not None:  # the live generation's staged parts: their files go with _staging/ below
+            if live is not None:  # the live generation's staged parts: their files go with _staging/
                 storage.remove_tree(ledger.at(live).dir("parts"))
             if resumed is None:
-                new.write_state({**want, **({"sharding": sharding} if sharding else {})})
+                new.write_state({**want, **({"sharding": sharding} if sharding else {}),
+                                 **({"scope": scope} if scope else {})})
             return new, resumed is None
+    if state is None:
+        generations.drop_pending(ledger)  # an overwrite of other settings that died on a new output
     subdirs = [*tables, ERRORS_DIR]
     if state is None:
         clear_or_refuse(ledger.output_uri, subdirs, overwrite=False,
@@ -163,6 +173,8 @@ def check_state(ledger: Any, source_uri: str, tables: dict[str, dict[str, Any]],
                 f"{recorded.get('depth')}, this run at {sharding.get('depth')} (source.split_depth): "
                 "drop source.split_depth to use the output's, or pass --overwrite to rebuild it")
     generations.sweep(ledger, {ledger.generation})  # an overwrite given up: its files are orphans now
+    if storage.exists(ledger.dir(generations.PENDING)):  # an overwrite killed just after its switch
+        storage.remove(ledger.dir(generations.PENDING))
     ledger.write_state({**want, **({"sharding": sharding or recorded} if sharding or recorded else {})})
     return ledger, False
 
@@ -223,7 +235,10 @@ def reconcile(ledger: Any, tables: list[str], table: pa.Table) -> tuple[list[str
     replacing a shard or an older writer left), and forget committed shards whose files are missing or
     damaged, their other files removed, so that they run again. Returns (orphans removed, keys
     forgotten); the caller drops those keys from the ledger."""
-    orphans, bad = differences(ledger, tables, table, also=generations.live_files(ledger))
+    live = generations.live_files(ledger)
+    orphans, bad = differences(ledger, tables, table, also=live or set())
+    if live is None:  # a damaged live table, being overwritten: its files go at the switch
+        orphans = []
     for rel in orphans:
         storage.remove(ledger.uri(rel))
     if bad:

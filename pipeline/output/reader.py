@@ -4,6 +4,7 @@ tables joined on id."""
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -43,6 +44,26 @@ def _parquet_files(uri: str, what: str, fix: str) -> list[storage.FileInfo]:
     if not files:
         raise ValueError(f"no {what} found at '{uri}' (no .parquet files): {fix}")
     return files
+
+
+def _snapshot(table_uri: str, fix: str) -> list[storage.FileInfo] | None:
+    """An output's embeddings folder (``OUTPUT/embeddings``): the files its ledger lists, whole shards of
+    the live generation (during ``--overwrite`` too), each seen in a listing made after the snapshot was
+    taken; None for a folder of no output."""
+    output = posixpath.dirname(table_uri.rstrip("/"))
+    if posixpath.basename(table_uri.rstrip("/")) != EMBEDDINGS_DIR or not output or \
+            not storage.exists(storage.join(output, "_ledger", "output.json")):
+        return None
+    base = table_uri.rstrip("/") + "/"
+    for _ in range(5):
+        wanted = {u[len(base):] for u in snapshot_files(output) if u.startswith(base)}
+        if not wanted:
+            raise ValueError(f"no embeddings found at '{output}' (no committed rows yet): {fix}")
+        found = [f for f in storage.list_files(table_uri) if f.rel in wanted]
+        if len(found) == len(wanted):
+            return found
+    raise RuntimeError(f"'{output}': files its ledger lists kept vanishing (another run replacing them?); "
+                       "rerun")
 
 
 class LabelTable:
@@ -87,14 +108,7 @@ class EmbeddingReader:
         self.uri = _resolve_embeddings(uri)
         fix = ("pass the OUTPUT folder of `pipeline extract` (it holds embeddings/*.parquet) or that "
                "embeddings/ folder")
-        self.files = _parquet_files(self.uri, "embeddings", fix)
-        if self.uri != uri and storage.exists(storage.join(uri, "_ledger", "output.json")):
-            # an output: the files its ledger lists (whole shards; the live generation during --overwrite)
-            base = self.uri.rstrip("/") + "/"
-            listed = {u[len(base):] for u in snapshot_files(uri) if u.startswith(base)}
-            self.files = [f for f in self.files if f.rel in listed]
-            if not self.files:
-                raise ValueError(f"no embeddings found at '{uri}' (no committed rows yet): {fix}")
+        self.files = _snapshot(self.uri, fix) or _parquet_files(self.uri, "embeddings", fix)
         self.fs, _ = storage.get_fs(self.files[0].uri)
         self.paths = [storage.get_fs(f.uri)[1] for f in self.files]
         self.schemas: list[pa.Schema] = []
