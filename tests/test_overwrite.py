@@ -124,8 +124,8 @@ def test_an_overwrite_is_built_beside_the_live_table_and_switched_to_whole(where
     assert _ledger_names(out) == [f"gen-{third['ledger'].generation}", "output.json"]
 
 
-def test_a_kill_right_after_the_switch_leaves_the_old_files_to_the_next_plan(where, monkeypatch):
-    out = where
+def test_a_kill_right_after_the_switch_leaves_the_old_files_to_the_next_plan(tmp_path, monkeypatch):
+    out = tmp_path / "out"
     _run(out, OLD, "r1")
     real = generations.storage
 
