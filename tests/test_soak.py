@@ -40,7 +40,7 @@ def test_killed_and_overlapping_runs_leave_every_image_exactly_once(ray_session,
     rng = random.Random(7)
     refused = kills = overwrites = 0
     had_rows = False
-    for i in range(10):
+    for i in range(14):  # and a second writer in each even round: up to 21 runs
         overwrite = i % 3 == 2
         overwrites += overwrite
         first = subprocess.Popen([*cmd, *(["--overwrite"] if overwrite else [])], env=env, cwd=ROOT,
