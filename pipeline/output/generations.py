@@ -104,25 +104,21 @@ def drop_pending(ledger: Any) -> None:
     files would otherwise read as files no run of this tool recorded)."""
     for gen in pending(ledger):
         with contextlib.suppress(LedgerError):
-            for entry in gen.committed().values():
-                for rel in entry["files"]:
-                    storage.remove(gen.uri(rel))
+            for rel in gen.files():
+                storage.remove(gen.uri(rel))
         storage.remove_tree(gen.dir())
 
 
-def sweep(ledger: Any, keep: set[str | None]) -> int:
+def sweep(ledger: Any, keep: set[str | None]) -> None:
     """Remove the ledger folders of generations not in ``keep`` (an overwrite given up, an old generation
     whose removal a crash cut short); their table files are left for `planning.reconcile`, which removes
-    visible files of no committed shard. Returns how many generations went."""
+    visible files of no committed shard."""
     if None in keep:  # the live generation is unknown (output.json damaged): nothing is removed
-        return 0
-    gone = 0
+        return
     for name in _children(ledger.output_uri):
         gen = name[len(GEN_PREFIX):] if name.startswith(GEN_PREFIX) else ("" if name in LEGACY else None)
         if gen is not None and gen not in keep:
             storage.remove_tree(storage.join(ledger.output_uri, LEDGER_DIR, name))
-            gone += 1
-    return gone
 
 
 def live_files(ledger: Any) -> set[str] | None:
@@ -131,7 +127,7 @@ def live_files(ledger: Any) -> set[str] | None:
     if not ledger.pending:
         return set()
     try:
-        return {f for e in ledger.at(None).committed().values() for f in e["files"]}
+        return ledger.at(None).files()
     except LedgerError:
         return None
 
@@ -142,29 +138,28 @@ def pending_files(ledger: Any) -> set[str]:
     files: set[str] = set()
     for gen in pending(ledger):
         with contextlib.suppress(LedgerError):
-            files |= {f for e in gen.committed().values() for f in e["files"]}
+            files |= gen.files()
     return files
 
 
 def switch(ledger: Any) -> dict[str, Any]:
     """Make the pending generation ``ledger`` the live one (one write of output.json), then remove the old
-    generation's files and ledger folder. Returns the live ledger, the old state and how many files went;
-    the caller then removes any other file of no committed shard (`planning.reconcile`)."""
+    generation's files and ledger folder. Returns the old generation's state; the caller then removes any
+    other file of no committed shard (`planning.reconcile`)."""
     old = ledger.at(None)
     try:
         old_state = old.live_state() or {}
-        old_files = {f for e in old.committed().values() for f in e["files"]}
+        old_files = old.files()
     except LedgerError:  # damaged: what it listed is found as files of no committed shard afterwards
         old_state, old_files = {}, set()
     state = {k: v for k, v in (ledger.state() or {}).items() if k != "generation"}
     live = ledger.at(ledger.generation)
     live.write_state(state)  # the switch: readers now read this generation
-    mine = {f for e in live.committed().values() for f in e["files"]}
-    for rel in sorted(old_files - mine):
+    for rel in sorted(old_files - live.files()):
         storage.remove(live.uri(rel))
     sweep(live, {ledger.generation})
     storage.remove(live.dir(PENDING))
-    return {"live": live, "old_state": old_state, "removed": len(old_files - mine)}
+    return old_state
 
 
 def new_generation() -> str:

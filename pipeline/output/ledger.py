@@ -256,6 +256,10 @@ class Ledger:
         t = self.index()
         return {k: json.loads(e) for k, e in zip(t["key"].to_pylist(), t["entry"].to_pylist(), strict=True)}
 
+    def files(self) -> set[str]:
+        """The files every committed shard lists (paths relative to the output)."""
+        return {f for e in self.committed().values() for f in e["files"]}
+
     def entry(self, key: str) -> dict[str, Any] | None:
         uri = self._shard_uri(key)
         if storage.exists(uri):
@@ -321,9 +325,9 @@ class Ledger:
                 "rerun the same command to finish them"
                 + (" (the output stays as it was until they are)" if self.pending else ""))
         if self.pending:  # an overwrite: switch readers to the new generation, remove the old one
-            done = generations.switch(self)
+            old_state = generations.switch(self)
             self.pending = False
-            old_tables = list(done["old_state"].get("tables") or {})
+            old_tables = list(old_state.get("tables") or {})
             planning.reconcile(self, list(dict.fromkeys([*(tables or []), *old_tables])), self.index())
         if tables is not None:
             orphans, bad = planning.differences(self, tables, table)
