@@ -120,12 +120,16 @@ def test_driver_killed_mid_run_then_rerun_has_each_image_once(ray_session, many_
 
 
 class CrashingEmbedder(Embedder):
-    """Kills its own process on its second batch, once per test (a marker file remembers)."""
+    """Kills its own process on its second batch, once per test (a marker file remembers); notes, batch by
+    batch, how many shards the output has committed so far."""
 
     marker = ""
+    output = ""
 
     def __call__(self, batch):
         self._calls = getattr(self, "_calls", 0) + 1
+        with open(self.marker + ".committed", "a") as f:
+            f.write(f"{len(Ledger(self.output).committed())}\n")
         if self._calls == 2 and not os.path.exists(self.marker):
             Path(self.marker).write_text("crashed")
             os._exit(1)
@@ -136,15 +140,19 @@ def test_an_actor_dying_mid_run_loses_and_duplicates_nothing(ray_session, many_d
     import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    CrashingEmbedder.marker = str(tmp_path / "crashed")
-    monkeypatch.setattr("pipeline.commands.run.Embedder", CrashingEmbedder)
     out = tmp_path / "out"
+    CrashingEmbedder.marker, CrashingEmbedder.output = str(tmp_path / "crashed"), str(out)
+    monkeypatch.setattr("pipeline.commands.run.Embedder", CrashingEmbedder)
     s = extract(_cfg(many_dir, out))
     assert (tmp_path / "crashed").exists(), "the actor should have crashed once"
     assert s["counts"]["embedded"] == 36 and s["ledger"]["ran"] == _n_shards(many_dir)
     ids = _ids(out)
     assert len(ids) == len(set(ids)) == 36
     _assert_accounted_for(out)
+    # Shards commit while the actors embed (write tasks are not held back until the pool is done): the
+    # batches after the restart of the crashed actor see the shards written before it.
+    seen = [int(n) for n in (tmp_path / "crashed.committed").read_text().split()]
+    assert len(seen) >= 12 and max(seen) >= 1, seen
 
 
 def test_nightly_increments_and_changed_shards(ray_session, textures_dir, tmp_path):

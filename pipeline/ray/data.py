@@ -97,6 +97,18 @@ class ParquetDatasink(Datasink[WriteStats]):
         return "WriteParquet"
 
 
+# Write tasks ask for no CPU: Ray Data reserves the actors' CPUs first, and a write task that asks for any
+# of the rest waited for the whole actor pool to finish on a node the actors fill (2 CPUs: no shard
+# committed before the last image was embedded). writers() caps how many run at once.
+WRITE_TASK_CPUS = 0.0
+
+
+def writers(actors: int) -> int:
+    """Concurrent write tasks beside ``actors`` actors: one per two (each writes rows_per_file rows at a
+    time, a fraction of what an actor embeds meanwhile), at least one."""
+    return max(1, actors // 2)
+
+
 def read_shards(shards: list[Shard], source_cfg: Any, ledger: Ledger | None = None) -> ray.data.Dataset:
     return ray.data.read_datasource(ShardDatasource(shards, source_cfg, ledger), num_cpus=READ_TASK_CPUS)
 
@@ -131,7 +143,7 @@ def map_images(stage: type, stage_kwargs: dict[str, Any], shards: list[Shard], s
     t_run = time.perf_counter()
     need = {"CPU": runtime.cpus_per_actor, "GPU": runtime.gpus_per_actor or 0, **runtime.actor_resources}
     with stall_guard(runtime, f"the {stage.__name__} actors", need):
-        ds.write_datasink(datasink)
+        ds.write_datasink(datasink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS}, concurrency=writers(lo))
     return datasink.result, t_run
 
 
@@ -179,7 +191,8 @@ def predict(stage: type, stage_kwargs: dict[str, Any], files: list[storage.FileI
     out_fs, out_path = storage.get_fs(out_uri)
     if storage.exists(out_uri):
         storage.remove_tree(out_uri)
-    ds.write_parquet(out_path, filesystem=out_fs)
+    ds.write_parquet(out_path, filesystem=out_fs, ray_remote_args={"num_cpus": WRITE_TASK_CPUS},
+                     concurrency=writers(lo))
     return pads.dataset(out_path, filesystem=out_fs, format="parquet").count_rows()
 
 
