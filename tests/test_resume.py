@@ -73,11 +73,13 @@ def _n_shards(source) -> int:
     return len(list_shards(_cfg(source, "unused").source)[0])
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
+# local: slow (45 s). A kill at each step of a local commit is in test_ledger; a real SIGKILL of a local
+# driver in test_finetune, and many in test_soak (slow)
+@pytest.mark.parametrize("where", [pytest.param("local", marks=pytest.mark.slow), "s3"])
 def test_driver_killed_mid_run_then_rerun_has_each_image_once(ray_session, many_dir, tmp_path, where,
                                                               request):
     """A real SIGKILL of the driver while shards commit (every shard is 3 images in 1 file, so commits
-    follow each other closely), on a local folder and on the loopback S3 server."""
+    follow each other closely), on the loopback S3 server, and on a local folder (slow)."""
     out = tmp_path / "out" if where == "local" else request.getfixturevalue("bucket") + "/out"
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     cmd = [sys.executable, "-m", "pipeline", "extract", "--source", str(many_dir), "--output", str(out),
