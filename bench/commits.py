@@ -3,7 +3,7 @@
     python -m bench.commits [--per-class 400] [--repeats 2] [--workdir DIR]
 
 Extracts sample textures (3 classes x --per-class images, 160 px) with the defaults, twice per repeat and
-side by side in one Ray: write tasks as planned (no CPU asked, pipeline.plan.WRITE_TASK_CPUS) and as Ray
+side by side in one Ray: write tasks as planned (no CPU asked, pipeline.ray.data.WRITE_TASK_CPUS) and as Ray
 Data's default (1 CPU each, no cap). A thread counts the committed shards every 0.5 s. Prints, per run,
 the seconds to the first committed shard, the whole run's seconds and images/s; and the medians.
 """
@@ -74,6 +74,7 @@ def main() -> None:
         total = statistics.median(r["total_s"] for r in mine)
         print(f"{mode:>20}: {n} images, first shard committed after {first:.1f} s of {total:.1f} s "
               f"(medians), {statistics.median(r['images_per_s'] for r in mine):.1f} images/s")
+
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.output.layout import EMBEDDINGS_DIR
+from pipeline.output.layout import EMBEDDINGS_DIR, LEDGER_DIR
 from pipeline.output.spec import EmbeddingSpec
 
 READ_ROWS = 65536  # rows per record batch read
@@ -50,9 +50,11 @@ def _snapshot(table_uri: str, fix: str) -> list[storage.FileInfo] | None:
     """An output's embeddings folder (``OUTPUT/embeddings``): the files its ledger lists, whole shards of
     the live generation (during ``--overwrite`` too), each seen in a listing made after the snapshot was
     taken; None for a folder of no output."""
+    from pipeline.output.ledger import STATE
+
     output = posixpath.dirname(table_uri.rstrip("/"))
     if posixpath.basename(table_uri.rstrip("/")) != EMBEDDINGS_DIR or not output or \
-            not storage.exists(storage.join(output, "_ledger", "output.json")):
+            not storage.exists(storage.join(output, LEDGER_DIR, STATE)):
         return None
     base = table_uri.rstrip("/") + "/"
     for _ in range(5):
@@ -185,13 +187,13 @@ def snapshot_files(output_uri: str, table: str = EMBEDDINGS_DIR) -> list[str]:
             raise ValueError(f"'{output_uri}' holds no ledger (_ledger/output.json): pass the OUTPUT folder "
                              "of `pipeline extract` or `classify`")
         try:
-            entries = ledger.committed().values()
+            files = ledger.files()
         except (OSError, storage.StorageError, LedgerError):
             if Ledger(output_uri).generation == ledger.generation:
                 raise
             continue  # --overwrite switched generations and removed the old one's ledger while it was read
         if Ledger(output_uri).generation == ledger.generation:  # not switched meanwhile
-            return sorted(ledger.uri(f) for e in entries for f in e["files"] if f.startswith(table + "/"))
+            return sorted(ledger.uri(f) for f in files if f.startswith(table + "/"))
     raise RuntimeError(f"'{output_uri}' changed generation 10 times while its ledger was read")
 
 
