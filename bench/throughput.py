@@ -203,8 +203,9 @@ def planned_autocast(model: str, weights: str, device: str) -> str:
     """The precision `pipeline extract` plans for this model on this machine (pipeline/plan.py)."""
     from pipeline.backbone import build_backbone
     from pipeline.backbone.inference import precision_agreement
+    from pipeline.cluster import Cluster, NodeType, cpu_has_bf16
     from pipeline.config import BackboneConfig, RuntimeConfig
-    from pipeline.plan import Cluster, NodeType, cpu_has_bf16, plan_images
+    from pipeline.plan import plan_images
 
     gpu = device == "cuda"
     node = NodeType(cpus=os.cpu_count() or 1, gpus=1.0 if gpu else 0.0)

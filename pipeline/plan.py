@@ -16,6 +16,9 @@ measured", has the numbers behind each):
   natively (AVX-512 BF16 or AMX), else fp32; the tensor decoder (faster than PIL's path on CPUs too)
   wherever it reproduces the model's transform; the model runs each batch in forwards of a size whose
   largest activation stays under 32 MiB (FORWARD_BYTES).
+- A small run starts fewer actors: never more than the batches its images fill, and on CPUs one per
+  CPU_ACTOR_START_FLOPS of the images' arithmetic (an actor's start-up costs about what one thread computes
+  in that), counting the images the run embeds (a night's new ones), not the whole listing.
 - bf16 (on GPUs and CPUs) only for a model whose bf16 embeddings of sample photos stay within cosine 0.999
   of fp32, measured when the run is planned. ResNets do; depthwise-separable networks (EfficientNet-Lite,
   MobileNet) lose more in their high-resolution early stages, so the next choice keeps the stem and first
@@ -30,11 +33,11 @@ measured", has the numbers behind each):
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import ConfigError, FinetuneRuntime, RuntimeConfig
+from pipeline.cluster import Cluster, NodeType, amount, gpu_bf16
+from pipeline.config import ConfigError, FinetuneRuntime, RuntimeConfig, parse_actors
 
 READ_TASK_CPUS = 0.25  # read tasks wait on storage: a quarter CPU each lets several run beside the actors
 MAX_THREADS_PER_CPU_ACTOR = 4  # past ~4 threads a CNN forward at batch 32 gains little per extra thread
@@ -42,8 +45,6 @@ MAX_THREADS_PER_CPU_ACTOR = 4  # past ~4 threads a CNN forward at batch 32 gains
 # the model, plus the model twice (its weights, and a copy while the BatchNorm fold is checked).
 CPU_ACTOR_BASE_GIB = 1.2
 ACTOR_MEMORY_SHARE = 0.8  # of a node's Ray `memory` resource, for the actors' copies of the model
-# GPUs without native bf16 (compute capability < 8.0); Ray's accelerator_type names.
-NO_BF16_GPUS = ("V100", "T4", "P100", "P4", "K80", "M60", "P40", "K40")
 # torch.compile: (seconds to compile in each actor, forward speed-up once compiled, images/s of an eager
 # forward to price the saving). On CPU the eager forward runs each ReLU inside its convolution, which a
 # compiled one does not; a speed-up of 1 keeps compile: auto off there.
@@ -51,82 +52,14 @@ COMPILE = {"cpu": (60.0, 1.0, 120.0), "cuda": (40.0, 1.6, 10_000.0)}
 # A CPU forward's largest tensor stays under this: glibc serves larger blocks with mmap (its dynamic
 # threshold stops at 32 MiB) and unmaps them when freed, so each forward page-faults them afresh.
 FORWARD_BYTES = 32 * 2**20
+# What one CPU thread computes while a CPU actor starts (imports torch and timm, builds the model and its
+# rewrites: ~7 s on the 2-core machine, where one thread runs tf_efficientnet_lite0's 0.77 GFLOPs at ~25
+# images/s): an actor is started only for images enough to repay that (~180 at 0.77 GFLOPs, ~17 of
+# resnet50's 8.2; on 2 cores 2 actors overtake 1 between 210 and 510 images, bench/RESULTS.md "Actors").
+CPU_ACTOR_START_FLOPS = 140e9
 BF16_MIN_COSINE = 0.999  # bf16 autocast only for models whose embeddings keep this much of fp32's
 # fastest first: all bf16, then bf16 with the stem and first stage in fp32
 BF16_MODES = ("bf16", "bf16-stem-fp32")
-
-
-@dataclass(frozen=True)
-class NodeType:
-    """One kind of node: its resources, how many are alive, and how many the autoscaler may run."""
-
-    cpus: float
-    gpus: float = 0.0
-    memory_gib: float = 0.0
-    resources: dict[str, float] = field(default_factory=dict)  # custom resources
-    gpu_kind: str | None = None  # Ray's accelerator_type, e.g. "H100"
-    alive: int = 1
-    max_count: int | None = None  # None: fixed at ``alive``; -1: unlimited
-
-    @property
-    def most(self) -> int:
-        if self.max_count is None:
-            return self.alive
-        return 10**6 if self.max_count < 0 else max(self.alive, self.max_count)
-
-
-@dataclass(frozen=True)
-class Cluster:
-    """The node types of a Ray cluster, and what the driver's CPU computes natively."""
-
-    nodes: tuple[NodeType, ...]
-    cpu_bf16: bool = False  # AVX-512 BF16 or AMX on the CPUs (read on the driver)
-    autoscaling: bool | None = None  # None: the node types say it (a type may grow past its alive count)
-
-    @property
-    def scales(self) -> bool:
-        if self.autoscaling is not None:
-            return self.autoscaling
-        return any(n.most > n.alive for n in self.nodes)
-
-    def gpu_nodes(self) -> list[NodeType]:
-        return [n for n in self.nodes if n.gpus > 0]
-
-    def total(self, key: str, at_most: bool = False) -> float:
-        return sum(_amount(n, key) * (n.most if at_most else n.alive) for n in self.nodes)
-
-    def fits(self, need: dict[str, float]) -> list[NodeType]:
-        """The node types one bundle of ``need`` fits on."""
-        return [n for n in self.nodes if all(_amount(n, k) >= v for k, v in need.items() if v > 0)]
-
-
-def _amount(node: NodeType, key: str) -> float:
-    if key == "CPU":
-        return node.cpus
-    if key == "GPU":
-        return node.gpus
-    return node.resources.get(key, 0.0)
-
-
-CPU_BF16_ENV = "PIPELINE_CPU_BF16"  # "0": plan as on a CPU without native bf16; "1": as on one with it
-
-
-def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether this machine's CPU computes bf16 natively (AVX-512 BF16 or AMX), from /proc/cpuinfo;
-    $PIPELINE_CPU_BF16 (0 or 1) overrides the flags, to plan (and test) as the other kind of CPU would."""
-    forced = os.environ.get(CPU_BF16_ENV, "").strip()
-    if forced in ("0", "1"):
-        return forced == "1"
-    try:
-        with open(cpuinfo) as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
-
-
-def gpu_bf16(kind: str | None) -> bool:
-    return not (kind and any(old in kind for old in NO_BF16_GPUS))
 
 
 @dataclass
@@ -164,7 +97,7 @@ def _check_bundle(cluster: Cluster, need: dict[str, float], flags: dict[str, str
         # marked autoscaling, its node groups unknown: wait and see (resource_wait_s)
         return {k: v for k, v in need.items() if v > 0}
     if not fits:
-        biggest = {k: max((_amount(n, k) for n in cluster.nodes), default=0) for k in need}
+        biggest = {k: max((amount(n, k) for n in cluster.nodes), default=0) for k in need}
         missing = [k for k, v in need.items() if v > biggest[k]]
         k = missing[0]
         scope = "node or node group" if cluster.scales else "node"
@@ -180,7 +113,7 @@ def _check_bundle(cluster: Cluster, need: dict[str, float], flags: dict[str, str
 def plan_images(cluster: Cluster, runtime: RuntimeConfig, *, images: int, input_hw: tuple[int, int],
                 compilable: bool = True, agreement: dict[str, float] | None = None,
                 device_kind: str | None = None, tensor_decodable: bool = True, model_bytes: int = 0,
-                activations: dict[str, int] | None = None) -> Decision:
+                activations: dict[str, int] | None = None, flops: int = 0) -> Decision:
     """Settings for a command that maps images through the Embedder (extract, classify, probe).
 
     ``images``: how many the run lists (for compile: auto); ``compilable``: whether the cut can compile;
@@ -188,6 +121,7 @@ def plan_images(cluster: Cluster, runtime: RuntimeConfig, *, images: int, input_
     ``model_bytes``: the model's parameter bytes (the memory each CPU actor holds, see cpu_actor_gib);
     ``activations``: per autocast mode, one image's largest activation in bytes (inference.activation_bytes;
     None: not measured), for the CPU forward batch (FORWARD_BYTES);
+    ``flops``: one image's forward to the cut (Backbone.image_flops; 0: not measured), for the actor count;
     ``agreement``: per bf16 mode, the lowest cosine of this model's embeddings to its fp32 ones on sample
     photos (inference.precision_agreement; None: not measured) — the first of BF16_MODES that keeps
     BF16_MIN_COSINE, else fp32.
@@ -223,6 +157,8 @@ def plan_images(cluster: Cluster, runtime: RuntimeConfig, *, images: int, input_
         why.append(f"autocast {amp}: {amp_why}")
     _plan_layout(rt, device, tensor_decodable, up, why)
     _plan_batches(rt, device, input_hw, activations, up, why)
+    if _unset(rt, "actors"):
+        _repaid_actors(rt, device, images, flops, up, why)
     if _unset(rt, "compile"):
         _plan_compile(rt, device, images, compilable, up, why)
     if rt.device == "auto":
@@ -336,6 +272,26 @@ def _plan_batches(rt: RuntimeConfig, device: str, input_hw: tuple[int, int],
                        f"{FORWARD_BYTES // 2**20} MiB are reused by the allocator instead of mapped afresh")
         else:
             up["forward_batch"] = batch
+
+
+def _repaid_actors(rt: RuntimeConfig, device: str, images: int, flops: int, up: dict[str, Any],
+                   why: list[str]) -> None:
+    """Fewer actors than the cluster holds where the images listed cannot keep them busy, into ``up`` and
+    ``why``: never more actors than batches, and on CPUs one actor per the images one thread embeds while
+    an actor starts (CPU_ACTOR_START_FLOPS), so a small run (a night of a few changed images) starts one."""
+    lo, hi = parse_actors(up["actors"])
+    batch = up.get("batch_size", rt.batch_size)
+    most = max(1, math.ceil(images / batch))
+    reason = f"{images} images fill {most} batch{'es' if most > 1 else ''} of {batch}"
+    if device == "cpu" and flops > 0:
+        per_actor = max(1, int(CPU_ACTOR_START_FLOPS // flops))
+        if max(1, images // per_actor) < most:
+            most = max(1, images // per_actor)
+            reason = (f"{images} images repay {most}: an actor's start-up costs what one thread spends on "
+                      f"~{per_actor} images of {flops / 1e9:.2f} GFLOPs")
+    if most < hi:
+        up["actors"] = str(most) if most <= lo else f"{lo},{most}"
+        why.append(f"{most} actor{'s' if most > 1 else ''}, not {hi}: {reason}")
 
 
 def _plan_compile(rt: RuntimeConfig, device: str, images: int, compilable: bool, up: dict[str, Any],

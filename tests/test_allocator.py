@@ -25,7 +25,8 @@ from pipeline.backbone import build_backbone
 from pipeline.config import BackboneConfig
 from pipeline.embed import Embedder, EmbedderSpec
 from pipeline.backbone.inference import activation_bytes
-from pipeline.plan import cpu_forward_batch, cpu_has_bf16
+from pipeline.cluster import cpu_has_bf16
+from pipeline.plan import cpu_forward_batch
 from pipeline.sources import rows_from_bytes
 rng = np.random.default_rng(0)
 def jpeg():

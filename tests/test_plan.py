@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from pipeline.cluster import Cluster, NodeType
 from pipeline.config import ConfigError, FinetuneRuntime, RuntimeConfig
-from pipeline.plan import Cluster, NodeType, plan_finetune, plan_images
+from pipeline.plan import plan_finetune, plan_images
 
 LAPTOP = Cluster((NodeType(cpus=2, memory_gib=24),), cpu_bf16=True)
 OLD_LAPTOP = Cluster((NodeType(cpus=2, memory_gib=24),), cpu_bf16=False)
@@ -18,8 +19,8 @@ AUTOSCALING = Cluster((NodeType(cpus=0, memory_gib=32),  # cluster.yaml's head: 
 T4_NODE = Cluster((NodeType(cpus=4, gpus=1, gpu_kind="T4"),))
 
 
-def _images(cluster: Cluster, images: int = 1000, **runtime):
-    return plan_images(cluster, RuntimeConfig(**runtime), images=images, input_hw=(224, 224))
+def _images(cluster: Cluster, images: int = 1000, flops: int = 0, **runtime):
+    return plan_images(cluster, RuntimeConfig(**runtime), images=images, input_hw=(224, 224), flops=flops)
 
 
 def test_laptop_uses_both_cores_in_bf16_and_keeps_room_for_reads():
@@ -73,6 +74,32 @@ def test_autoscaling_gpu_workers_from_zero_wait_for_the_first_node():
     assert rt.actor_range() == (1, 4) and rt.gpus_per_actor == 1 and rt.cpus_per_actor == 4
     assert d.waits_for == {"CPU": 4.0, "GPU": 1.0}  # no GPU node is alive yet: the autoscaler starts one
     assert rt.autocast == "bf16"
+
+
+LITE0_FLOPS = 767_815_104  # tf_efficientnet_lite0 at 224 px, one image to `final` (Backbone.image_flops)
+
+
+def test_a_small_run_starts_only_the_actors_its_images_repay():
+    few = _images(LAPTOP, images=42, flops=LITE0_FLOPS)
+    assert few.runtime.actor_range() == (1, 1) and few.runtime.cpus_per_actor == 0.75
+    assert "1 actor, not 2: 42 images repay 1: an actor's start-up costs what one thread spends on ~182 " \
+           "images of 0.77 GFLOPs" in few.reasons
+    assert few.reasons[0].startswith("1 actor x 0.75 CPU")
+    assert _images(LAPTOP, images=363, flops=LITE0_FLOPS).runtime.actor_range() == (1, 1)
+    assert _images(LAPTOP, images=364, flops=LITE0_FLOPS).runtime.actor_range() == (2, 2)
+    # four times the arithmetic per image: an actor pays for itself on a quarter of the images
+    assert _images(CPU_NODE, images=400, flops=4 * LITE0_FLOPS).runtime.actor_range() == (8, 8)
+    assert _images(CPU_NODE, images=400, flops=LITE0_FLOPS).runtime.actor_range() == (2, 2)
+    # never more actors than batches (GPUs too), FLOPs measured or not; an autoscaling pool's max shrinks
+    assert _images(LAPTOP, images=40).runtime.actor_range() == (2, 2)  # two batches of 32
+    assert _images(LAPTOP, images=20).runtime.actor_range() == (1, 1)
+    gpu = _images(GPU_BOX, images=300)
+    assert gpu.runtime.actor_range() == (2, 2) and "2 actors, not 8: 300 images fill 2 batches of 256" in \
+        gpu.reasons
+    assert _images(AUTOSCALING, images=600).runtime.actor_range() == (1, 3)
+    # an explicit count wins, and nothing is cut where the images keep every actor busy
+    assert _images(LAPTOP, images=10, flops=LITE0_FLOPS, actors="2").runtime.actor_range() == (2, 2)
+    assert not any("not 14" in r for r in _images(CPU_NODE, images=10_000, flops=LITE0_FLOPS).reasons)
 
 
 def test_explicit_settings_win():
@@ -157,7 +184,7 @@ def test_cpu_forwards_keep_their_largest_activation_under_32_mib():
 
 
 def test_the_cpus_native_bf16_is_read_from_its_flags_and_can_be_switched(tmp_path, monkeypatch):
-    from pipeline.plan import CPU_BF16_ENV, cpu_has_bf16
+    from pipeline.cluster import CPU_BF16_ENV, cpu_has_bf16
 
     monkeypatch.delenv(CPU_BF16_ENV, raising=False)
     zen4, zen2 = tmp_path / "zen4", tmp_path / "zen2"

@@ -11,10 +11,10 @@ import pyarrow as pa
 import pytest
 
 from pipeline import samples
+from pipeline.cluster import cpu_has_bf16
 from pipeline.embed import Embedder, EmbedderSpec
 from pipeline.output.spec import EmbeddingSpec
 from pipeline.output.writer import ParquetSink
-from pipeline.plan import cpu_has_bf16
 from pipeline.sources import rows_from_bytes
 
 RESNET = {"model": "resnet50", "weights": "none"}  # random init: the same arithmetic as trained weights
@@ -36,8 +36,9 @@ def _emb(t: pa.Table) -> np.ndarray:
 def _plan(backbone_cfg: dict) -> str:
     from pipeline.backbone import build_backbone
     from pipeline.backbone.inference import precision_agreement
+    from pipeline.cluster import Cluster, NodeType
     from pipeline.config import BackboneConfig, RuntimeConfig
-    from pipeline.plan import Cluster, NodeType, plan_images
+    from pipeline.plan import plan_images
 
     bb = build_backbone(BackboneConfig(**backbone_cfg), "cpu")
     agreement = precision_agreement(bb)

@@ -191,6 +191,9 @@ def test_nightly_increments_and_changed_shards(ray_session, textures_dir, tmp_pa
     assert s2["ledger"]["ran"] == len(new) and s2["ledger"]["done_before"] == len(first) - len(stale)
     assert s2["ledger"]["removed_stale"] == len(stale)
     assert s2["ledger"]["output_rows"] == {"embedded": 24, "failed": 0}
+    # the night's actors are planned for the images it embeds, not for everything the source lists
+    fewer = [r for r in s2["plan"]["reasons"] if " actor, not " in r]
+    assert fewer and f": {sum(s.count for s in new)} images repay 1" in fewer[0], s2["plan"]["reasons"]
 
     t = pads.dataset(out / "embeddings", partitioning="hive").to_table()
     ids = t.column("id").to_pylist()

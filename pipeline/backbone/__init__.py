@@ -105,6 +105,17 @@ class Backbone:
         """Images (N,3,H,W), already preprocessed -> embeddings (N, dim) of the first layer."""
         return self.embed_all(x)[0]
 
+    def image_flops(self) -> int:
+        """Floating-point operations of one image's forward to the cut (torch's FlopCounterMode over the test
+        image: convolutions and matrix products, the arithmetic that dominates): what the planner weighs an
+        actor's start-up against."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        x = test_image(self.preprocessing).to(next(self.model.parameters()).device)
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            self._capture(x)
+        return int(counter.get_total_flops())
+
     def spec(self, i: int = 0, **fields: Any) -> EmbeddingSpec:
         """What the embeddings of layer i are (stored in Parquet metadata, checked by heads); ``fields`` adds
         the rest of the spec: dtype, versions, top_k."""

@@ -11,10 +11,10 @@ from typing import Any
 from pipeline.backbone import build_backbone
 from pipeline.commands.run import (
     ImageRun,
+    Planner,
     estimated_images,
     new_run_id,
     partition_for,
-    plan_for,
     versions,
 )
 from pipeline.config import ClassifyConfig, ConfigError, ExtractConfig
@@ -66,15 +66,21 @@ def _leased(kind: str, cfg: ExtractConfig | ClassifyConfig, stage: EmbedderSpec,
             run_id: str, lease: Lease, t_start: float) -> dict[str, Any]:
     cfg, layout, shards, skipped = _inputs(cfg, partition, overwrite)
     backbone = build_backbone(stage.backbone, "cpu")
-    decision = plan_for(cfg.runtime, backbone, estimated_images(shards))
-    stage = replace(stage, runtime=decision.runtime)  # what each actor is built from: every setting planned
-    spec = backbone.spec(versions=versions(), precision=precision_of(stage.runtime.autocast), **spec_extra)
+    planner = Planner(cfg.runtime, backbone)
+    # the precision (which the output's spec records) is planned before the ledger says what is left to do
+    listed = planner.plan(estimated_images(shards), wait=False)
+    spec = backbone.spec(versions=versions(), precision=precision_of(listed.runtime.autocast), **spec_extra)
     del backbone
     outputs = [Output(table, columns, spec)]
     sharding = {"scheme": SHARDING, "depth": layout.depth} if shards[0].loose else None
     work = Ledger(cfg.output.uri).plan(layout.root or cfg.source.uri, {table: spec.table_key()}, shards,
                                        overwrite=overwrite, scope=layout.prefix,
                                        on_removed=cfg.source.on_removed, sharding=sharding)
+    # the actors and compile for the shards this run embeds: a night of a few new images starts one actor
+    todo = estimated_images(work.todo)
+    decision = planner.plan(todo, wait=todo > 0)
+    assert decision.runtime.autocast == listed.runtime.autocast  # the precision does not depend on the count
+    stage = replace(stage, runtime=decision.runtime)  # what each actor is built from: every setting planned
     run = ImageRun(
         kind=kind, source=cfg.source, runtime=stage.runtime, output_uri=cfg.output.uri, stage=stage,
         outputs=outputs, config=json.loads(cfg.model_dump_json()), extra={"spec": spec.to_dict()},

@@ -64,44 +64,56 @@ def estimated_images(shards: list[Shard]) -> int:
     return sum(s.count if s.loose else max(1, s.size // 100_000) for s in shards)
 
 
-def plan_for(runtime: RuntimeConfig, backbone: Backbone, images: int) -> Decision:
-    """The runtime for this model on this cluster (pipeline/plan.py), checked on the driver before any work:
-    a request the cluster can never satisfy, or a cut that runtime.compile cannot compile, is refused here;
-    on an autoscaling cluster this waits for a node that fits one actor."""
-    from pipeline.ray.cluster import cluster_shape, wait_for
+class Planner:
+    """What the planner (pipeline/plan.py) needs of one model on this cluster, measured once on the driver:
+    the cluster's shape, whether the cut compiles, how much of fp32 each bf16 mode keeps (where a bf16 plan
+    is possible), one image's largest activation and FLOPs; ``plan`` is then pure. A cut that
+    runtime.compile cannot compile is refused here, a request the cluster can never satisfy by ``plan``."""
 
-    compilable = True
-    if runtime.compile is True:
-        check_compilable(backbone)
-    else:
-        try:
+    def __init__(self, runtime: RuntimeConfig, backbone: Backbone) -> None:
+        from pipeline.backbone.inference import activation_bytes, precision_agreement
+        from pipeline.preprocess.tensorprep import TensorPrepError, TensorTransform
+        from pipeline.ray.cluster import cluster_shape
+
+        self.runtime = runtime
+        compilable = True
+        if runtime.compile is True:
             check_compilable(backbone)
-        except BackboneError:
-            compilable = False
-    cluster = cluster_shape(runtime)
-    agreement = None
-    if runtime.autocast == "auto" and (cluster.cpu_bf16 or cluster.gpu_nodes()):
-        from pipeline.backbone.inference import precision_agreement
+        else:
+            try:
+                check_compilable(backbone)
+            except BackboneError:
+                compilable = False
+        self.cluster = cluster_shape(runtime)
+        bf16_possible = runtime.autocast == "auto" and (self.cluster.cpu_bf16 or self.cluster.gpu_nodes())
+        try:
+            TensorTransform.from_transform(backbone.transform)
+            tensor_decodable = True
+        except TensorPrepError:
+            tensor_decodable = False
+        self.measured = {
+            "input_hw": input_size(backbone.preprocessing), "compilable": compilable,
+            "agreement": precision_agreement(backbone) if bf16_possible else None,
+            "tensor_decodable": tensor_decodable,
+            "model_bytes": sum(p.numel() * p.element_size() for p in backbone.model.parameters()),
+            "activations": activation_bytes(backbone) if runtime.forward_batch is None else None,
+            "flops": backbone.image_flops()}
 
-        agreement = precision_agreement(backbone)
-    from pipeline.backbone.inference import activation_bytes
+    def plan(self, images: int, wait: bool = True) -> Decision:
+        """The runtime for a run over ``images``; with ``wait``, on an autoscaling cluster, waits for a node
+        that fits one actor."""
+        from pipeline.ray.cluster import wait_for
 
-    activations = activation_bytes(backbone) if runtime.forward_batch is None else None
-    from pipeline.preprocess.tensorprep import TensorPrepError, TensorTransform
+        decision = plan_images(self.cluster, self.runtime, images=images, **self.measured)
+        if wait and decision.waits_for:
+            wait_for(decision.waits_for, decision.runtime, "actor",
+                     "--gpus-per-actor, --set runtime.cpus_per_actor or --set runtime.actor_resources")
+        return decision
 
-    try:
-        TensorTransform.from_transform(backbone.transform)
-        tensor_decodable = True
-    except TensorPrepError:
-        tensor_decodable = False
-    decision = plan_images(cluster, runtime, images=images, input_hw=input_size(backbone.preprocessing),
-                           compilable=compilable, agreement=agreement, tensor_decodable=tensor_decodable,
-                           model_bytes=sum(p.numel() * p.element_size() for p in backbone.model.parameters()),
-                           activations=activations)
-    if decision.waits_for:
-        wait_for(decision.waits_for, decision.runtime, "actor",
-                 "--gpus-per-actor, --set runtime.cpus_per_actor or --set runtime.actor_resources")
-    return decision
+
+def plan_for(runtime: RuntimeConfig, backbone: Backbone, images: int) -> Decision:
+    """The runtime for this model on this cluster over ``images`` (Planner: measured, checked, planned)."""
+    return Planner(runtime, backbone).plan(images)
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """The cluster's shape for the planner (pipeline/plan.py), read from Ray, and waiting for capacity.
 
 ``cluster_shape`` turns Ray's node table (alive nodes) and the autoscaler's node groups (node types it may
-start, with their maximum counts) into a plain ``plan.Cluster``. ``wait_for`` waits, on an autoscaling
-cluster, until a node that fits one actor (or worker) is alive, saying what it waits for.
+start, with their maximum counts) into a plain ``pipeline.cluster.Cluster``. ``wait_for`` waits, on an
+autoscaling cluster, until a node that fits one actor (or worker) is alive, saying what it waits for.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any
 
 import ray
 
+from pipeline.cluster import Cluster, NodeType, cpu_has_bf16
 from pipeline.config import ConfigError
-from pipeline.plan import Cluster, NodeType, cpu_has_bf16
 from pipeline.ray import init_ray
 
 _BUILTIN = ("CPU", "GPU", "memory", "object_store_memory")
