@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -28,6 +29,8 @@ from pipeline.output.writer import write_error_rows
 from pipeline.plan import READ_TASK_CPUS
 from pipeline.ray import data_context, init_ray
 from pipeline.ray.data import read_shards
+
+HEALTH_CHECK_INTERVAL_S = 0.5  # how often Ray Train's controller asks its workers how they are doing
 
 
 def train_storage(uri: str):
@@ -210,6 +213,9 @@ def fit(cfg: Any, shards: list[Any], split: Any, *, fingerprint: dict[str, Any],
         datasets=datasets,
         dataset_config=TrainValSplit(),
     )
+    # Ray Train's controller polls its workers every 2 s by default: up to 2 s more at a run's start and at
+    # its end, for nothing (a 24-image run: 40.7 -> 38.6 s, medians of 3). A value the user set stays.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(HEALTH_CHECK_INTERVAL_S))
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
