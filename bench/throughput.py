@@ -323,11 +323,15 @@ def main(argv: list[str] | None = None) -> int:
     def steady(sets: list[str]) -> tuple[float, dict]:
         """Steady-state images/s of `pipeline extract`: the slope of the run seconds between N and 3N images
         (Ray and actor start-up, the same at both sizes, cancel), medians over --runs; and a run summary."""
-        t, summary = {}, {}
+        t, summary, actors = {}, {}, {}
         for n, src in ((n1, small), (n2, work / "all")):
             runs = [bench_cli(model, weights, str(src), str(work / "out"), sets) for _ in range(args.runs)]
             t[n] = statistics.median(r["timings"]["run_s"] for r in runs)
             summary = runs[-1]
+            actors[n] = summary["plan"]["settings"]["actors"]
+        if actors[n1] != actors[n2]:  # a small run starts fewer actors (pipeline/plan.py): no steady state
+            raise SystemExit(f"{n1} images run on {actors[n1]} actors and {n2} on {actors[n2]}: raise "
+                             "--images until both sizes plan the same actors")
         return (n2 - n1) / max(t[n2] - t[n1], 1e-9), summary
 
     rows: dict[str, float] = {}
