@@ -285,8 +285,9 @@ def _repaid_actors(rt: RuntimeConfig, device: str, images: int, flops: int, up: 
     reason = f"{images} images fill {most} batch{'es' if most > 1 else ''} of {batch}"
     if device == "cpu" and flops > 0:
         per_actor = max(1, int(CPU_ACTOR_START_FLOPS // flops))
-        if max(1, images // per_actor) < most:
-            most = max(1, images // per_actor)
+        repaid = max(1, images // per_actor)
+        if repaid < most:
+            most = repaid
             reason = (f"{images} images repay {most}: an actor's start-up costs what one thread spends on "
                       f"~{per_actor} images of {flops / 1e9:.2f} GFLOPs")
     if most < hi:

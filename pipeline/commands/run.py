@@ -97,7 +97,7 @@ class Planner:
             "tensor_decodable": tensor_decodable,
             "model_bytes": sum(p.numel() * p.element_size() for p in backbone.model.parameters()),
             "activations": activation_bytes(backbone) if runtime.forward_batch is None else None,
-            "flops": backbone.image_flops()}
+            "flops": backbone.image_flops() if runtime.actors is None else 0}
 
     def plan(self, images: int, wait: bool = True) -> Decision:
         """The runtime for a run over ``images``; with ``wait``, on an autoscaling cluster, waits for a node
